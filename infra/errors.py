@@ -1,0 +1,91 @@
+"""Errors of the infra layer.
+
+Callers tell failures apart by class, never by message text. Every error names the URI it is about,
+so a one-line CLI message is enough for a user to act on it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AccessDenied",
+    "AlreadyExists",
+    "CatalogError",
+    "CheckpointError",
+    "CommitRefused",
+    "HeaderError",
+    "InfraError",
+    "IntegrityError",
+    "InvalidURI",
+    "MissingShardError",
+    "ObjectNotFound",
+    "PickleWeightsError",
+    "StorageError",
+    "TensorSpecError",
+    "TransientStorageError",
+]
+
+
+class InfraError(Exception):
+    """Base of every error raised by the infra layer."""
+
+
+# --- storage -------------------------------------------------------------------------------
+
+
+class StorageError(InfraError):
+    """A storage operation failed; the message names the URI."""
+
+
+class InvalidURI(StorageError):
+    """A storage URI or key cannot be used (unknown scheme, escapes the root, empty bucket...)."""
+
+
+class ObjectNotFound(StorageError):
+    """The object, prefix or bucket does not exist (404, NoSuchKey, NoSuchBucket)."""
+
+
+class AccessDenied(StorageError):
+    """The credentials may not perform the operation (403). Retrying does not help."""
+
+
+class AlreadyExists(StorageError):
+    """A conditional write found the key taken; nothing was overwritten."""
+
+
+class TransientStorageError(StorageError):
+    """A fault that may pass (timeout, 5xx, throttling, reset); raised once retries are spent."""
+
+
+class IntegrityError(StorageError):
+    """Bytes read back or reported by the server do not match what was written."""
+
+
+class CommitRefused(StorageError):
+    """A publish commit found staged files missing or different from the records."""
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+class CheckpointError(InfraError):
+    """A checkpoint (safetensors files, index) is malformed or inconsistent."""
+
+
+class HeaderError(CheckpointError):
+    """A safetensors header violates the format; the message names the file and the tensor."""
+
+
+class CatalogError(CheckpointError):
+    """The files of a checkpoint disagree with each other or with the index."""
+
+
+class MissingShardError(CatalogError):
+    """The index names a shard file that is not there."""
+
+
+class PickleWeightsError(CatalogError):
+    """Only pickle weights (.bin/.pt/.pth/.ckpt) were found; they are never unpickled."""
+
+
+class TensorSpecError(CheckpointError):
+    """A tensor handed to the streaming writer differs from what was declared up front."""

@@ -1,0 +1,45 @@
+"""Storage backends behind one small interface, opened from a URI.
+
+>>> store = open_storage("s3://bucket/models/llama")        # or "/data/models", "file:///data"
+>>> with store.open_writer("model-00001.safetensors", size_hint=n) as w:
+...     w.write(chunk)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from infra.storage.base import ObjectInfo, ObjectWriter, Storage, WriteResult, join_key
+from infra.storage.local import LocalStorage
+from infra.storage.s3 import S3Options, S3Storage
+from infra.storage.uri import StorageURI, parse_uri
+
+__all__ = [
+    "LocalStorage",
+    "ObjectInfo",
+    "ObjectWriter",
+    "S3Options",
+    "S3Storage",
+    "Storage",
+    "StorageURI",
+    "WriteResult",
+    "join_key",
+    "open_storage",
+    "parse_uri",
+]
+
+
+def open_storage(uri: str | Path, **opts: Any) -> Storage:
+    """Open the storage a URI names.
+
+    Plain paths and file:// URIs give a `LocalStorage` (options: fsync, create); s3://bucket/prefix
+    gives an `S3Storage` (options: the fields of `S3Options`, e.g. endpoint_url, region, retry,
+    min_part_size, or `client=` a ready boto3 client). Unknown options raise a pydantic
+    ValidationError rather than being silently dropped.
+    """
+    parsed = parse_uri(uri)
+    if parsed.scheme == "file":
+        return LocalStorage(parsed.path, **opts)
+    client = opts.pop("client", None)
+    return S3Storage(parsed.bucket, parsed.path, S3Options(**opts), client=client)
