@@ -1,0 +1,42 @@
+"""quantizers: pure tensor math (no I/O, no Ray, no Prefect) that turns a weight into the tensors
+a compressed-tensors checkpoint stores.
+
+    from quantizers import get_scheme, quantize, weight_error
+    result = quantize(weight, get_scheme("W4A16"), name="model.layers.0.mlp.up_proj.weight")
+    result.tensors          # {"weight_packed": ..., "weight_scale": ..., "weight_shape": ...}
+    weight_error(weight, result.dequantized).sqnr_db
+"""
+
+from quantizers.config import quantization_config
+from quantizers.errors import (
+    InvalidWeightError,
+    QuantizationError,
+    UnknownSchemeError,
+    UnsupportedSchemeError,
+)
+from quantizers.metrics import WeightError, weight_error
+from quantizers.presets import PRESETS, get_scheme, scheme_names
+from quantizers.quantize import QuantizedTensors, dequantize, quantize
+from quantizers.scheme import QuantScheme
+from quantizers.shapes import Resolution, StoredTensorSpec, resolve_scheme, stored_specs
+
+__all__ = [
+    "PRESETS",
+    "InvalidWeightError",
+    "QuantScheme",
+    "QuantizationError",
+    "QuantizedTensors",
+    "Resolution",
+    "StoredTensorSpec",
+    "UnknownSchemeError",
+    "UnsupportedSchemeError",
+    "WeightError",
+    "dequantize",
+    "get_scheme",
+    "quantization_config",
+    "quantize",
+    "resolve_scheme",
+    "scheme_names",
+    "stored_specs",
+    "weight_error",
+]

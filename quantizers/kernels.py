@@ -1,0 +1,80 @@
+"""When to run a quantization kernel compiled, and how.
+
+Eager torch on a 2-core CPU quantizes int4 at ~150 MiB/s; the same function compiled by
+TorchInductor fuses the passes into one vectorised loop (GiB/s). Compiling costs seconds once per
+process and dtype (shapes are dynamic, and Inductor's on-disk cache makes later processes cheap),
+so it only pays on large tensors: below `COMPILE_MIN_ELEMENTS` the eager function runs.
+
+Every kernel is written in float32 with an explicit cast wherever eager torch would round to the
+weight's dtype, and `emulate_precision_casts` keeps Inductor from dropping those casts, so the
+compiled and eager paths give bit-identical results (a test holds them to that).
+Set QUANTFLEET_COMPILE=0 to never compile, =1 to always compile.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = ["COMPILE_MIN_ELEMENTS", "maybe_compiled", "compile_seconds"]
+
+_log = logging.getLogger(__name__)
+
+COMPILE_MIN_ELEMENTS = 1 << 22  # 4M elements: 8 MiB of bf16
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_compiled: dict[Callable[..., Any], Callable[..., Any]] = {}
+_broken: set[Callable[..., Any]] = set()
+_compile_seconds: dict[str, float] = {}
+
+
+def compile_seconds() -> dict[str, float]:
+    """Wall time spent in first calls of compiled kernels, by kernel name (for reports)."""
+    return dict(_compile_seconds)
+
+
+def _wants_compile(numel: int, force: bool | None) -> bool:
+    if force is not None:
+        return force
+    setting = os.environ.get("QUANTFLEET_COMPILE", "auto").strip().lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
+    if setting in ("1", "true", "yes", "on"):
+        return True
+    return numel >= COMPILE_MIN_ELEMENTS
+
+
+def maybe_compiled(kernel: F, numel: int, force: bool | None = None) -> F:
+    """`kernel` itself, or its compiled form when that is worth it (see module docstring).
+
+    If compiling fails (no C++ compiler, an unsupported device), the eager kernel is used from then
+    on and a warning says why: results are the same, only slower.
+    """
+    if kernel in _broken or not _wants_compile(numel, force):
+        return kernel
+    if kernel not in _compiled:
+        _compiled[kernel] = torch.compile(
+            kernel, dynamic=True, options={"emulate_precision_casts": True}
+        )
+    compiled = _compiled[kernel]
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        first = kernel.__name__ not in _compile_seconds
+        start = time.perf_counter()
+        try:
+            result = compiled(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
+            _log.warning("compiling %s failed (%s); using eager torch", kernel.__name__, exc)
+            _broken.add(kernel)
+            return kernel(*args, **kwargs)
+        if first:
+            _compile_seconds[kernel.__name__] = time.perf_counter() - start
+        return result
+
+    return run  # type: ignore[return-value]

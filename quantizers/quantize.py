@@ -1,0 +1,97 @@
+"""The one entry point a worker calls: quantize a 2-D weight with a scheme.
+
+Validates the weight, resolves the scheme for its shape (see `shapes`), runs the format's kernel
+and checks the result is finite. Returns the exact tensors compressed-tensors stores plus the
+dequantized weight, which is what compressed-tensors itself decompresses them to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantizers.errors import InvalidWeightError
+from quantizers.formats import format_module, nvfp4
+from quantizers.scheme import QuantScheme
+from quantizers.shapes import Resolution, resolve_scheme
+
+__all__ = ["QuantizedTensors", "quantize", "dequantize", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass(frozen=True)
+class QuantizedTensors:
+    """One quantized weight: stored tensors by suffix (`weight_packed`, ...) and its dequantized form."""
+
+    resolution: Resolution
+    tensors: dict[str, torch.Tensor]
+    dequantized: torch.Tensor
+
+    @property
+    def scheme(self) -> QuantScheme:
+        return self.resolution.scheme
+
+    def named(self, module: str) -> dict[str, torch.Tensor]:
+        """Stored tensors under their checkpoint names, e.g. `model.layers.0.mlp.up_proj.weight_scale`."""
+        return {f"{module}.{suffix}": t for suffix, t in self.tensors.items()}
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def _check_dtype(weight: torch.Tensor, name: str) -> None:
+    if weight.dtype not in SUPPORTED_DTYPES:
+        raise InvalidWeightError(
+            f"{name}: dtype {str(weight.dtype).removeprefix('torch.')} is not quantized; "
+            "expected bfloat16, float16 or float32"
+        )
+
+
+def _raise_non_finite(weight: torch.Tensor, name: str) -> None:
+    bad = ~torch.isfinite(weight)
+    count = int(bad.sum())
+    row, col = (int(i) for i in bad.nonzero()[0].tolist())
+    value = float(weight[row, col])
+    raise InvalidWeightError(
+        f"{name}: {count} non-finite value(s) (first: {value} at row {row}, column {col}); "
+        "a weight with NaN or Inf cannot be quantized"
+    )
+
+
+def quantize(
+    weight: torch.Tensor,
+    scheme: QuantScheme,
+    *,
+    name: str = "weight",
+    compile: bool | None = None,
+    global_absmax: torch.Tensor | None = None,
+) -> QuantizedTensors:
+    """Quantize `weight` (2-D, bf16/fp16/fp32) with `scheme`, on the weight's device.
+
+    `name` appears in every error. `compile` forces (True) or forbids (False) the compiled kernel;
+    by default large weights use it. `global_absmax` is for NVFP4 partners that share one global
+    scale (see `quantizers.formats.nvfp4`).
+    """
+    _check_dtype(weight, name)
+    resolution = resolve_scheme(scheme, tuple(weight.shape), name)
+    used = resolution.scheme
+    module = format_module(used.format)
+    with torch.no_grad():
+        if used.format == "nvfp4-pack-quantized":
+            stored, dequantized, absmax = nvfp4.quantize(weight, used, compile, global_absmax)
+        else:
+            stored, dequantized, absmax = module.quantize(weight, used, compile)
+    # A NaN or Inf anywhere makes its group's absmax non-finite: checking the small absmax
+    # tensor costs nothing, and only the error path scans the weight.
+    if not bool(torch.isfinite(absmax).all()):
+        _raise_non_finite(weight, name)
+    return QuantizedTensors(resolution=resolution, tensors=stored, dequantized=dequantized)
+
+
+def dequantize(stored: dict[str, torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
+    """Weight from its stored tensors (by suffix), as compressed-tensors decompresses it."""
+    with torch.no_grad():
+        return format_module(scheme.format).dequantize(stored, scheme)
