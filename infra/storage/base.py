@@ -190,9 +190,7 @@ class Storage(abc.ABC):
         return self.read_range(key, 0, self.stat(key).size)
 
     @abc.abstractmethod
-    def open_writer(
-        self, key: str, *, size_hint: int | None = None, if_absent: bool = False
-    ) -> ObjectWriter:
+    def open_writer(self, key: str, *, size_hint: int | None = None, if_absent: bool = False) -> ObjectWriter:
         """A streaming writer for `key`.
 
         `size_hint` (expected total bytes) lets S3 choose a part size that fits 10,000 parts.

@@ -130,9 +130,7 @@ class LocalStorage(Storage):
 
     # --- writing -----------------------------------------------------------------------
 
-    def open_writer(
-        self, key: str, *, size_hint: int | None = None, if_absent: bool = False
-    ) -> ObjectWriter:
+    def open_writer(self, key: str, *, size_hint: int | None = None, if_absent: bool = False) -> ObjectWriter:
         return _LocalWriter(self, key, if_absent=if_absent)
 
     def _temp_path(self, final: Path) -> Path:
@@ -145,9 +143,7 @@ class LocalStorage(Storage):
                 try:
                     os.link(tmp, final)  # fails with EEXIST instead of replacing
                 except FileExistsError as exc:
-                    raise AlreadyExists(
-                        f"{self.uri(key)}: already exists; refusing to overwrite"
-                    ) from exc
+                    raise AlreadyExists(f"{self.uri(key)}: already exists; refusing to overwrite") from exc
                 os.unlink(tmp)
             else:
                 os.replace(tmp, final)

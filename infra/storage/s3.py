@@ -217,9 +217,7 @@ class S3Storage(Storage):
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full_prefix}
             if token:
                 kwargs["ContinuationToken"] = token
-            page = self._call(
-                self.uri(prefix), "list", partial(self.client.list_objects_v2, **kwargs)
-            )
+            page = self._call(self.uri(prefix), "list", partial(self.client.list_objects_v2, **kwargs))
             for item in page.get("Contents", []):
                 yield ObjectInfo(
                     key=self._rel(item["Key"]), size=item["Size"], etag=_strip_etag(item["ETag"])
@@ -271,9 +269,7 @@ class S3Storage(Storage):
 
     # --- writing -----------------------------------------------------------------------
 
-    def open_writer(
-        self, key: str, *, size_hint: int | None = None, if_absent: bool = False
-    ) -> ObjectWriter:
+    def open_writer(self, key: str, *, size_hint: int | None = None, if_absent: bool = False) -> ObjectWriter:
         return _S3Writer(self, key, size_hint=size_hint, if_absent=if_absent)
 
     def _put(
@@ -297,9 +293,7 @@ class S3Storage(Storage):
         self._copy(src, dst_key, metadata, if_absent=if_absent)
         return self.stat(dst_key)
 
-    def _copy(
-        self, src: ObjectInfo, dst_key: str, metadata: dict[str, str], *, if_absent: bool
-    ) -> None:
+    def _copy(self, src: ObjectInfo, dst_key: str, metadata: dict[str, str], *, if_absent: bool) -> None:
         if src.size == 0:
             # Ranged part copies cannot express an empty range.
             kwargs: dict[str, Any] = {
@@ -359,9 +353,7 @@ class S3Storage(Storage):
 
     def pending_uploads(self, prefix: str = "") -> builtins.list[tuple[str, str, float]]:
         """(key, upload id, start time) of every unfinished multipart upload under `prefix`."""
-        full_prefix = (
-            join_key(self.prefix, prefix) if prefix else (self.prefix + "/" if self.prefix else "")
-        )
+        full_prefix = join_key(self.prefix, prefix) if prefix else (self.prefix + "/" if self.prefix else "")
         found: builtins.list[tuple[str, str, float]] = []
         markers: dict[str, str] = {}
         while True:
@@ -457,9 +449,7 @@ class _MultipartUpload:
 class _S3Writer(ObjectWriter):
     """Buffers one part at a time; objects smaller than a part become a single PUT."""
 
-    def __init__(
-        self, storage: S3Storage, key: str, *, size_hint: int | None, if_absent: bool
-    ) -> None:
+    def __init__(self, storage: S3Storage, key: str, *, size_hint: int | None, if_absent: bool) -> None:
         super().__init__()
         check_key(key)
         self.s = storage
@@ -487,9 +477,7 @@ class _S3Writer(ObjectWriter):
         if self.upload.upload_id is None:
             self.upload.create()
         if self.pool is None:
-            self.pool = ThreadPoolExecutor(
-                self.s.options.upload_concurrency, thread_name_prefix="qf-s3-part"
-            )
+            self.pool = ThreadPoolExecutor(self.s.options.upload_concurrency, thread_name_prefix="qf-s3-part")
         self._raise_failed_parts()
         data, number = bytes(self.buffer), self.part_number
         self.buffer = bytearray()
@@ -542,9 +530,7 @@ class _S3Writer(ObjectWriter):
             self._shutdown()
             etag = self.upload.complete(self.if_absent)
             etag = self._record_sha256(etag, sha256)
-        return WriteResult(
-            key=self.key, uri=self.s.uri(self.key), size=self._size, sha256=sha256, etag=etag
-        )
+        return WriteResult(key=self.key, uri=self.s.uri(self.key), size=self._size, sha256=sha256, etag=etag)
 
     def _record_sha256(self, etag: str | None, sha256: str) -> str | None:
         # Multipart metadata is fixed at CreateMultipartUpload, before the hash is known; a

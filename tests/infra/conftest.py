@@ -26,9 +26,7 @@ def s3_bucket(moto_s3: MotoS3) -> str:
     return moto_s3.create_bucket()
 
 
-def make_s3_storage(
-    endpoint_url: str, bucket: str, prefix: str = "run", **opts: object
-) -> S3Storage:
+def make_s3_storage(endpoint_url: str, bucket: str, prefix: str = "run", **opts: object) -> S3Storage:
     options = S3Options(endpoint_url=endpoint_url, retry=FAST_RETRY, **opts)  # type: ignore[arg-type]
     return S3Storage(bucket, prefix, options)
 

@@ -17,9 +17,7 @@ from .conftest import make_s3_storage
 
 def _payload(n: int, seed: int = 0) -> bytes:
     return (
-        torch.randint(
-            0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
-        )
+        torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
         .numpy()
         .tobytes()
     )

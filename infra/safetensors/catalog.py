@@ -1,0 +1,192 @@
+"""Catalog of a checkpoint folder: which tensor lives in which file, from the headers alone.
+
+With `model.safetensors.index.json` the index decides which files belong to the checkpoint (other
+*.safetensors files, e.g. Mistral's `consolidated.safetensors`, are ignored) and is cross-checked
+against the headers; without it every top-level *.safetensors file is read. Headers are read
+concurrently. Pickle weights are never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from infra.errors import CatalogError, InvalidURI, MissingShardError, ObjectNotFound, PickleWeightsError
+from infra.safetensors.header import SafetensorsHeader, TensorInfo, read_header
+from infra.storage.base import ObjectInfo, Storage, check_key, join_key
+
+__all__ = [
+    "INDEX_NAME",
+    "PICKLE_SUFFIXES",
+    "Catalog",
+    "CatalogEntry",
+    "build_catalog",
+]
+
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class CatalogEntry(BaseModel):
+    """Where one tensor lives: the file's storage key and the tensor's header record."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    file: str
+    info: TensorInfo
+
+
+class Catalog(BaseModel):
+    """Every tensor of a checkpoint, its shard files' headers, and the non-weight side files."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    uri: str
+    files: dict[str, SafetensorsHeader]  # storage key -> validated header
+    tensors: dict[str, CatalogEntry]  # tensor name -> location
+    side_files: tuple[str, ...]  # storage keys of config.json, tokenizer*, ... (top level)
+    index_metadata: dict[str, Any] | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.info.nbytes for e in self.tensors.values())
+
+
+def _top_level(storage: Storage, prefix: str) -> list[ObjectInfo]:
+    base = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+    return [o for o in storage.list(base) if "/" not in o.key[len(base) :]]
+
+
+def _name(key: str) -> str:
+    return key.rsplit("/", 1)[-1]
+
+
+def _read_index(storage: Storage, key: str) -> tuple[dict[str, str], dict[str, Any] | None]:
+    uri = storage.uri(key)
+    try:
+        obj = json.loads(storage.read_bytes(key))
+    except (ValueError, RecursionError) as exc:
+        raise CatalogError(f"{uri}: not valid JSON ({exc})") from exc
+    weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CatalogError(f"{uri}: 'weight_map' must map tensor names to file names")
+    meta = obj.get("metadata")
+    return weight_map, meta if isinstance(meta, dict) else None
+
+
+def _read_headers(
+    storage: Storage, objects: list[ObjectInfo], max_workers: int
+) -> dict[str, SafetensorsHeader]:
+    def one(o: ObjectInfo) -> SafetensorsHeader:
+        return read_header(storage, o.key, file_size=o.size)
+
+    with ThreadPoolExecutor(max(1, min(max_workers, len(objects)))) as pool:
+        headers = list(pool.map(one, objects))
+    return {o.key: h for o, h in zip(objects, headers, strict=True)}
+
+
+def _collect_tensors(headers: dict[str, SafetensorsHeader]) -> dict[str, CatalogEntry]:
+    tensors: dict[str, CatalogEntry] = {}
+    for key in sorted(headers):
+        for info in headers[key].tensors:
+            if info.name in tensors:
+                other = tensors[info.name].file
+                raise CatalogError(
+                    f"{headers[key].uri}: tensor {info.name!r} is also in {other!r}; "
+                    "a tensor must live in exactly one file"
+                )
+            tensors[info.name] = CatalogEntry(file=key, info=info)
+    return tensors
+
+
+def _check_against_index(
+    storage: Storage,
+    index_key: str,
+    weight_map: dict[str, str],
+    tensors: dict[str, CatalogEntry],
+    prefix: str,
+) -> None:
+    uri = storage.uri(index_key)
+    for name, file_name in sorted(weight_map.items()):
+        entry = tensors.get(name)
+        if entry is None:
+            raise CatalogError(
+                f"{uri}: tensor {name!r} is mapped to {file_name!r}, which does not contain it"
+            )
+        if entry.file != join_key(prefix, file_name):
+            raise CatalogError(
+                f"{uri}: tensor {name!r} is mapped to {file_name!r} but found in {_name(entry.file)!r}"
+            )
+    extra = sorted(set(tensors) - set(weight_map))
+    if extra:
+        raise CatalogError(f"{uri}: tensors {extra[:5]} are in the shards but not in the index weight_map")
+
+
+def _index_files(
+    storage: Storage, prefix: str, index_key: str, weight_map: dict[str, str]
+) -> list[ObjectInfo]:
+    objects: list[ObjectInfo] = []
+    for file_name in sorted(set(weight_map.values())):
+        try:
+            key = check_key(join_key(prefix, file_name))
+        except InvalidURI as exc:
+            raise CatalogError(f"{storage.uri(index_key)}: bad file name {file_name!r}") from exc
+        try:
+            objects.append(storage.stat(key))
+        except ObjectNotFound as exc:
+            raise MissingShardError(
+                f"{storage.uri(index_key)}: names shard {file_name!r}, which is missing ({storage.uri(key)})"
+            ) from exc
+    return objects
+
+
+def build_catalog(storage: Storage, prefix: str = "", *, max_workers: int = 8) -> Catalog:
+    """Catalog the checkpoint under `prefix` of `storage` (headers only, no tensor data)."""
+    prefix = prefix.strip("/")
+    top = _top_level(storage, prefix)
+    by_name = {_name(o.key): o for o in top}
+    weights = [o for o in top if o.key.endswith(".safetensors")]
+    index_key = join_key(prefix, INDEX_NAME)
+    weight_map, index_meta = None, None
+    if INDEX_NAME in by_name:
+        weight_map, index_meta = _read_index(storage, index_key)
+        weights = _index_files(storage, prefix, index_key, weight_map)
+    if not weights:
+        _raise_no_weights(storage, prefix, top)
+    headers = _read_headers(storage, weights, max_workers)
+    tensors = _collect_tensors(headers)
+    if weight_map is not None:
+        _check_against_index(storage, index_key, weight_map, tensors, prefix)
+    side = tuple(
+        o.key
+        for o in top
+        if not o.key.endswith(".safetensors")
+        and not o.key.endswith(PICKLE_SUFFIXES)
+        and _name(o.key) != INDEX_NAME
+        and not _name(o.key).startswith(".")
+    )
+    return Catalog(
+        uri=storage.uri(prefix),
+        files=headers,
+        tensors=tensors,
+        side_files=side,
+        index_metadata=index_meta,
+    )
+
+
+def _raise_no_weights(storage: Storage, prefix: str, top: list[ObjectInfo]) -> None:
+    uri = storage.uri(prefix)
+    pickles = sorted(_name(o.key) for o in top if o.key.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise PickleWeightsError(
+            f"{uri}: only pickle weights found ({', '.join(pickles[:5])}); quantfleet never "
+            "unpickles files (they can run code). Convert them to safetensors first, e.g. in a "
+            "trusted environment: safetensors.torch.save_file(torch.load(path, weights_only=True), "
+            "'model.safetensors')"
+        )
+    raise CatalogError(f"{uri}: no *.safetensors files and no {INDEX_NAME}")
