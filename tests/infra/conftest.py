@@ -9,6 +9,7 @@ import pytest
 
 from infra.retry import RetryPolicy
 from infra.storage import LocalStorage, S3Options, S3Storage, Storage
+from tests.infra.fault_proxy import FaultProxy
 from tests.s3_server import MotoS3, aws_test_env
 
 # Fast retries keep fault tests quick; the attempt count is what they check.
@@ -40,3 +41,9 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
     bucket = server.create_bucket()
     # 5 MiB parts (the S3 minimum) let multipart paths run with small test data.
     return make_s3_storage(server.endpoint_url, bucket, min_part_size=5 << 20)
+
+
+@pytest.fixture
+def proxy(moto_s3: MotoS3) -> Iterator[FaultProxy]:
+    with FaultProxy(moto_s3.host, moto_s3.port) as p:
+        yield p
