@@ -3,7 +3,8 @@
 Layouts (compressed-tensors): an int value of b bits is offset by 2^(b-1) to be unsigned, and
 element i of a row occupies bits [i*b, i*b+b) of the row's bit stream, lowest bits first, 32 bits
 per int32 word. For b in (4, 8) that stream is exactly the row's bytes in little-endian order, so
-packing is a byte view rather than a gather. FP4 puts two nibbles per byte, the even element in
+packing is a byte view (8 bits) or a nibble gather done with shifts on int64 words (4 bits).
+FP4 puts two nibbles per byte, the even element in
 the low nibble; a nibble is sign<<3 | magnitude index.
 """
 
@@ -13,14 +14,19 @@ import sys
 
 import torch
 
+from quantizers.kernels import maybe_compiled
+
 __all__ = [
     "FP4_VALUES",
+    "pack_codes",
+    "unpack_codes",
     "pack_int",
     "unpack_int",
     "pack_int_along_rows",
     "unpack_int_along_rows",
     "fp4_nibbles",
     "pack_nibbles",
+    "unpack_nibbles",
     "unpack_fp4",
 ]
 
@@ -31,42 +37,76 @@ if sys.byteorder != "little":  # pragma: no cover - every platform torch ships f
     raise ImportError("quantfleet's packing assumes a little-endian host")
 
 
-def _offset_bytes(q: torch.Tensor, num_bits: int) -> torch.Tensor:
-    """int8 values (rows, cols) -> their unsigned bit stream as bytes (rows, ceil(cols*b/8))."""
-    unsigned = (q.to(torch.int16) + (1 << (num_bits - 1))).to(torch.uint8)
-    if num_bits == 8:
-        return unsigned
-    if q.shape[-1] % 2:
-        unsigned = torch.nn.functional.pad(unsigned, (0, 1))
-    # (rows, cols) -> (rows, cols/2, 2): two 4-bit values per byte, the even one low.
-    pairs = unsigned.unflatten(-1, (-1, 2))
-    return pairs[..., 0] | (pairs[..., 1] << 4)
+def _view_rows(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Reinterpret each row's bytes as `dtype` (rows stay rows).
+
+    Goes through a flat copy-free view because `.contiguous()` keeps odd strides on size-1 dims,
+    which `Tensor.view(dtype)` refuses.
+    """
+    rows = tensor.shape[0]
+    return tensor.contiguous().reshape(-1).view(dtype).reshape(rows, -1)
+
+
+def _words_from_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) uint8 codes in [0, 16), cols % 8 == 0 -> (rows, cols/8) int32 words.
+
+    Eight bytes are read as one int64 and their low nibbles gathered into its low 32 bits by
+    three shift-and-mask steps: a vectorisable bit trick instead of a strided gather.
+    """
+    x = _view_rows(codes, torch.int64) & 0x0F0F0F0F0F0F0F0F
+    x = (x | (x >> 4)) & 0x00FF00FF00FF00FF
+    x = (x | (x >> 8)) & 0x0000FFFF0000FFFF
+    x = (x | (x >> 16)) & 0x00000000FFFFFFFF
+    return x.to(torch.int32)
+
+
+def _nibbles_from_words(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_words_from_nibbles`: (rows, w) int32 -> (rows, 8w) uint8 codes."""
+    x = words.to(torch.int64) & 0xFFFFFFFF
+    x = (x | (x << 16)) & 0x0000FFFF0000FFFF
+    x = (x | (x << 8)) & 0x00FF00FF00FF00FF
+    x = (x | (x << 4)) & 0x0F0F0F0F0F0F0F0F
+    return _view_rows(x, torch.uint8)
 
 
 def _bytes_to_words(stream: torch.Tensor) -> torch.Tensor:
     """(rows, n_bytes) uint8 -> (rows, ceil(n_bytes/4)) int32, zero-padding the last word."""
     if stream.shape[-1] % 4:
         stream = torch.nn.functional.pad(stream, (0, 4 - stream.shape[-1] % 4))
-    return stream.contiguous().view(torch.int32)
+    return _view_rows(stream, torch.int32)
+
+
+def pack_codes(codes: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """Pack unsigned codes (int value + 2^(b-1), uint8, (rows, cols)) into int32 words."""
+    if num_bits == 8:
+        return _bytes_to_words(codes)
+    if num_bits != 4:
+        raise ValueError(f"packing supports 4 and 8 bits, not {num_bits}")
+    columns = codes.shape[-1]
+    if columns % 8 == 0:
+        return maybe_compiled(_words_from_nibbles, codes.numel())(codes)
+    if columns % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    return _bytes_to_words(pack_nibbles(codes))
 
 
 def pack_int(q: torch.Tensor, num_bits: int) -> torch.Tensor:
     """Pack int8 values in [-2^(b-1), 2^(b-1)) along the last dim into int32 words."""
-    if num_bits not in (4, 8):
-        raise ValueError(f"packing supports 4 and 8 bits, not {num_bits}")
-    return _bytes_to_words(_offset_bytes(q, num_bits))
+    codes = (q.to(torch.int16) + (1 << (num_bits - 1))).to(torch.uint8)
+    return pack_codes(codes, num_bits)
+
+
+def unpack_codes(packed: torch.Tensor, num_bits: int, columns: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: (rows, words) int32 -> (rows, columns) uint8 codes."""
+    if num_bits == 8:
+        return _view_rows(packed, torch.uint8)[:, :columns]
+    return maybe_compiled(_nibbles_from_words, packed.numel() * 8)(packed)[:, :columns]
 
 
 def unpack_int(packed: torch.Tensor, num_bits: int, columns: int) -> torch.Tensor:
     """Inverse of `pack_int`: (rows, words) int32 -> (rows, columns) int8."""
-    stream = packed.contiguous().view(torch.uint8)
-    if num_bits == 8:
-        values = stream[:, :columns].to(torch.int16)
-    else:
-        # (rows, bytes) -> (rows, bytes, 2) nibbles, low first.
-        values = torch.stack((stream & 0xF, stream >> 4), dim=-1).flatten(-2)[:, :columns]
-        values = values.to(torch.int16)
-    return (values - (1 << (num_bits - 1))).to(torch.int8)
+    codes = unpack_codes(packed, num_bits, columns).to(torch.int16)
+    return (codes - (1 << (num_bits - 1))).to(torch.int8)
 
 
 def pack_int_along_rows(q: torch.Tensor, num_bits: int) -> torch.Tensor:
@@ -98,15 +138,31 @@ def fp4_nibbles(y: torch.Tensor) -> torch.Tensor:
     return index | ((y < 0).to(torch.uint8) << 3)
 
 
+def _bytes_from_nibble_pairs(nibbles: torch.Tensor) -> torch.Tensor:
+    # Two bytes read as one int16 (even element low): keep the low nibble of each.
+    pair = _view_rows(nibbles, torch.int16)
+    return ((pair & 0xF) | ((pair >> 4) & 0xF0)).to(torch.uint8)
+
+
 def pack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
-    """(rows, cols) nibbles -> (rows, cols/2) bytes, the even column in the low nibble."""
-    pairs = nibbles.unflatten(-1, (-1, 2))
-    return pairs[..., 0] | (pairs[..., 1] << 4)
+    """(rows, cols) nibbles, cols even -> (rows, cols/2) bytes, the even column in the low nibble."""
+    return maybe_compiled(_bytes_from_nibble_pairs, nibbles.numel())(nibbles)
+
+
+def _nibbles_from_bytes(packed: torch.Tensor) -> torch.Tensor:
+    # Each byte becomes an int16 holding its low nibble in the low byte, its high nibble above.
+    wide = packed.to(torch.int16)
+    return _view_rows((wide & 0xF) | ((wide & 0xF0) << 4), torch.uint8)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """(rows, cols/2) bytes -> (rows, cols) nibbles, inverse of `pack_nibbles`."""
+    return maybe_compiled(_nibbles_from_bytes, packed.numel() * 2)(packed.contiguous())
 
 
 def unpack_fp4(packed: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """(rows, cols/2) bytes -> (rows, cols) E2M1 values in `dtype`."""
-    nibbles = torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+    nibbles = unpack_nibbles(packed)
     table = torch.tensor(FP4_VALUES, dtype=torch.float32, device=packed.device)
     magnitude = table[(nibbles & 0x7).long()]
     return torch.where((nibbles & 0x8) != 0, -magnitude, magnitude).to(dtype)

@@ -5,6 +5,8 @@ A registry keyed by normalised name; an unknown name's error lists every valid o
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 from quantizers.errors import UnknownSchemeError, UnsupportedSchemeError
 from quantizers.scheme import QuantScheme
 
@@ -82,4 +84,9 @@ def get_scheme(
         changes["group_size"] = group_size
     if not changes:
         return scheme
-    return QuantScheme.model_validate({**scheme.model_dump(), **changes})
+    try:
+        return QuantScheme.model_validate({**scheme.model_dump(), **changes})
+    except ValidationError as error:
+        # Surface our own error type and message rather than pydantic's wrapper.
+        cause = error.errors()[0].get("ctx", {}).get("error")
+        raise UnsupportedSchemeError(str(cause or error)) from error

@@ -7,7 +7,7 @@ dequantized weight, which is what compressed-tensors itself decompresses them to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,11 +23,25 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @dataclass(frozen=True)
 class QuantizedTensors:
-    """One quantized weight: stored tensors by suffix (`weight_packed`, ...) and its dequantized form."""
+    """One quantized weight: stored tensors by suffix (`weight_packed`, ...) and its dequantized form.
+
+    `dequantized` is computed on first access (what compressed-tensors decompresses the stored
+    tensors to), so callers that only store the result never pay for a full-size copy.
+    """
 
     resolution: Resolution
     tensors: dict[str, torch.Tensor]
-    dequantized: torch.Tensor
+    _dequantized: list[torch.Tensor] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def dequantized(self) -> torch.Tensor:
+        if not self._dequantized:
+            self._dequantized.append(dequantize(self.tensors, self.scheme))
+        return self._dequantized[0]
+
+    def release(self) -> None:
+        """Drop the cached dequantized weight (the stored tensors stay)."""
+        self._dequantized.clear()
 
     @property
     def scheme(self) -> QuantScheme:
@@ -81,17 +95,20 @@ def quantize(
     module = format_module(used.format)
     with torch.no_grad():
         if used.format == "nvfp4-pack-quantized":
-            stored, dequantized, absmax = nvfp4.quantize(weight, used, compile, global_absmax)
+            stored, absmax = nvfp4.quantize(weight, used, compile, global_absmax)
         else:
-            stored, dequantized, absmax = module.quantize(weight, used, compile)
+            stored, absmax = module.quantize(weight, used, compile)
     # A NaN or Inf anywhere makes its group's absmax non-finite: checking the small absmax
     # tensor costs nothing, and only the error path scans the weight.
     if not bool(torch.isfinite(absmax).all()):
         _raise_non_finite(weight, name)
-    return QuantizedTensors(resolution=resolution, tensors=stored, dequantized=dequantized)
+    return QuantizedTensors(resolution=resolution, tensors=stored)
 
 
-def dequantize(stored: dict[str, torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
-    """Weight from its stored tensors (by suffix), as compressed-tensors decompresses it."""
+def dequantize(
+    stored: dict[str, torch.Tensor], scheme: QuantScheme, *, compile: bool | None = None
+) -> torch.Tensor:
+    """Weight from its stored tensors (by suffix), exactly as compressed-tensors decompresses it:
+    in the scale's dtype for int and FP8 formats, in bfloat16 for the FP4 formats."""
     with torch.no_grad():
-        return format_module(scheme.format).dequantize(stored, scheme)
+        return format_module(scheme.format).dequantize(stored, scheme, compile)

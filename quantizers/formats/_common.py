@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["group_view", "eps_of", "signed_absmax"]
+__all__ = ["group_view", "eps_of", "signed_absmax", "round_to_dtype"]
 
 
 def group_view(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -32,3 +32,20 @@ def signed_absmax(values: torch.Tensor, dims: int | tuple[int, ...]) -> torch.Te
     low = values.amin(dim=dims, keepdim=True).clamp(max=0)
     high = values.amax(dim=dims, keepdim=True).clamp(min=0)
     return torch.maximum(-low, high)
+
+
+def round_to_dtype(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 `values` rounded to `dtype`'s precision, staying float32.
+
+    Eager torch rounds every bf16/fp16 op's result to that dtype; the kernels compute in float32
+    and call this where it would, so their results are bit-identical to compressed-tensors'.
+    bf16 rounding is done on the bits (round to nearest even): on CPUs without native bf16 a
+    real conversion costs several times more, and Inductor could drop a cast pair.
+    """
+    if dtype == torch.float32:
+        return values
+    if dtype == torch.bfloat16:
+        bits = values.view(torch.int32)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+        return bits.view(torch.float32)
+    return values.to(dtype).float()

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from quantizers.formats._common import eps_of, signed_absmax
+from quantizers.formats._common import eps_of, round_to_dtype, signed_absmax
 from quantizers.kernels import maybe_compiled
 from quantizers.scheme import QuantScheme
 
@@ -20,19 +20,21 @@ __all__ = ["quantize", "dequantize", "FP8_MAX"]
 FP8_MAX = 448.0
 
 
-def _fp8_kernel(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """tiles (R, tile_rows, C, tile_cols) -> fp8 values, scale (R,1,C,1), dequantized, absmax."""
+def _fp8_kernel(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tiles (R, tile_rows, C, tile_cols) -> fp8 values, scale (R, 1, C, 1), absmax."""
     dtype = tiles.dtype
     absmax = signed_absmax(tiles, (1, 3))
-    scale = (absmax.float() / FP8_MAX).to(dtype)
+    scale = round_to_dtype(absmax.float() / FP8_MAX, dtype)
     scale = torch.where(scale == 0, eps_of(dtype), scale)
-    scaled = (tiles.float() / scale.float()).to(dtype).float().clamp(-FP8_MAX, FP8_MAX)
-    q = scaled.to(torch.float8_e4m3fn)
-    dequantized = (q.float() * scale.float()).to(dtype)
-    return q, scale, dequantized, absmax
+    scaled = round_to_dtype(tiles.float() / scale, dtype).clamp(-FP8_MAX, FP8_MAX)
+    return scaled.to(torch.float8_e4m3fn), scale.to(dtype), absmax
 
 
-def _tile_shape(scheme: QuantScheme, rows: int, columns: int) -> tuple[int, int]:
+def _fp8_dequant_kernel(tiles: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return round_to_dtype(tiles.float() * scale.float(), scale.dtype).to(scale.dtype)
+
+
+def _tile_shape(scheme: QuantScheme, columns: int) -> tuple[int, int]:
     if scheme.strategy == "block":
         assert scheme.block_structure is not None
         return scheme.block_structure
@@ -58,24 +60,26 @@ def _from_tiles(tiles: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
 
 def quantize(
     weight: torch.Tensor, scheme: QuantScheme, compile: bool | None = None
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     rows, columns = weight.shape
-    tile_rows, tile_cols = _tile_shape(scheme, rows, columns)
-    tiles = _as_tiles(weight, tile_rows, tile_cols)
+    tile_rows, tile_cols = _tile_shape(scheme, columns)
     kernel = maybe_compiled(_fp8_kernel, weight.numel(), compile)
-    q, scale, dequantized, absmax = kernel(tiles)
+    q, scale, absmax = kernel(_as_tiles(weight, tile_rows, tile_cols))
     stored = {
         "weight": _from_tiles(q, rows, columns).contiguous(),
         "weight_scale": scale.reshape(scale.shape[0], scale.shape[2]).contiguous(),
     }
-    return stored, _from_tiles(dequantized, rows, columns).contiguous(), absmax
+    return stored, absmax
 
 
-def dequantize(stored: dict[str, torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
+def dequantize(
+    stored: dict[str, torch.Tensor], scheme: QuantScheme, compile: bool | None = None
+) -> torch.Tensor:
     q = stored["weight"]
     scale = stored["weight_scale"]
     rows, columns = q.shape
-    tile_rows, tile_cols = _tile_shape(scheme, rows, columns)
-    # Expand each scale over its tile, then crop the padding away.
-    expanded = scale.repeat_interleave(tile_rows, 0).repeat_interleave(tile_cols, 1)
-    return (q.float() * expanded[:rows, :columns].float()).to(scale.dtype)
+    tile_rows, tile_cols = _tile_shape(scheme, columns)
+    tiles = _as_tiles(q.view(torch.uint8), tile_rows, tile_cols).view(torch.float8_e4m3fn)
+    kernel = maybe_compiled(_fp8_dequant_kernel, q.numel(), compile)
+    values = kernel(tiles, scale.reshape(scale.shape[0], 1, scale.shape[1], 1))
+    return _from_tiles(values, rows, columns).contiguous()

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from quantizers.formats._common import eps_of, group_view, signed_absmax
-from quantizers.formats.nvfp4 import FP4_MAX, unpack_nibble_values
+from quantizers.formats._common import eps_of, group_view, round_to_dtype, signed_absmax
+from quantizers.formats.nvfp4 import FP4_MAX, nibble_values
 from quantizers.kernels import maybe_compiled
-from quantizers.packing import fp4_nibbles, pack_nibbles, unpack_fp4
+from quantizers.packing import fp4_nibbles, pack_nibbles, unpack_nibbles
 from quantizers.scheme import QuantScheme
 
 __all__ = ["quantize", "dequantize"]
@@ -44,41 +44,44 @@ def _round_to_power_of_two(values: torch.Tensor) -> torch.Tensor:
     return rounded.view(values.dtype)
 
 
-def _mxfp4_kernel(
-    grouped: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grouped (rows, groups, 32) -> packed (rows, cols/2), E8M0 exponents, dequantized, absmax."""
+def _mxfp4_kernel(grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grouped (rows, groups, 32) -> nibbles (rows, cols) uint8, E8M0 exponents, absmax."""
     dtype = grouped.dtype
     absmax = signed_absmax(grouped, -1)
     power = _round_to_power_of_two(absmax)
-    exponent = (torch.log2(power.float()).floor() + (127 - _ELEMENT_EXPONENT)).to(dtype)
-    exponent = exponent.float().clamp(0, 255).round()
-    scale = torch.exp2(exponent - 127).to(dtype)
+    exponent = round_to_dtype(torch.log2(power.float()).floor() + (127 - _ELEMENT_EXPONENT), dtype)
+    exponent = exponent.clamp(0, 255).round()
+    scale = round_to_dtype(torch.exp2(exponent - 127), dtype)
     scale = torch.where(scale == 0, eps_of(torch.uint8), scale)
-    stored_exponent = (torch.log2(scale.float()).floor() + 127).to(torch.int32).to(torch.uint8)
-    scaled = (grouped.float() / scale.float()).to(dtype).float().clamp(-FP4_MAX, FP4_MAX)
-    nibbles = fp4_nibbles(scaled).flatten(-2)
-    values = unpack_nibble_values(nibbles).unflatten(-1, grouped.shape[-2:])
-    # What compressed-tensors decompresses to: bf16 scale 2^(e-127) times bf16 values.
-    decoded_scale = torch.exp2(stored_exponent.float() - 127).to(torch.bfloat16).float()
-    dequantized = (values * decoded_scale).to(torch.bfloat16)
-    return pack_nibbles(nibbles), stored_exponent, dequantized, absmax
+    stored_exponent = (torch.log2(scale).floor() + 127).to(torch.int32).to(torch.uint8)
+    scaled = round_to_dtype(grouped.float() / scale, dtype).clamp(-FP4_MAX, FP4_MAX)
+    return fp4_nibbles(scaled).flatten(-2), stored_exponent, absmax
+
+
+def _mxfp4_dequant_kernel(nibbles: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """As compressed-tensors decompresses: bf16 scale 2^(e-127) times bf16 E2M1 values."""
+    scale = round_to_dtype(torch.exp2(exponent.float() - 127), torch.bfloat16)
+    return round_to_dtype(nibble_values(nibbles) * scale, torch.bfloat16).to(torch.bfloat16)
 
 
 def quantize(
     weight: torch.Tensor, scheme: QuantScheme, compile: bool | None = None
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     rows, columns = weight.shape
     kernel = maybe_compiled(_mxfp4_kernel, weight.numel(), compile)
-    packed, exponent, dequantized, absmax = kernel(group_view(weight, scheme.group_size))
-    stored = {"weight_packed": packed, "weight_scale": exponent.reshape(rows, -1).contiguous()}
-    return stored, dequantized.reshape(rows, columns), absmax
+    nibbles, exponent, absmax = kernel(group_view(weight, scheme.group_size))
+    stored = {
+        "weight_packed": pack_nibbles(nibbles.reshape(rows, columns)),
+        "weight_scale": exponent.reshape(rows, -1).contiguous(),
+    }
+    return stored, absmax
 
 
-def dequantize(stored: dict[str, torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
-    values = unpack_fp4(stored["weight_packed"], torch.float32)
-    rows, columns = values.shape
-    assert scheme.group_size is not None
-    scale = torch.exp2(stored["weight_scale"].float() - 127).to(torch.bfloat16).float()
-    grouped = values.unflatten(-1, (-1, scheme.group_size)) * scale.unsqueeze(-1)
-    return grouped.reshape(rows, columns).to(torch.bfloat16)
+def dequantize(
+    stored: dict[str, torch.Tensor], scheme: QuantScheme, compile: bool | None = None
+) -> torch.Tensor:
+    nibbles = unpack_nibbles(stored["weight_packed"])
+    rows, columns = nibbles.shape
+    kernel = maybe_compiled(_mxfp4_dequant_kernel, nibbles.numel(), compile)
+    values = kernel(group_view(nibbles, scheme.group_size), stored["weight_scale"].unsqueeze(-1))
+    return values.reshape(rows, columns)

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from quantizers.formats._common import eps_of, group_view, signed_absmax
+from quantizers.formats._common import eps_of, group_view, round_to_dtype, signed_absmax
 from quantizers.kernels import maybe_compiled
-from quantizers.packing import fp4_nibbles, pack_nibbles, unpack_fp4
+from quantizers.packing import fp4_nibbles, pack_nibbles, unpack_nibbles
 from quantizers.scheme import QuantScheme
 
-__all__ = ["quantize", "dequantize", "global_scale_for", "FP4_MAX", "FP8_MAX"]
+__all__ = ["quantize", "dequantize", "global_scale_for", "nibble_values", "FP4_MAX", "FP8_MAX"]
 
 FP4_MAX = 6.0
 FP8_MAX = 448.0
@@ -37,23 +37,30 @@ def global_scale_for(absmax: torch.Tensor) -> torch.Tensor:
 
 def _nvfp4_kernel(
     grouped: torch.Tensor, global_scale: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grouped (rows, groups, 16) -> packed (rows, cols/2), fp8 scale, dequantized, absmax."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grouped (rows, groups, 16) -> nibbles (rows, cols) uint8, fp8 scale, absmax."""
     dtype = grouped.dtype
     absmax = signed_absmax(grouped, -1)
-    local = (absmax.float() / FP4_MAX).to(dtype)
-    scale = (global_scale * local.float()).clamp(-FP8_MAX, FP8_MAX)
+    local = round_to_dtype(absmax.float() / FP4_MAX, dtype)
+    scale = (global_scale * local).clamp(-FP8_MAX, FP8_MAX)
     scale = scale.to(torch.float8_e4m3fn).float()
     scale = torch.where(scale == 0, eps_of(torch.float8_e4m3fn), scale)
-    effective = scale / global_scale
-    scaled = (grouped.float() / effective).clamp(-FP4_MAX, FP4_MAX)
-    nibbles = fp4_nibbles(scaled).flatten(-2)
-    values = unpack_nibble_values(nibbles)
-    dequantized = (values.unflatten(-1, grouped.shape[-2:]) * effective).to(torch.bfloat16)
-    return pack_nibbles(nibbles), scale.to(torch.float8_e4m3fn), dequantized, absmax
+    scaled = (grouped.float() / (scale / global_scale)).clamp(-FP4_MAX, FP4_MAX)
+    return fp4_nibbles(scaled).flatten(-2), scale.to(torch.float8_e4m3fn), absmax
 
 
-def unpack_nibble_values(nibbles: torch.Tensor) -> torch.Tensor:
+def _nvfp4_dequant_kernel(
+    nibbles: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor
+) -> torch.Tensor:
+    """nibbles (rows, groups, 16), fp8 scale (rows, groups, 1) -> bf16 weight.
+
+    As compressed-tensors decompresses: E2M1 value * (scale / global), rounded to bf16.
+    """
+    values = nibble_values(nibbles) * (scale.float() / global_scale)
+    return round_to_dtype(values, torch.bfloat16).to(torch.bfloat16)
+
+
+def nibble_values(nibbles: torch.Tensor) -> torch.Tensor:
     """Nibbles -> E2M1 values (float32) without a lookup table, so kernels can fuse it."""
     index = (nibbles & 0x7).float()
     # index 0..3 -> 0, .5, 1, 1.5 (index/2); 4..7 -> 2, 3, 4, 6.
@@ -66,26 +73,30 @@ def quantize(
     scheme: QuantScheme,
     compile: bool | None = None,
     global_absmax: torch.Tensor | None = None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     rows, columns = weight.shape
-    tensor_absmax = signed_absmax(weight, (0, 1)).reshape(()) if global_absmax is None else (
-        global_absmax.to(weight.dtype).reshape(())
-    )
-    global_scale = global_scale_for(tensor_absmax)
+    if global_absmax is None:
+        global_absmax = signed_absmax(weight, (0, 1))
+    global_scale = global_scale_for(global_absmax.to(weight.dtype).reshape(()))
     kernel = maybe_compiled(_nvfp4_kernel, weight.numel(), compile)
-    packed, scale, dequantized, absmax = kernel(group_view(weight, scheme.group_size), global_scale)
+    nibbles, scale, absmax = kernel(group_view(weight, scheme.group_size), global_scale)
     stored = {
-        "weight_packed": packed,
+        "weight_packed": pack_nibbles(nibbles.reshape(rows, columns)),
         "weight_scale": scale.reshape(rows, -1).contiguous(),
         "weight_global_scale": global_scale,
     }
-    return stored, dequantized.reshape(rows, columns), absmax
+    return stored, absmax
 
 
-def dequantize(stored: dict[str, torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
-    values = unpack_fp4(stored["weight_packed"], torch.float32)
-    rows, columns = values.shape
-    assert scheme.group_size is not None
-    effective = stored["weight_scale"].float() / stored["weight_global_scale"]
-    grouped = values.unflatten(-1, (-1, scheme.group_size)) * effective.unsqueeze(-1)
-    return grouped.reshape(rows, columns).to(torch.bfloat16)
+def dequantize(
+    stored: dict[str, torch.Tensor], scheme: QuantScheme, compile: bool | None = None
+) -> torch.Tensor:
+    nibbles = unpack_nibbles(stored["weight_packed"])
+    rows, columns = nibbles.shape
+    kernel = maybe_compiled(_nvfp4_dequant_kernel, nibbles.numel(), compile)
+    values = kernel(
+        group_view(nibbles, scheme.group_size),
+        stored["weight_scale"].unsqueeze(-1),
+        stored["weight_global_scale"],
+    )
+    return values.reshape(rows, columns)

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from quantizers.formats._common import eps_of, group_view
+from quantizers.formats._common import eps_of, group_view, round_to_dtype
 from quantizers.kernels import maybe_compiled
 from quantizers.packing import (
-    pack_int,
+    pack_codes,
     pack_int_along_rows,
-    unpack_int,
+    unpack_codes,
     unpack_int_along_rows,
 )
 from quantizers.scheme import QuantScheme
@@ -27,8 +27,8 @@ __all__ = ["quantize", "dequantize"]
 
 def _int_kernel(
     grouped: torch.Tensor, num_bits: int, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grouped (rows, groups, size) -> q int8, scale, zero point int8, dequantized, absmax."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grouped (rows, groups, size) -> codes uint8 (q + 2^(b-1)), scale, zero point, absmax."""
     dtype = grouped.dtype
     q_min, q_max = -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
     # Kept (rows, groups, 1) so they broadcast over each group.
@@ -37,51 +37,62 @@ def _int_kernel(
     absmax = torch.maximum(-low, high)
     x = grouped.float()
     if symmetric:
-        scale = (absmax.float() / ((q_max - q_min) / 2)).to(dtype)
+        scale = round_to_dtype(absmax.float() / ((q_max - q_min) / 2), dtype)
         scale = torch.where(scale == 0, eps_of(dtype), scale)
-        scaled = (x / scale.float()).to(dtype).float()
-        zero = torch.zeros_like(scale, dtype=torch.int8)
+        scaled = round_to_dtype(x / scale, dtype)
+        zero = torch.zeros_like(scale)
     else:
-        spread = (high.float() - low.float()).to(dtype)
-        raw_scale = (spread.float() / (q_max - q_min)).to(dtype)
+        spread = round_to_dtype(high.float() - low.float(), dtype)
+        raw_scale = round_to_dtype(spread / (q_max - q_min), dtype)
         # The zero point comes from the scale before zeros are replaced (all-zero groups: 0/0).
-        zero_f = (q_min - (low.float() / raw_scale.float()).to(dtype).float()).to(dtype)
-        zero_f = torch.nan_to_num(zero_f.float(), nan=0.0).clamp(q_min, q_max).round()
-        zero = zero_f.to(torch.int8)
+        zero = round_to_dtype(q_min - round_to_dtype(low.float() / raw_scale, dtype), dtype)
+        zero = torch.nan_to_num(zero, nan=0.0).clamp(q_min, q_max).round()
         scale = torch.where(raw_scale == 0, eps_of(dtype), raw_scale)
-        scaled = ((x / scale.float()).to(dtype).float() + zero_f).to(dtype).float()
+        scaled = round_to_dtype(round_to_dtype(x / scale, dtype) + zero, dtype)
     q = scaled.clamp(q_min, q_max).round()
-    dequantized = ((q - zero.float()).to(dtype).float() * scale.float()).to(dtype)
-    return q.to(torch.int8), scale, zero, dequantized, absmax
+    codes = (q - q_min).to(torch.uint8)
+    return codes, scale.to(dtype), zero.to(torch.int8), absmax
+
+
+def _int_dequant_kernel(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, num_bits: int
+) -> torch.Tensor:
+    """codes (rows, groups, size), scale and zero (rows, groups, 1) -> weight in scale's dtype."""
+    q = codes.float() - (1 << (num_bits - 1))
+    return round_to_dtype((q - zero.float()) * scale.float(), scale.dtype).to(scale.dtype)
 
 
 def quantize(
     weight: torch.Tensor, scheme: QuantScheme, compile: bool | None = None
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     rows, columns = weight.shape
-    grouped = group_view(weight, scheme.group_size)
     kernel = maybe_compiled(_int_kernel, weight.numel(), compile)
-    q, scale, zero, dequantized, absmax = kernel(grouped, scheme.num_bits, scheme.symmetric)
+    codes, scale, zero, absmax = kernel(
+        group_view(weight, scheme.group_size), scheme.num_bits, scheme.symmetric
+    )
     stored = {
-        "weight_packed": pack_int(q.reshape(rows, columns), scheme.num_bits),
+        "weight_packed": pack_codes(codes.reshape(rows, columns), scheme.num_bits),
         "weight_scale": scale.reshape(rows, -1).contiguous(),
         "weight_shape": torch.tensor([rows, columns], dtype=torch.int64, device=weight.device),
     }
     if not scheme.symmetric:
         stored["weight_zero_point"] = pack_int_along_rows(zero.reshape(rows, -1), scheme.num_bits)
-    return stored, dequantized.reshape(rows, columns), absmax
+    return stored, absmax
 
 
-def dequantize(stored: dict[str, torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
+def dequantize(
+    stored: dict[str, torch.Tensor], scheme: QuantScheme, compile: bool | None = None
+) -> torch.Tensor:
     rows, columns = (int(v) for v in stored["weight_shape"].tolist())
     scale = stored["weight_scale"]
-    q = unpack_int(stored["weight_packed"], scheme.num_bits, columns)
-    grouped = group_view(q, scheme.group_size).float()
+    codes = unpack_codes(stored["weight_packed"], scheme.num_bits, columns)
     if scheme.symmetric:
-        zero = torch.zeros((), device=q.device)
+        zero = torch.zeros(scale.shape, dtype=torch.int8, device=scale.device)
     else:
-        zp = unpack_int_along_rows(stored["weight_zero_point"], scheme.num_bits, rows)
-        zero = zp.float().unsqueeze(-1)
-    values = (grouped - zero).to(scale.dtype).float() * scale.float().unsqueeze(-1)
-    return values.to(scale.dtype).reshape(rows, columns)
-
+        zero = unpack_int_along_rows(stored["weight_zero_point"], scheme.num_bits, rows)
+    kernel = maybe_compiled(_int_dequant_kernel, rows * columns, compile)
+    values = kernel(
+        group_view(codes, scheme.group_size), scale.unsqueeze(-1), zero.unsqueeze(-1),
+        scheme.num_bits,
+    )
+    return values.reshape(rows, columns)
