@@ -1,0 +1,115 @@
+"""The Ray driver: submit one task per work unit, keep a bounded number in flight, gather records.
+
+Ray imports stay in this module (and workers.ray_task). Tasks receive a unit (keys and byte
+ranges) and return a small record; tensors never travel through Ray's object store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+from pydantic import BaseModel, ConfigDict
+
+from workers.records import UnitContext, UnitResult
+from workers.units import WorkUnit
+
+__all__ = ["ClusterInfo", "ConversionFailed", "start_ray", "run_units"]
+
+_log = logging.getLogger(__name__)
+
+
+class ConversionFailed(Exception):
+    """Some units failed for good; the message lists every failure."""
+
+    def __init__(self, failures: list[tuple[WorkUnit, str]]) -> None:
+        self.failures = failures
+        lines = [f"{len(failures)} unit(s) failed:"]
+        lines += [f"  - {message}" for _, message in failures]
+        super().__init__("\n".join(lines))
+
+
+class ClusterInfo(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    address: str
+    nodes: int
+    cpus: float
+    gpus: float
+
+
+def start_ray(address: str | None = None) -> ClusterInfo:
+    """Connect to `address` (or RAY_ADDRESS); with neither, start a local Ray (the default)."""
+    import ray
+
+    if not ray.is_initialized():
+        target = address or os.environ.get("RAY_ADDRESS") or None
+        ray.init(
+            address=target,
+            include_dashboard=False,
+            log_to_driver=True,
+            logging_level=logging.WARNING,
+            # Workers import the project from the same environment as the driver.
+            runtime_env={"env_vars": {"QUANTFLEET_WORKER": "1"}},
+        )
+    resources = ray.cluster_resources()
+    return ClusterInfo(
+        address=ray.get_runtime_context().gcs_address,
+        nodes=len([n for n in ray.nodes() if n.get("Alive")]),
+        cpus=resources.get("CPU", 0.0),
+        gpus=resources.get("GPU", 0.0),
+    )
+
+
+def _describe(error: BaseException) -> str:
+    # Ray wraps task errors; the cause carries our message (unit, file, tensor, figures).
+    cause = getattr(error, "cause", None)
+    return str(cause if cause is not None else error).strip().splitlines()[-1]
+
+
+def run_units(
+    units: Sequence[WorkUnit],
+    context: UnitContext,
+    *,
+    cluster: ClusterInfo,
+    max_in_flight: int | None = None,
+    on_done: Callable[[WorkUnit, UnitResult], None] | None = None,
+) -> list[UnitResult]:
+    """Run every unit on the cluster; raise ConversionFailed listing all failures at the end."""
+    import ray
+
+    from workers.ray_task import convert_unit_remote
+
+    limit = max_in_flight or max(2, int(cluster.cpus) * 2)
+    use_gpu = cluster.gpus > 0
+    pending = list(units)
+    pending.reverse()  # pop() from the end takes units in plan order
+    in_flight: dict[ray.ObjectRef, WorkUnit] = {}
+    results: dict[int, UnitResult] = {}
+    failures: list[tuple[WorkUnit, str]] = []
+    while pending or in_flight:
+        while pending and len(in_flight) < limit:
+            unit = pending.pop()
+            ref = convert_unit_remote.options(
+                num_cpus=1,
+                num_gpus=1 if use_gpu else 0,
+                memory=unit.memory_bytes,
+                name=f"convert {unit.file_name}",
+            ).remote(unit, context)
+            in_flight[ref] = unit
+        done, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in done:
+            unit = in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as error:  # noqa: BLE001 - every failure is collected and reported
+                failures.append((unit, _describe(error)))
+                _log.error("unit %d failed: %s", unit.index, _describe(error))
+                continue
+            results[unit.index] = result
+            if on_done is not None:
+                on_done(unit, result)
+    if failures:
+        raise ConversionFailed(sorted(failures, key=lambda f: f[0].index))
+    return [results[u.index] for u in units]

@@ -1,0 +1,175 @@
+"""Planning: from headers alone, decide every tensor's fate and cut the output into work units.
+
+A plan is deterministic (same source, recipe, tool version and shard size -> same plan and id),
+small per tensor (jobs name a source byte range and an index into the plan's scheme table; the
+output tensors are derived from those), and cheap to build for a million tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from functools import lru_cache
+
+from pydantic import BaseModel, ConfigDict
+
+from flows.recipe import Recipe
+from infra.safetensors import DTYPE_SIZE, Catalog
+from quantizers import QuantScheme, resolve_scheme
+from quantizers.errors import QuantizationError
+from workers.units import SAFETENSORS_TO_TORCH, TensorJob, WorkUnit, output_specs
+
+__all__ = ["Plan", "build_plan", "shard_file_name", "TOOL_VERSION"]
+
+TOOL_VERSION = "0.1.0"
+
+# Bytes a worker needs besides its tensors (interpreter, torch, buffers); and the multiple of the
+# largest source tensor a quantization holds at once (weight, float temporaries, stored parts).
+_FIXED_MEMORY = 512 << 20
+_TENSOR_MEMORY_FACTOR = 4
+
+class Plan(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    plan_id: str
+    tool_version: str
+    source_uri: str
+    source_identity: str
+    recipe: Recipe
+    shard_size: int
+    schemes: tuple[QuantScheme, ...]
+    units: tuple[WorkUnit, ...]
+    side_files: tuple[str, ...]
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(u.bytes_in for u in self.units)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(u.bytes_out for u in self.units)
+
+    def jobs(self) -> Iterable[TensorJob]:
+        for unit in self.units:
+            yield from unit.jobs
+
+    def quantized_modules(self) -> list[tuple[str, QuantScheme]]:
+        return [(j.module, self.schemes[j.scheme]) for j in self.jobs() if j.scheme is not None]
+
+
+def shard_file_name(index: int, count: int) -> str:
+    if count == 1:
+        return "model.safetensors"
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+@lru_cache(maxsize=4096)
+def _resolve(scheme: QuantScheme, shape: tuple[int, ...]) -> tuple[QuantScheme, str | None]:
+    resolution = resolve_scheme(scheme, shape)
+    return resolution.scheme, resolution.note
+
+
+def _output_bytes(job: TensorJob, schemes: tuple[QuantScheme, ...]) -> int:
+    total = 0
+    for _, dtype, shape in output_specs(job, schemes):
+        count = 1
+        for d in shape:
+            count *= d
+        total += count * DTYPE_SIZE[dtype]
+    return total
+
+
+def _source_identity(catalog: Catalog, sizes: dict[str, tuple[int, str | None]]) -> str:
+    """A hash of what the source is: each shard's size and ETag/SHA-256 and its header.
+
+    Headers are hashed as parsed (names, dtypes, shapes, offsets), so a re-uploaded checkpoint
+    with a new ETag or different tensors gets a new identity, an unchanged one keeps it.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(catalog.files):
+        size, tag = sizes.get(key, (catalog.files[key].file_size, None))
+        digest.update(f"{key}\0{size}\0{tag or ''}\n".encode())
+        for info in catalog.files[key].tensors:
+            digest.update(f"{info.name}\0{info.dtype}\0{info.shape}\0{info.begin}\n".encode())
+    return digest.hexdigest()
+
+
+def build_plan(
+    catalog: Catalog,
+    recipe: Recipe,
+    *,
+    shard_size: int = 5_000_000_000,
+    file_tags: dict[str, tuple[int, str | None]] | None = None,
+) -> Plan:
+    """Plan a conversion of `catalog` with `recipe`, cutting output shards near `shard_size` bytes.
+
+    `file_tags` maps a shard key to (size, ETag or SHA-256) from a listing, for the source identity.
+    """
+    schemes: list[QuantScheme] = []
+    scheme_index: dict[QuantScheme, int] = {}
+    jobs: list[TensorJob] = []
+    # File order, then offset order: each worker reads its files front to back.
+    entries = sorted(catalog.tensors.values(), key=lambda e: (e.file, e.info.begin))
+    for entry in entries:
+        info = entry.info
+        wanted = recipe.scheme_for(info.name, info.shape) if info.dtype in SAFETENSORS_TO_TORCH else None
+        index = note = None
+        if wanted is not None and info.dtype in ("BF16", "F16", "F32"):
+            try:
+                used, note = _resolve(wanted, info.shape)
+            except QuantizationError:
+                used = None  # refused shapes stay as they are
+            if used is not None:
+                if used not in scheme_index:
+                    scheme_index[used] = len(schemes)
+                    schemes.append(used)
+                index = scheme_index[used]
+        jobs.append(
+            TensorJob.model_construct(
+                name=info.name, file=entry.file, begin=info.begin, end=info.end, dtype=info.dtype,
+                shape=info.shape, scheme=index, note=note,
+            )
+        )
+    scheme_table = tuple(schemes)
+    groups: list[list[TensorJob]] = [[]]
+    sizes_out: list[int] = [0]
+    for job in jobs:
+        out = _output_bytes(job, scheme_table)
+        if groups[-1] and sizes_out[-1] + out > shard_size:
+            groups.append([])
+            sizes_out.append(0)
+        groups[-1].append(job)
+        sizes_out[-1] += out
+    if not groups[-1]:
+        groups.pop()
+        sizes_out.pop()
+    units = tuple(
+        WorkUnit.model_construct(
+            index=i,
+            file_name=shard_file_name(i, len(groups)),
+            jobs=tuple(group),
+            bytes_in=sum(j.end - j.begin for j in group),
+            bytes_out=sizes_out[i],
+            memory_bytes=_FIXED_MEMORY
+            + _TENSOR_MEMORY_FACTOR * max((j.end - j.begin for j in group), default=0),
+        )
+        for i, group in enumerate(groups)
+    )
+    identity = _source_identity(catalog, file_tags or {})
+    plan_key = json.dumps(
+        {"source": identity, "recipe": recipe.model_dump(mode="json"), "tool": TOOL_VERSION,
+         "shard_size": shard_size},
+        sort_keys=True,
+    )
+    return Plan.model_construct(
+        plan_id=hashlib.sha256(plan_key.encode()).hexdigest()[:16],
+        tool_version=TOOL_VERSION,
+        source_uri=catalog.uri,
+        source_identity=identity,
+        recipe=recipe,
+        shard_size=shard_size,
+        schemes=scheme_table,
+        units=units,
+        side_files=catalog.side_files,
+    )

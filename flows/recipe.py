@@ -1,0 +1,182 @@
+"""A recipe: which tensors get which scheme, and the quality gates a result must pass.
+
+Targets and ignores name modules as compressed-tensors does: exact module names
+("model.layers.0.mlp.down_proj"), class-like shorthands ("Linear" = every 2-D weight,
+"Embedding"), or regexes prefixed `re:` matched against the module name. A module is the tensor
+name without its `.weight` suffix. `overrides` give other schemes to some modules (first match
+wins), so a plan can hold any scheme per tensor.
+
+    scheme: W4A16
+    ignore: ["re:.*layers\\.0\\..*"]
+    overrides:
+      - targets: ["re:.*down_proj$"]
+        scheme: W8A16
+    gates: {min_sqnr_db: 12}
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cached_property
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from quantizers import QuantScheme, get_scheme
+
+__all__ = ["Recipe", "SchemeChoice", "Override", "Gates", "DEFAULT_IGNORE", "RecipeError"]
+
+# Conventionally left unquantized: embeddings, the output head, norms, MoE routers.
+DEFAULT_IGNORE = (
+    "Embedding",
+    "lm_head",
+    "re:(?i).*norm[^.]*$",
+    "re:.*(^|\\.)(gate|router)$",
+    "re:.*shared_expert_gate$",
+)
+
+# Below these per-tensor SQNRs a result is broken, not merely lossy (Gaussian-weight SQNR is
+# ~40 dB for int8, ~31 dB for FP8, ~20 dB for 4-bit formats; real weights with outliers less).
+DEFAULT_MIN_SQNR_DB = {8: 20.0, 4: 8.0}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message says which field and why."""
+
+
+class SchemeChoice(BaseModel):
+    """A preset name and the options applied to it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scheme: str = "W4A16"
+    group_size: int | None = None
+    symmetric: bool | None = None
+    per_channel: bool = False
+
+    def resolve(self) -> QuantScheme:
+        return get_scheme(
+            self.scheme,
+            group_size=self.group_size,
+            symmetric=self.symmetric,
+            per_channel=self.per_channel,
+        )
+
+
+class Override(SchemeChoice):
+    targets: tuple[str, ...] = Field(min_length=1)
+
+
+class Gates(BaseModel):
+    """Per-tensor quality gates checked on the workers; a tensor below them fails the run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_sqnr_db: float | None = None  # None: the default for the scheme's bit width
+    min_cosine: float = 0.9
+
+    def min_sqnr_for(self, scheme: QuantScheme) -> float:
+        if self.min_sqnr_db is not None:
+            return self.min_sqnr_db
+        return DEFAULT_MIN_SQNR_DB.get(scheme.num_bits, 8.0)
+
+
+class Recipe(SchemeChoice):
+    """What to quantize and how; identical recipes give identical plans."""
+
+    name: str | None = None
+    targets: tuple[str, ...] = ("Linear",)
+    ignore: tuple[str, ...] = ()
+    use_default_ignore: bool = True
+    overrides: tuple[Override, ...] = ()
+    gates: Gates = Gates()
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _valid_patterns(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in patterns:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as error:
+                    raise ValueError(f"bad regex {pattern!r}: {error}") from error
+        return patterns
+
+    @property
+    def label(self) -> str:
+        """A short name for paths and reports: the recipe's name or its scheme."""
+        return self.name or self.scheme.upper()
+
+    @cached_property
+    def _matchers(self) -> tuple[_Matcher, _Matcher, list[tuple[_Matcher, QuantScheme]]]:
+        ignore = self.ignore + (DEFAULT_IGNORE if self.use_default_ignore else ())
+        overrides = [(_Matcher(o.targets), o.resolve()) for o in self.overrides]
+        return _Matcher(self.targets), _Matcher(ignore), overrides
+
+    def scheme_for(self, tensor_name: str, shape: tuple[int, ...]) -> QuantScheme | None:
+        """The scheme for a tensor, or None to keep it as it is (not a targeted 2-D weight)."""
+        if not tensor_name.endswith(".weight") or len(shape) != 2 or 0 in shape:
+            return None
+        module = tensor_name.removesuffix(".weight")
+        targets, ignore, overrides = self._matchers
+        for matcher, scheme in overrides:
+            if matcher.matches(module):
+                return scheme
+        if ignore.matches(module) or not targets.matches(module):
+            return None
+        return self.resolve()
+
+    def ignore_list(self) -> list[str]:
+        """The `ignore` entries written to config.json."""
+        return sorted(set(self.ignore + (DEFAULT_IGNORE if self.use_default_ignore else ())))
+
+    @classmethod
+    def preset(cls, scheme: str, **options: object) -> Recipe:
+        recipe = cls.model_validate({"scheme": scheme, **options})
+        recipe.resolve()  # fail now on an unknown scheme, not on a worker
+        return recipe
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        location = Path(path)
+        try:
+            data = yaml.safe_load(location.read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise RecipeError(f"{location}: cannot read recipe: {error}") from error
+        try:
+            recipe = cls.model_validate(data)
+            recipe.resolve()
+            for override in recipe.overrides:
+                override.resolve()
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "recipe"
+            raise RecipeError(f"{location}: {where}: {first['msg']}") from error
+        except ValueError as error:
+            raise RecipeError(f"{location}: {error}") from error
+        return recipe
+
+
+class _Matcher:
+    """Matches module names against exact names, class shorthands and `re:` patterns."""
+
+    # Class-like shorthands, recognised from the module name since no model object exists.
+    _CLASSES = {
+        "Linear": None,  # every 2-D weight (shape is checked by the caller)
+        "Embedding": re.compile(r".*(embed_tokens|embeddings?|wte|wpe|word_embeddings)[^.]*$"),
+    }
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        self.exact = {p for p in patterns if not p.startswith("re:") and p not in self._CLASSES}
+        self.regexes = [re.compile(p[3:]) for p in patterns if p.startswith("re:")]
+        self.regexes += [r for p in patterns if (r := self._CLASSES.get(p)) is not None]
+        self.everything = "Linear" in patterns
+
+    def matches(self, module: str) -> bool:
+        if self.everything or module in self.exact:
+            return True
+        # An exact name also matches as a suffix, as in compressed-tensors ("lm_head").
+        if any(module.endswith("." + e) for e in self.exact):
+            return True
+        return any(r.fullmatch(module) for r in self.regexes)

@@ -1,0 +1,175 @@
+"""What one worker does with one work unit: read, quantize, check, assemble, upload, record.
+
+Plain functions, testable without Ray. The shard is assembled in a local scratch file at the
+offsets its header fixes, so tensors may be produced in any order while at most one source tensor
+and its quantized parts are in memory; the file is then streamed to the staging prefix, and a
+small JSON record written after it marks the unit done. A re-run that finds the record and a
+shard with the recorded size and checksum skips the unit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from infra.errors import StorageError
+from infra.safetensors import TensorInfo, TensorReader, TensorSpec, layout
+from infra.storage import Storage, open_storage
+from quantizers import QuantizationError, quantize, weight_error
+from workers.errors import TensorQualityError, UnitFailed
+from workers.records import TensorRecord, UnitContext, UnitResult
+from workers.units import TensorJob, WorkUnit, output_specs
+
+__all__ = ["convert_unit", "unit_record_key", "SHARD_METADATA"]
+
+_log = logging.getLogger(__name__)
+
+# The only metadata a shard carries: transformers requires format=pt. Nothing run-specific, so
+# every run of the same plan writes the same bytes.
+SHARD_METADATA = {"format": "pt"}
+_UPLOAD_CHUNK = 16 << 20
+
+
+def unit_record_key(unit: WorkUnit) -> str:
+    return f"units/{unit.index:05d}.json"
+
+
+def _device(preference: str) -> torch.device:
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(preference)
+
+
+def _finished(staging: Storage, unit: WorkUnit) -> UnitResult | None:
+    """The unit's result if an earlier run staged it completely and intact, else None."""
+    try:
+        record = UnitResult.model_validate_json(staging.read_bytes(unit_record_key(unit)))
+        info = staging.stat(unit.file_name)
+    except (StorageError, ValueError):
+        return None
+    sha = info.sha256 or staging.hash_object(unit.file_name)
+    if info.size != record.size or sha != record.sha256:
+        _log.warning("unit %d: staged %s does not match its record; redoing it", unit.index, unit.file_name)
+        return None
+    return record.model_copy(update={"reused": True})
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().data.cast("B")
+
+
+@contextmanager
+def _scratch_file(directory: str | None) -> Iterator[int]:
+    handle, path = tempfile.mkstemp(prefix="quantfleet-", suffix=".safetensors", dir=directory)
+    try:
+        yield handle
+    finally:
+        os.close(handle)
+        os.unlink(path)
+
+
+def _convert_job(
+    job: TensorJob,
+    reader: TensorReader,
+    ctx: UnitContext,
+    device: torch.device,
+    write: dict[str, int],
+    fd: int,
+) -> TensorRecord:
+    info = TensorInfo.model_construct(
+        name=job.name, dtype=job.dtype, shape=job.shape, begin=job.begin, end=job.end
+    )
+    tensor = reader.read(job.file, info)
+    bytes_in = job.end - job.begin
+    if job.scheme is None:
+        _pwrite_all(fd, _tensor_bytes(tensor), write[job.name])
+        return TensorRecord(name=job.name, scheme=None, bytes_in=bytes_in, bytes_out=bytes_in)
+    scheme = ctx.schemes[job.scheme]
+    weight = tensor.to(device)
+    result = quantize(weight, scheme, name=f"{job.name} (in {job.file})")
+    error = weight_error(weight, result.dequantized)
+    result.release()
+    gate = ctx.min_sqnr_db[job.scheme]
+    if not (error.sqnr_db >= gate and error.cosine >= ctx.min_cosine):
+        raise TensorQualityError(
+            f"{job.name} (in {job.file}): {scheme.name} ({scheme.describe()}) gives SQNR "
+            f"{error.sqnr_db:.1f} dB and cosine {error.cosine:.4f}, below the gate "
+            f"(SQNR >= {gate:g} dB, cosine >= {ctx.min_cosine:g})"
+        )
+    bytes_out = 0
+    for suffix, part in result.tensors.items():
+        data = _tensor_bytes(part)
+        _pwrite_all(fd, data, write[f"{job.module}.{suffix}"])
+        bytes_out += len(data)
+    return TensorRecord(
+        name=job.name, scheme=f"{scheme.name} {scheme.describe()}", note=job.note,
+        bytes_in=bytes_in, bytes_out=bytes_out, sqnr_db=error.sqnr_db,
+        relative_error=error.relative_error, cosine=error.cosine, max_abs_error=error.max_abs_error,
+    )
+
+
+def _upload(fd: int, size: int, staging: Storage, key: str) -> tuple[int, str]:
+    with staging.open_writer(key, size_hint=size) as writer:
+        offset = 0
+        while offset < size:
+            chunk = os.pread(fd, min(_UPLOAD_CHUNK, size - offset), offset)
+            if not chunk:
+                raise UnitFailed(f"{staging.uri(key)}: scratch file ended at {offset} of {size} bytes")
+            writer.write(chunk)
+            offset += len(chunk)
+        result = writer.close()
+    return result.size, result.sha256
+
+
+def convert_unit(unit: WorkUnit, ctx: UnitContext) -> UnitResult:
+    """Convert `unit` and stage its shard; returns the record (a finished unit is not redone)."""
+    started = time.perf_counter()
+    staging = open_storage(ctx.staging_uri)
+    done = _finished(staging, unit)
+    if done is not None:
+        return done
+    source = open_storage(ctx.source_uri)
+    device = _device(ctx.device)
+    specs = [
+        TensorSpec(name=name, dtype=dtype, shape=shape)
+        for job in unit.jobs
+        for name, dtype, shape in output_specs(job, ctx.schemes)
+    ]
+    header, ordered = layout(specs, SHARD_METADATA)
+    offsets: dict[str, int] = {}
+    position = len(header)
+    for spec in ordered:
+        offsets[spec.name] = position
+        position += spec.nbytes
+    records = []
+    with _scratch_file(ctx.scratch_dir) as fd:
+        os.ftruncate(fd, position)
+        _pwrite_all(fd, memoryview(header), 0)
+        with TensorReader(source) as reader:
+            for job in unit.jobs:
+                try:
+                    records.append(_convert_job(job, reader, ctx, device, offsets, fd))
+                except (QuantizationError, TensorQualityError) as error:
+                    raise UnitFailed(f"unit {unit.index} ({unit.file_name}): {error}") from error
+        size, sha256 = _upload(fd, position, staging, unit.file_name)
+    result = UnitResult(
+        index=unit.index, file_name=unit.file_name, size=size, sha256=sha256, tensors=tuple(records),
+        weight_map={spec.name: unit.file_name for spec in ordered},
+        seconds=time.perf_counter() - started, device=str(device),
+    )
+    # Written last: its presence means the shard above is complete.
+    staging.put_bytes(unit_record_key(unit), result.model_dump_json().encode())
+    return result

@@ -1,0 +1,56 @@
+"""What crosses from a worker back to the driver: small, typed records, never tensors."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from quantizers import QuantScheme
+
+__all__ = ["UnitContext", "TensorRecord", "UnitResult"]
+
+
+class UnitContext(BaseModel):
+    """Everything a unit needs besides the unit itself: where to read, where to stage, how to check."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    plan_id: str
+    source_uri: str
+    staging_uri: str  # storage URI of this plan's staging prefix
+    schemes: tuple[QuantScheme, ...]
+    min_sqnr_db: tuple[float, ...]  # gate per scheme index
+    min_cosine: float = 0.9
+    device: str = "auto"  # "auto": CUDA when this task was given a GPU, else CPU
+    scratch_dir: str | None = None  # local disk for assembling shards (default: system temp)
+
+
+class TensorRecord(BaseModel):
+    """One source tensor's outcome, as it goes into the manifest."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    scheme: str | None  # described resolved scheme, None when copied unchanged
+    note: str | None = None
+    bytes_in: int
+    bytes_out: int
+    sqnr_db: float | None = None
+    relative_error: float | None = None
+    cosine: float | None = None
+    max_abs_error: float | None = None
+
+
+class UnitResult(BaseModel):
+    """A converted (or found already converted) output shard."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    index: int
+    file_name: str
+    size: int
+    sha256: str
+    tensors: tuple[TensorRecord, ...]
+    weight_map: dict[str, str]  # output tensor name -> file name
+    seconds: float
+    device: str
+    reused: bool = False
