@@ -156,10 +156,10 @@ def run_conversion(
 ) -> ConversionSummary:
     """The whole conversion without an orchestrator (the Prefect flow runs the same steps)."""
     started = time.perf_counter()
-    plan = plan_conversion(source_uri, recipe, shard_size=shard_size)
     check_not_published(dest_uri)
+    plan = plan_conversion(source_uri, recipe, shard_size=shard_size)
     cluster = start_ray(ray_address)
     startup = time.perf_counter() - started
     results = convert_units(plan, dest_uri, cluster=cluster, device=device, on_done=on_done)
     published = finalize_and_publish(plan, dest_uri, results)
-    return summarize(plan, published, results, time.perf_counter() - started, startup)
+    return summarize(plan, published, results, time.perf_counter() - started - startup, startup)

