@@ -22,6 +22,7 @@ __all__ = [
     "Storage",
     "WriteResult",
     "check_key",
+    "check_prefix",
     "join_key",
 ]
 
@@ -72,6 +73,13 @@ def check_key(key: str, *, allow_empty: bool = False) -> str:
     if "\x00" in key:
         raise InvalidURI(f"invalid storage key {key!r}: NUL byte")
     return key
+
+
+def check_prefix(prefix: str) -> str:
+    """Return `prefix` (a key prefix, may be empty or end with '/') if it stays inside the root."""
+    if prefix.startswith("/") or any(p in (".", "..") for p in prefix.split("/")):
+        raise InvalidURI(f"invalid storage prefix {prefix!r}: prefixes are relative paths")
+    return prefix
 
 
 def join_key(*parts: str) -> str:

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import NoReturn
 
 from infra.errors import AccessDenied, AlreadyExists, ObjectNotFound, StorageError
-from infra.storage.base import ObjectInfo, ObjectWriter, Storage, WriteResult, check_key
+from infra.storage.base import (
+    ObjectInfo,
+    ObjectWriter,
+    Storage,
+    WriteResult,
+    check_key,
+    check_prefix,
+)
 
 __all__ = ["TEMP_PREFIX", "LocalStorage"]
 
@@ -74,7 +81,7 @@ class LocalStorage(Storage):
     # --- reading -----------------------------------------------------------------------
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        check_key(prefix, allow_empty=True) if not prefix.endswith("/") else None
+        check_prefix(prefix)
         start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
         if not start.is_dir():
             return
@@ -205,6 +212,7 @@ class LocalStorage(Storage):
                     os.rmdir(dirpath)  # only succeeds when empty
 
     def abort_stale_uploads(self, prefix: str = "", *, older_than_s: float = 0.0) -> int:
+        check_prefix(prefix)
         start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
         if not start.is_dir():
             return 0

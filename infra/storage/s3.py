@@ -42,7 +42,15 @@ from infra.errors import (
     TransientStorageError,
 )
 from infra.retry import RetryPolicy, retry_call
-from infra.storage.base import ObjectInfo, ObjectWriter, Storage, WriteResult, check_key, join_key
+from infra.storage.base import (
+    ObjectInfo,
+    ObjectWriter,
+    Storage,
+    WriteResult,
+    check_key,
+    check_prefix,
+    join_key,
+)
 from infra.storage.parts import MAX_PART_SIZE, MIN_PART_SIZE, MiB, PartPlan
 
 __all__ = ["ENDPOINT_ENV", "S3Options", "S3Storage", "translate_error"]
@@ -209,6 +217,7 @@ class S3Storage(Storage):
     # --- reading -----------------------------------------------------------------------
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        check_prefix(prefix)
         full_prefix = join_key(self.prefix, prefix) + ("/" if prefix.endswith("/") else "")
         if self.prefix and not prefix:
             full_prefix = self.prefix + "/"

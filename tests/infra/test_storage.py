@@ -163,3 +163,8 @@ def test_local_writes_are_atomic_temp_files(tmp_path) -> None:  # type: ignore[n
     assert list(store.list()) == []
     w.close()
     assert os.listdir(tmp_path / "d") == ["f.bin"]
+
+
+def test_unsafe_prefixes_are_refused(storage: Storage) -> None:
+    with pytest.raises(InvalidURI):
+        list(storage.list("../"))
