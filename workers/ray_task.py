@@ -10,11 +10,19 @@ import ray
 
 from infra.errors import TransientStorageError
 from workers.convert_unit import convert_unit
+from workers.records import UnitContext, UnitResult
+from workers.units import WorkUnit
 
 __all__ = ["convert_unit_remote", "MAX_RETRIES"]
 
 MAX_RETRIES = 3
 
+
+def _convert_on_node(unit: WorkUnit, context: UnitContext) -> UnitResult:
+    result = convert_unit(unit, context)
+    return result.model_copy(update={"node": ray.get_runtime_context().get_node_id()})
+
+
 convert_unit_remote = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=[TransientStorageError])(
-    convert_unit
+    _convert_on_node
 )

@@ -53,4 +53,5 @@ class UnitResult(BaseModel):
     weight_map: dict[str, str]  # output tensor name -> file name
     seconds: float
     device: str
+    node: str = "local"  # the Ray node that ran it, for reports
     reused: bool = False

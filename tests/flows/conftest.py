@@ -1,0 +1,113 @@
+"""Fixtures for pipeline tests: a loopback S3 server, a local Ray, real and tiny real models.
+
+The S3 endpoint and dummy credentials are put in the environment before Ray starts, so Ray's
+worker processes (children of this process) reach the same loopback server.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows.cli import bundled_model_path
+from infra.storage import Storage, open_storage
+from tests.s3_server import MotoS3, aws_test_env
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[MotoS3]:
+    with aws_test_env(), MotoS3() as server:
+        os.environ["QUANTFLEET_S3_ENDPOINT_URL"] = server.endpoint_url
+        try:
+            yield server
+        finally:
+            os.environ.pop("QUANTFLEET_S3_ENDPOINT_URL", None)
+
+
+@pytest.fixture(scope="session")
+def local_ray(s3: MotoS3) -> Iterator[None]:
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def minilm() -> str:
+    return bundled_model_path()
+
+
+def save_tiny_model(kind: str, path: Path, seed: int = 0) -> Path:
+    """A small transformers model built from a config, saved in several safetensors shards."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        config = LlamaConfig(
+            vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            tie_word_embeddings=False,
+        )
+        model = LlamaForCausalLM(config)
+    else:
+        # SmolLM2-like width: 576 is not a multiple of 128, so W4A16 uses group 64 there.
+        config = Qwen2Config(
+            vocab_size=1024, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
+            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=256,
+            tie_word_embeddings=False,
+        )
+        model = Qwen2ForCausalLM(config)
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(path, max_shard_size="2MB")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model("llama", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model("qwen", tmp_path_factory.mktemp("qwen"))
+
+
+def upload_dir(local: Path, storage: Storage) -> None:
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            storage.put_bytes(path.relative_to(local).as_posix(), path.read_bytes())
+
+
+def download_dir(storage: Storage, local: Path) -> Path:
+    for info in storage.list(""):
+        target = local / info.key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(storage.read_bytes(info.key))
+    return local
+
+
+def file_digests(storage: Storage) -> dict[str, str]:
+    """sha256 of every published file (the staging area excluded)."""
+    import hashlib
+
+    return {
+        info.key: hashlib.sha256(storage.read_bytes(info.key)).hexdigest()
+        for info in storage.list("")
+        if not info.key.startswith(".staging")
+    }
+
+
+def s3_storage(s3: MotoS3, prefix: str) -> tuple[str, Storage]:
+    bucket = s3.create_bucket()
+    uri = f"s3://{bucket}/{prefix}"
+    return uri, open_storage(uri)

@@ -1,0 +1,136 @@
+"""The command line as a user meets it: help, one-line errors, the demo, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_help_explains_every_option(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--scheme", "--recipe", "--group-size", "--symmetric", "--asymmetric", "--per-channel",
+                   "--ignore", "--shard-size", "--ray-address", "--device", "--no-prefect"):
+        assert option in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["plan", "/no/such/checkpoint"], "quantfleet: error: file:///no/such/checkpoint: no *.safetensors files"),
+        (["plan", "{minilm}", "--scheme", "W3A16"], "quantfleet: error: unknown scheme 'W3A16'; valid schemes:"),
+        (["plan", "ftp://host/x"], "quantfleet: error: "),
+        (["plan", "{minilm}", "--scheme", "NVFP4A16", "--group-size", "32"],
+         "quantfleet: error: scheme NVFP4A16: the format fixes the group size at 16"),
+    ],
+)
+def test_user_mistakes_get_one_line(minilm, capsys, args, message) -> None:
+    code = main([a.format(minilm=minilm) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(message), err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_missing_credentials_is_one_clear_line(s3) -> None:
+    bucket = s3.create_bucket()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE="/nonexistent", AWS_CONFIG_FILE="/nonexistent",
+               AWS_EC2_METADATA_DISABLED="true")
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "plan", f"s3://{bucket}/model"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    assert "no usable AWS credentials" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_plan_prints_a_table_and_json(minilm, capsys) -> None:
+    assert main(["plan", minilm, "--scheme", "W4A16", "--shard-size", "30MB"]) == 0
+    table = capsys.readouterr().out
+    assert "model-00001-of-00003.safetensors" in table and "total" in table
+    assert main(["plan", minilm, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert len(plan["units"]) == 1 and plan["schemes"][0]["name"] == "W4A16"
+
+
+def test_demo_converts_the_bundled_model_with_prefect_local_mode(tmp_path) -> None:
+    env = {"PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path / "prefect")}
+    first = run_cli("demo", str(tmp_path / "demo"), env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "Published: file://" in first.stdout and "compression ratio" in first.stdout
+    again = run_cli("demo", str(tmp_path / "demo"), env=env)
+    assert again.returncode == 0 and "already holds the demo conversion" in again.stdout
+    refused = run_cli("convert", str(tmp_path / "demo"), str(tmp_path / "x"), "--no-prefect")
+    assert refused.returncode == 2 and "already quantized" in refused.stderr
+
+
+def test_destination_already_published_is_refused(minilm, tmp_path, capsys) -> None:
+    dest = tmp_path / "out"
+    assert main(["convert", minilm, str(dest), "--scheme", "FP8", "--no-prefect"]) == 0
+    capsys.readouterr()
+    assert main(["convert", minilm, str(dest), "--scheme", "FP8", "--no-prefect"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a published conversion" in err
+
+
+def _corrupt_copy(source: Path, dest: Path) -> Path:
+    """A copy of the checkpoint whose header claims a tensor shape its bytes do not hold."""
+    dest.mkdir()
+    for path in source.iterdir():
+        if path.is_file():
+            (dest / path.name).write_bytes(path.read_bytes())
+    model = dest / "model.safetensors"
+    raw = model.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    name = "encoder.layer.0.attention.self.query.weight"
+    header[name]["shape"] = [384, 385]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    model.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
+    return dest
+
+
+def test_a_bad_source_file_names_file_and_tensor_and_publishes_nothing(minilm, tmp_path, capsys):
+    source = _corrupt_copy(Path(minilm), tmp_path / "bad")
+    dest = tmp_path / "out"
+    assert main(["convert", str(source), str(dest), "--no-prefect"]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "encoder.layer.0.attention.self.query.weight" in err
+    assert not dest.exists() or not any(dest.iterdir())
+
+
+def test_a_failed_gate_names_the_tensor_and_publishes_nothing(minilm, tmp_path, capsys):
+    recipe = tmp_path / "strict.yaml"
+    recipe.write_text("scheme: W4A16\ngates:\n  min_sqnr_db: 60\n")
+    dest = tmp_path / "out"
+    assert main(["convert", minilm, str(dest), "--recipe", str(recipe), "--no-prefect"]) == 2
+    err = capsys.readouterr().err
+    assert "unit(s) failed" in err and "below the gate (SQNR >= 60 dB" in err
+    assert not (dest / "_QUANTFLEET_PUBLISHED.json").exists()
+    assert not (dest / "model.safetensors").exists()
+
+
+def test_a_bad_recipe_names_the_file_and_field(minilm, tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("scheme: W4A16\ngates:\n  min_sqnr: 10\n")
+    assert main(["plan", minilm, "--recipe", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"quantfleet: error: {recipe}: gates.min_sqnr: Extra inputs are not permitted")

@@ -1,0 +1,130 @@
+"""Faults: a killed driver resumes, a killed worker is retried, units run across Ray nodes.
+
+These start their own Ray (a multi-node local cluster, or a CLI subprocess), so the session's
+local Ray is shut down first.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from flows.pipeline import run_conversion
+from flows.recipe import Recipe
+from infra.storage import open_storage
+from tests.flows.conftest import file_digests, save_tiny_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def medium_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Big enough that units take a while (and a kill lands mid-run), small enough for CI."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import torch
+
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=2048, hidden_size=1024, intermediate_size=2816, num_hidden_layers=3,
+        num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False,
+    )
+    path = tmp_path_factory.mktemp("medium")
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path, max_shard_size="20MB")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(medium_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Digests of an uninterrupted conversion, in-process with a fresh local Ray."""
+    import ray
+
+    ray.shutdown()
+    dest = tmp_path_factory.mktemp("reference") / "out"
+    run_conversion(str(medium_llama), str(dest), Recipe.preset("W4A16"), shard_size=8_000_000)
+    ray.shutdown()
+    return file_digests(open_storage(dest))
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", *args]
+
+
+def test_killed_driver_resumes_and_gives_identical_bytes(medium_llama, reference, tmp_path):
+    dest = tmp_path / "out"
+    command = _cli("convert", str(medium_llama), str(dest), "--scheme", "W4A16",
+                   "--shard-size", "8MB", "--no-prefect")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    process = subprocess.Popen(command, env=env, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    staging_units = dest / ".staging"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(staging_units.glob("*/units/*.json"))) < 2:
+        assert process.poll() is None, process.stdout.read().decode()
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
+    process.wait()
+    finished_before = len(list(staging_units.glob("*/units/*.json")))
+    assert finished_before >= 2
+    assert not (dest / "_QUANTFLEET_PUBLISHED.json").exists()
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    reused = int(rerun.stdout.split(" reused from an earlier run")[0].rsplit(" ", 1)[-1])
+    assert reused >= finished_before
+    assert file_digests(open_storage(dest)) == reference
+
+
+def _kill_one_convert_worker(stop: threading.Event, killed: list[int]) -> None:
+    """SIGKILL the first Ray worker process seen running a convert task."""
+    while not stop.is_set() and not killed:
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            title = " ".join(proc.info.get("cmdline") or [])
+            if title.startswith("ray::convert") or "ray::_convert_on_node" in title:
+                try:
+                    proc.send_signal(signal.SIGKILL)
+                    killed.append(proc.info["pid"])
+                except psutil.NoSuchProcess:
+                    continue
+                return
+        time.sleep(0.02)
+
+
+def test_units_spread_over_nodes_and_a_killed_worker_is_retried(medium_llama, reference, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address, logging_level="ERROR")
+        dest = tmp_path / "out"
+        stop, killed = threading.Event(), []
+        killer = threading.Thread(target=_kill_one_convert_worker, args=(stop, killed))
+        killer.start()
+        nodes: set[str] = set()
+        try:
+            summary = run_conversion(
+                str(medium_llama), str(dest), Recipe.preset("W4A16"), shard_size=8_000_000,
+                on_done=lambda unit, result: nodes.add(result.node),
+            )
+        finally:
+            stop.set()
+            killer.join()
+        assert killed, "no convert task was seen running"
+        assert summary.units > 2
+        assert len(nodes) == 2  # both worker nodes ran units; the zero-CPU head ran none
+        assert file_digests(open_storage(dest)) == reference
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
