@@ -81,17 +81,17 @@ def _output_bytes(job: TensorJob, schemes: tuple[QuantScheme, ...]) -> int:
 
 
 def _source_identity(catalog: Catalog, sizes: dict[str, tuple[int, str | None]]) -> str:
-    """A hash of what the source is: each shard's size and ETag/SHA-256 and its header.
+    """A hash of what the source is: each shard file's key, size, ETag or SHA-256, tensor count.
 
-    Headers are hashed as parsed (names, dtypes, shapes, offsets), so a re-uploaded checkpoint
-    with a new ETag or different tensors gets a new identity, an unchanged one keeps it.
+    On S3 the ETag changes with the content, so a re-uploaded checkpoint with new weights gets a
+    new identity and an unchanged one keeps it. Local files have no ETag: their size and header
+    stand in (a rewrite with identical sizes keeps its identity).
     """
     digest = hashlib.sha256()
     for key in sorted(catalog.files):
-        size, tag = sizes.get(key, (catalog.files[key].file_size, None))
-        digest.update(f"{key}\0{size}\0{tag or ''}\n".encode())
-        for info in catalog.files[key].tensors:
-            digest.update(f"{info.name}\0{info.dtype}\0{info.shape}\0{info.begin}\n".encode())
+        header = catalog.files[key]
+        size, tag = sizes.get(key, (header.file_size, None))
+        digest.update(f"{key}\0{size}\0{tag or ''}\0{len(header.tensors)}\0{header.data_start}\n".encode())
     return digest.hexdigest()
 
 
@@ -125,17 +125,17 @@ def build_plan(
                     scheme_index[used] = len(schemes)
                     schemes.append(used)
                 index = scheme_index[used]
-        jobs.append(
-            TensorJob.model_construct(
-                name=info.name, file=entry.file, begin=info.begin, end=info.end, dtype=info.dtype,
-                shape=info.shape, scheme=index, note=note,
-            )
-        )
+        job = TensorJob(info.name, entry.file, info.begin, info.end, info.dtype, info.shape, index, note)
+        jobs.append(job)
     scheme_table = tuple(schemes)
     groups: list[list[TensorJob]] = [[]]
     sizes_out: list[int] = [0]
+    sizes: dict[tuple[int | None, tuple[int, ...], str], int] = {}
     for job in jobs:
-        out = _output_bytes(job, scheme_table)
+        key = (job.scheme, job.shape, job.dtype)
+        out = sizes.get(key)
+        if out is None:
+            out = sizes[key] = _output_bytes(job, scheme_table)
         if groups[-1] and sizes_out[-1] + out > shard_size:
             groups.append([])
             sizes_out.append(0)
@@ -158,7 +158,7 @@ def build_plan(
     )
     identity = _source_identity(catalog, file_tags or {})
     plan_key = json.dumps(
-        {"source": identity, "recipe": recipe.model_dump(mode="json"), "tool": TOOL_VERSION,
+        {"source": identity, "recipe": recipe.plan_key(), "tool": TOOL_VERSION,
          "shard_size": shard_size},
         sort_keys=True,
     )
