@@ -13,6 +13,7 @@ import torch
 
 from quantizers.errors import InvalidWeightError
 from quantizers.formats import format_module, nvfp4
+from quantizers.metrics import WeightError, error_from_partials
 from quantizers.scheme import QuantScheme
 from quantizers.shapes import Resolution, resolve_scheme
 
@@ -31,6 +32,7 @@ class QuantizedTensors:
 
     resolution: Resolution
     tensors: dict[str, torch.Tensor]
+    error: WeightError  # measured in the kernel against the exact dequantized values
     _dequantized: list[torch.Tensor] = field(default_factory=list, repr=False, compare=False)
 
     @property
@@ -95,14 +97,14 @@ def quantize(
     module = format_module(used.format)
     with torch.no_grad():
         if used.format == "nvfp4-pack-quantized":
-            stored, absmax = nvfp4.quantize(weight, used, compile, global_absmax)
+            stored, absmax, partials = nvfp4.quantize(weight, used, compile, global_absmax)
         else:
-            stored, absmax = module.quantize(weight, used, compile)
+            stored, absmax, partials = module.quantize(weight, used, compile)
     # A NaN or Inf anywhere makes its group's absmax non-finite: checking the small absmax
     # tensor costs nothing, and only the error path scans the weight.
     if not bool(torch.isfinite(absmax).all()):
         _raise_non_finite(weight, name)
-    return QuantizedTensors(resolution=resolution, tensors=stored)
+    return QuantizedTensors(resolution=resolution, tensors=stored, error=error_from_partials(*partials))
 
 
 def dequantize(

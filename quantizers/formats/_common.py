@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["group_view", "eps_of", "signed_absmax", "round_to_dtype"]
+ErrorPartials = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+__all__ = ["group_view", "eps_of", "signed_absmax", "round_to_dtype", "error_partials", "ErrorPartials"]
 
 
 def group_view(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -49,3 +51,22 @@ def round_to_dtype(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
         return bits.view(torch.float32)
     return values.to(dtype).float()
+
+
+def error_partials(
+    original: torch.Tensor, dequantized: torch.Tensor, dims: int | tuple[int, ...]
+) -> ErrorPartials:
+    """Partial sums for the error figures, reduced over `dims` (float32, small).
+
+    sum x^2, sum d^2, sum x*d (d = x - x') and max |d|: from these `metrics.error_from_partials`
+    gives SQNR, relative error and cosine. Computed inside the quantization kernels, where both
+    operands are already in registers, so measuring the error costs almost nothing; returned as
+    separate tensors because stacking them inside a compiled kernel splits its loops.
+    """
+    difference = original - dequantized
+    return (
+        (original * original).sum(dim=dims),
+        (difference * difference).sum(dim=dims),
+        (original * difference).sum(dim=dims),
+        difference.abs().amax(dim=dims),
+    )

@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from quantizers.formats._common import eps_of, round_to_dtype, signed_absmax
+from quantizers.formats._common import ErrorPartials, eps_of, error_partials, round_to_dtype, signed_absmax
+from quantizers.formats.fp8_bits import from_e4m3, to_e4m3
 from quantizers.kernels import maybe_compiled
 from quantizers.scheme import QuantScheme
 
@@ -20,18 +21,21 @@ __all__ = ["quantize", "dequantize", "FP8_MAX"]
 FP8_MAX = 448.0
 
 
-def _fp8_kernel(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """tiles (R, tile_rows, C, tile_cols) -> fp8 values, scale (R, 1, C, 1), absmax."""
+def _fp8_kernel(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ErrorPartials]:
+    """tiles (R, tile_rows, C, tile_cols) -> E4M3 codes (uint8), scale (R, 1, C, 1), absmax, error."""
     dtype = tiles.dtype
     absmax = signed_absmax(tiles, (1, 3))
     scale = round_to_dtype(absmax.float() / FP8_MAX, dtype)
     scale = torch.where(scale == 0, eps_of(dtype), scale)
-    scaled = round_to_dtype(tiles.float() / scale, dtype).clamp(-FP8_MAX, FP8_MAX)
-    return scaled.to(torch.float8_e4m3fn), scale.to(dtype), absmax
+    x = tiles.float()
+    scaled = round_to_dtype(x / scale, dtype).clamp(-FP8_MAX, FP8_MAX)
+    codes, values = to_e4m3(scaled)
+    dequantized = round_to_dtype(values * scale, dtype)
+    return codes, scale.to(dtype), absmax, error_partials(x, dequantized, (1, 3))
 
 
-def _fp8_dequant_kernel(tiles: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return round_to_dtype(tiles.float() * scale.float(), scale.dtype).to(scale.dtype)
+def _fp8_dequant_kernel(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return round_to_dtype(from_e4m3(codes) * scale.float(), scale.dtype).to(scale.dtype)
 
 
 def _tile_shape(scheme: QuantScheme, columns: int) -> tuple[int, int]:
@@ -60,16 +64,16 @@ def _from_tiles(tiles: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
 
 def quantize(
     weight: torch.Tensor, scheme: QuantScheme, compile: bool | None = None
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials]:
     rows, columns = weight.shape
     tile_rows, tile_cols = _tile_shape(scheme, columns)
     kernel = maybe_compiled(_fp8_kernel, weight.numel(), compile)
-    q, scale, absmax = kernel(_as_tiles(weight, tile_rows, tile_cols))
+    q, scale, absmax, error = kernel(_as_tiles(weight, tile_rows, tile_cols))
     stored = {
-        "weight": _from_tiles(q, rows, columns).contiguous(),
+        "weight": _from_tiles(q, rows, columns).contiguous().view(torch.float8_e4m3fn),
         "weight_scale": scale.reshape(scale.shape[0], scale.shape[2]).contiguous(),
     }
-    return stored, absmax
+    return stored, absmax, error
 
 
 def dequantize(
@@ -79,7 +83,7 @@ def dequantize(
     scale = stored["weight_scale"]
     rows, columns = q.shape
     tile_rows, tile_cols = _tile_shape(scheme, columns)
-    tiles = _as_tiles(q.view(torch.uint8), tile_rows, tile_cols).view(torch.float8_e4m3fn)
+    tiles = _as_tiles(q.view(torch.uint8), tile_rows, tile_cols)
     kernel = maybe_compiled(_fp8_dequant_kernel, q.numel(), compile)
     values = kernel(tiles, scale.reshape(scale.shape[0], 1, scale.shape[1], 1))
     return _from_tiles(values, rows, columns).contiguous()

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from quantizers.formats._common import eps_of, group_view, round_to_dtype, signed_absmax
+from quantizers.formats._common import (
+    ErrorPartials,
+    eps_of,
+    error_partials,
+    group_view,
+    round_to_dtype,
+    signed_absmax,
+)
 from quantizers.formats.nvfp4 import FP4_MAX, nibble_values
 from quantizers.kernels import maybe_compiled
 from quantizers.packing import fp4_nibbles, pack_nibbles, unpack_nibbles
@@ -44,8 +51,10 @@ def _round_to_power_of_two(values: torch.Tensor) -> torch.Tensor:
     return rounded.view(values.dtype)
 
 
-def _mxfp4_kernel(grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grouped (rows, groups, 32) -> nibbles (rows, cols) uint8, E8M0 exponents, absmax."""
+def _mxfp4_kernel(
+    grouped: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ErrorPartials]:
+    """grouped (rows, groups, 32) -> nibbles (rows, cols) uint8, E8M0 exponents, absmax, error."""
     dtype = grouped.dtype
     absmax = signed_absmax(grouped, -1)
     power = _round_to_power_of_two(absmax)
@@ -54,8 +63,12 @@ def _mxfp4_kernel(grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     scale = round_to_dtype(torch.exp2(exponent - 127), dtype)
     scale = torch.where(scale == 0, eps_of(torch.uint8), scale)
     stored_exponent = (torch.log2(scale).floor() + 127).to(torch.int32).to(torch.uint8)
-    scaled = round_to_dtype(grouped.float() / scale, dtype).clamp(-FP4_MAX, FP4_MAX)
-    return fp4_nibbles(scaled).flatten(-2), stored_exponent, absmax
+    x = grouped.float()
+    nibbles = fp4_nibbles(round_to_dtype(x / scale, dtype).clamp(-FP4_MAX, FP4_MAX))
+    # What compressed-tensors decompresses to: bf16 2^(e-127) times the E2M1 value, in bf16.
+    decoded_scale = round_to_dtype(torch.exp2(stored_exponent.float() - 127), torch.bfloat16)
+    dequantized = round_to_dtype(nibble_values(nibbles) * decoded_scale, torch.bfloat16)
+    return nibbles.flatten(-2), stored_exponent, absmax, error_partials(x, dequantized, -1)
 
 
 def _mxfp4_dequant_kernel(nibbles: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
@@ -66,15 +79,15 @@ def _mxfp4_dequant_kernel(nibbles: torch.Tensor, exponent: torch.Tensor) -> torc
 
 def quantize(
     weight: torch.Tensor, scheme: QuantScheme, compile: bool | None = None
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials]:
     rows, columns = weight.shape
     kernel = maybe_compiled(_mxfp4_kernel, weight.numel(), compile)
-    nibbles, exponent, absmax = kernel(group_view(weight, scheme.group_size))
+    nibbles, exponent, absmax, error = kernel(group_view(weight, scheme.group_size))
     stored = {
         "weight_packed": pack_nibbles(nibbles.reshape(rows, columns)),
         "weight_scale": exponent.reshape(rows, -1).contiguous(),
     }
-    return stored, absmax
+    return stored, absmax, error
 
 
 def dequantize(

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from quantizers.formats._common import eps_of, group_view, round_to_dtype, signed_absmax
+from quantizers.formats._common import (
+    ErrorPartials,
+    eps_of,
+    error_partials,
+    group_view,
+    round_to_dtype,
+    signed_absmax,
+)
 from quantizers.kernels import maybe_compiled
 from quantizers.packing import fp4_nibbles, pack_nibbles, unpack_nibbles
 from quantizers.scheme import QuantScheme
@@ -37,16 +44,21 @@ def global_scale_for(absmax: torch.Tensor) -> torch.Tensor:
 
 def _nvfp4_kernel(
     grouped: torch.Tensor, global_scale: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grouped (rows, groups, 16) -> nibbles (rows, cols) uint8, fp8 scale, absmax."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ErrorPartials]:
+    """grouped (rows, groups, 16) -> nibbles (rows, cols) uint8, fp8 scale, absmax, error."""
     dtype = grouped.dtype
     absmax = signed_absmax(grouped, -1)
     local = round_to_dtype(absmax.float() / FP4_MAX, dtype)
     scale = (global_scale * local).clamp(-FP8_MAX, FP8_MAX)
     scale = scale.to(torch.float8_e4m3fn).float()
     scale = torch.where(scale == 0, eps_of(torch.float8_e4m3fn), scale)
-    scaled = (grouped.float() / (scale / global_scale)).clamp(-FP4_MAX, FP4_MAX)
-    return fp4_nibbles(scaled).flatten(-2), scale.to(torch.float8_e4m3fn), absmax
+    effective = scale / global_scale
+    x = grouped.float()
+    nibbles = fp4_nibbles((x / effective).clamp(-FP4_MAX, FP4_MAX))
+    # What compressed-tensors decompresses to: E2M1 value * (scale / global), in bf16.
+    dequantized = round_to_dtype(nibble_values(nibbles) * effective, torch.bfloat16)
+    error = error_partials(x, dequantized, -1)
+    return nibbles.flatten(-2), scale.to(torch.float8_e4m3fn), absmax, error
 
 
 def _nvfp4_dequant_kernel(
@@ -73,19 +85,19 @@ def quantize(
     scheme: QuantScheme,
     compile: bool | None = None,
     global_absmax: torch.Tensor | None = None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials]:
     rows, columns = weight.shape
     if global_absmax is None:
         global_absmax = signed_absmax(weight, (0, 1))
     global_scale = global_scale_for(global_absmax.to(weight.dtype).reshape(()))
     kernel = maybe_compiled(_nvfp4_kernel, weight.numel(), compile)
-    nibbles, scale, absmax = kernel(group_view(weight, scheme.group_size), global_scale)
+    nibbles, scale, absmax, error = kernel(group_view(weight, scheme.group_size), global_scale)
     stored = {
         "weight_packed": pack_nibbles(nibbles.reshape(rows, columns)),
         "weight_scale": scale.reshape(rows, -1).contiguous(),
         "weight_global_scale": global_scale,
     }
-    return stored, absmax
+    return stored, absmax, error
 
 
 def dequantize(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from quantizers.formats._common import eps_of, group_view, round_to_dtype
+from quantizers.formats._common import ErrorPartials, eps_of, error_partials, group_view, round_to_dtype
 from quantizers.kernels import maybe_compiled
 from quantizers.packing import (
     pack_codes,
@@ -27,8 +27,8 @@ __all__ = ["quantize", "dequantize"]
 
 def _int_kernel(
     grouped: torch.Tensor, num_bits: int, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grouped (rows, groups, size) -> codes uint8 (q + 2^(b-1)), scale, zero point, absmax."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ErrorPartials]:
+    """grouped (rows, groups, size) -> codes uint8 (q + 2^(b-1)), scale, zero point, absmax, error."""
     dtype = grouped.dtype
     q_min, q_max = -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
     # Kept (rows, groups, 1) so they broadcast over each group.
@@ -51,7 +51,9 @@ def _int_kernel(
         scaled = round_to_dtype(round_to_dtype(x / scale, dtype) + zero, dtype)
     q = scaled.clamp(q_min, q_max).round()
     codes = (q - q_min).to(torch.uint8)
-    return codes, scale.to(dtype), zero.to(torch.int8), absmax
+    # What compressed-tensors decompresses to: (q - zero) * scale, rounded to the weight's dtype.
+    dequantized = round_to_dtype((q - zero) * scale, dtype)
+    return codes, scale.to(dtype), zero.to(torch.int8), absmax, error_partials(x, dequantized, -1)
 
 
 def _int_dequant_kernel(
@@ -64,10 +66,10 @@ def _int_dequant_kernel(
 
 def quantize(
     weight: torch.Tensor, scheme: QuantScheme, compile: bool | None = None
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials]:
     rows, columns = weight.shape
     kernel = maybe_compiled(_int_kernel, weight.numel(), compile)
-    codes, scale, zero, absmax = kernel(
+    codes, scale, zero, absmax, error = kernel(
         group_view(weight, scheme.group_size), scheme.num_bits, scheme.symmetric
     )
     stored = {
@@ -77,7 +79,7 @@ def quantize(
     }
     if not scheme.symmetric:
         stored["weight_zero_point"] = pack_int_along_rows(zero.reshape(rows, -1), scheme.num_bits)
-    return stored, absmax
+    return stored, absmax, error
 
 
 def dequantize(

@@ -1,0 +1,45 @@
+"""float32 <-> float8_e4m3fn on the bits, for kernels on CPUs without native FP8 conversion.
+
+Inductor turns `.to(torch.float8_e4m3fn)` into a scalar loop on AVX2 machines; these integer
+versions vectorise and give the same bytes as torch's conversion (round to nearest even) for
+every finite input already clamped to [-448, 448] (a test sweeps all of them near each code).
+
+E4M3: bias 7, 3 mantissa bits, no infinities. Below 2^-6 values are subnormal, multiples of
+2^-9; rounding |x| * 2^9 to an integer m in [0, 8] gives the code directly (8 is the first normal).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["to_e4m3", "from_e4m3"]
+
+_MIN_NORMAL = 2.0**-6
+_SUBNORMAL_STEP = 2.0**-9
+_REBIAS = (127 - 7) << 3  # float32 exponent bias minus E4M3's, in code units
+
+
+def to_e4m3(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 in [-448, 448] -> (uint8 E4M3 codes, the float32 values those codes hold)."""
+    magnitude = values.abs()
+    bits = magnitude.view(torch.int32)
+    # Round the mantissa to 3 bits, to nearest even, then keep exponent and mantissa.
+    rounded = (bits + (0x7FFFF + ((bits >> 20) & 1))) >> 20
+    normal_code = rounded - _REBIAS
+    normal_value = (rounded << 20).view(torch.float32)
+    steps = (magnitude * (1.0 / _SUBNORMAL_STEP)).round()
+    is_normal = magnitude >= _MIN_NORMAL
+    code = torch.where(is_normal, normal_code, steps.to(torch.int32))
+    value = torch.where(is_normal, normal_value, steps * _SUBNORMAL_STEP)
+    negative = torch.signbit(values)
+    code = code | (negative.to(torch.int32) << 7)
+    return code.to(torch.uint8), torch.where(negative, -value, value)
+
+
+def from_e4m3(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 E4M3 codes (no NaN) -> float32 values."""
+    code = codes.to(torch.int32)
+    body = code & 0x7F
+    normal = ((body + _REBIAS) << 20).view(torch.float32)
+    value = torch.where(body >= 8, normal, body.float() * _SUBNORMAL_STEP)
+    return torch.where((code & 0x80) != 0, -value, value)
