@@ -23,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._doc import peak_rss_bytes, update_section  # noqa: E402
 from infra.safetensors import TensorReader, TensorSpec, build_catalog, open_safetensors_writer
 from infra.storage import S3Options, S3Storage, Storage, open_storage
 
@@ -30,7 +33,6 @@ __all__ = ["main"]
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Storage and safetensors I/O"
 COMMAND = ".venv/bin/python benchmarks/io.py"
 
@@ -117,22 +119,13 @@ def _bench_reads(
     return rows
 
 
-def _status_bytes(field: str) -> int:
-    """A /proc/self/status memory field in bytes. VmHWM (peak RSS) is per address space, so unlike
-    getrusage's ru_maxrss it does not inherit the parent's peak across fork+exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _rss_child(folder: str, count: int, mib: int) -> None:
     """Child: stream `count` tensors of `mib` MiB (generated on the fly) to a local shard."""
     store = open_storage(folder)
     cols = 16384
     shape = (mib * MiB // 2 // cols, cols)  # bf16
     specs = [TensorSpec(name=f"layer.{i:03d}.weight", dtype="BF16", shape=shape) for i in range(count)]
-    base = _status_bytes("VmHWM")
+    base = peak_rss_bytes()
     t0 = time.perf_counter()
     with open_safetensors_writer(store, "shard.safetensors", specs) as w:
         for i, name in enumerate(w.order):
@@ -141,7 +134,7 @@ def _rss_child(folder: str, count: int, mib: int) -> None:
             del t  # the writer keeps nothing: only this tensor is ever alive
         res = w.close()
     secs = time.perf_counter() - t0
-    peak = _status_bytes("VmHWM")
+    peak = peak_rss_bytes()
     print(f"{base} {peak} {res.size} {secs}")
 
 
@@ -174,7 +167,6 @@ def _table(rows: list[tuple[str, str, str]]) -> str:
 def _update_doc(table: str) -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     body = (
-        f"{SECTION}\n\n"
         f"Measured with `{COMMAND}` on {time.strftime('%Y-%m-%d')} ({machine}; torch "
         f"{torch.__version__}). S3 is moto 5.2.5 in its own process on loopback, so its figures "
         "measure our client path plus moto's Python server, not a real S3 network. Reads use "
@@ -186,15 +178,7 @@ def _update_doc(table: str) -> None:
         "peak across fork+exec); two shard sizes show that the peak does not grow with the shard.\n\n"
         f"{table}\n"
     )
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    start = text.find(SECTION)
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[end + 1 :] if end != -1 else "")
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
+    update_section(SECTION.removeprefix("## "), body)
 
 
 def main() -> None:
