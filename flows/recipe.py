@@ -11,7 +11,13 @@ wins), so a plan can hold any scheme per tensor.
     overrides:
       - targets: ["re:.*down_proj$"]
         scheme: W8A16
-    gates: {min_sqnr_db: 12}
+    gates: {min_sqnr_db: 12, max_output_error: 0.2, max_mean_kl: 0.05, min_top1: 0.9}
+    evaluate: true          # or {text: notes.txt, max_tokens: 8192, context: 512}
+
+Tensor gates (`min_sqnr_db`, `min_cosine`, `max_output_error`) are checked on the workers, for
+every quantized tensor. Model gates (`max_mean_kl`, `min_top1`, `min_embedding_cosine`) need the
+model-level evaluation, which runs on the staged copy before it is published; setting one turns
+the evaluation on. A result below a gate is never published.
 """
 
 from __future__ import annotations
@@ -19,13 +25,14 @@ from __future__ import annotations
 import re
 from functools import cached_property
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quantizers import QuantScheme, get_scheme
 
-__all__ = ["Recipe", "SchemeChoice", "Override", "Gates", "DEFAULT_IGNORE", "RecipeError"]
+__all__ = ["Recipe", "SchemeChoice", "Override", "Gates", "Evaluate", "DEFAULT_IGNORE", "RecipeError"]
 
 # Conventionally left unquantized: embeddings, the output head, norms, MoE routers.
 DEFAULT_IGNORE = (
@@ -69,17 +76,47 @@ class Override(SchemeChoice):
 
 
 class Gates(BaseModel):
-    """Per-tensor quality gates checked on the workers; a tensor below them fails the run."""
+    """Quality gates. Per tensor (on the workers): a tensor below them fails the run. Per model
+    (after the evaluation of the staged result): a result below them is not published."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     min_sqnr_db: float | None = None  # None: the default for the scheme's bit width
     min_cosine: float = 0.9
+    max_output_error: float | None = Field(default=None, gt=0)  # ||Wx - W'x|| / ||Wx|| on probes
+    max_mean_kl: float | None = Field(default=None, ge=0)  # causal LMs: mean KL(original || quantized)
+    min_top1: float | None = Field(default=None, ge=0, le=1)  # causal LMs: top-1 token agreement
+    min_embedding_cosine: float | None = Field(default=None, ge=-1, le=1)  # encoders: pooled cosine
+
+    MODEL_GATES: ClassVar[tuple[str, ...]] = ("max_mean_kl", "min_top1", "min_embedding_cosine")
+
+    @property
+    def needs_evaluation(self) -> bool:
+        return any(getattr(self, name) is not None for name in self.MODEL_GATES)
 
     def min_sqnr_for(self, scheme: QuantScheme) -> float:
         if self.min_sqnr_db is not None:
             return self.min_sqnr_db
         return DEFAULT_MIN_SQNR_DB.get(scheme.num_bits, 8.0)
+
+
+class Evaluate(BaseModel):
+    """The model-level evaluation of the staged result against the original, before publishing.
+
+    `evaluate: true` in YAML is short for `evaluate: {enabled: true}`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = False
+    text: str | None = None  # a file or URI; None: the built-in text shipped with quantfleet
+    max_tokens: int = Field(default=8192, ge=16)
+    context: int = Field(default=512, ge=8)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bool(cls, data: object) -> object:
+        return {"enabled": data} if isinstance(data, bool) else data
 
 
 class Recipe(SchemeChoice):
@@ -91,6 +128,21 @@ class Recipe(SchemeChoice):
     use_default_ignore: bool = True
     overrides: tuple[Override, ...] = ()
     gates: Gates = Gates()
+    evaluate: Evaluate = Evaluate()
+    # Random probe vectors per quantized Linear for the data-free output error (0: not measured).
+    probes: int = Field(default=16, ge=0, le=256)
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the staged result is evaluated against the original before it is published."""
+        return self.evaluate.enabled or self.gates.needs_evaluation
+
+    def plan_key(self) -> dict[str, object]:
+        """What of the recipe decides the converted bytes: everything but the model-level
+        evaluation and its gates, so relaxing a model gate resumes from the staged shards."""
+        data = self.model_dump(mode="json", exclude={"evaluate"})
+        data["gates"] = {k: v for k, v in data["gates"].items() if k not in Gates.MODEL_GATES}
+        return data
 
     @field_validator("targets", "ignore")
     @classmethod
@@ -168,15 +220,27 @@ class _Matcher:
     }
 
     def __init__(self, patterns: tuple[str, ...]) -> None:
-        self.exact = {p for p in patterns if not p.startswith("re:") and p not in self._CLASSES}
-        self.regexes = [re.compile(p[3:]) for p in patterns if p.startswith("re:")]
-        self.regexes += [r for p in patterns if (r := self._CLASSES.get(p)) is not None]
+        self.exact = frozenset(p for p in patterns if not p.startswith("re:") and p not in self._CLASSES)
+        # An exact name also matches as a suffix, as in compressed-tensors ("lm_head").
+        self.suffixes = tuple("." + e for e in sorted(self.exact))
+        sources = [p[3:] for p in patterns if p.startswith("re:")]
+        sources += [r.pattern for p in patterns if (r := self._CLASSES.get(p)) is not None]
+        # One alternation, so a million names cost one regex call each; each branch keeps its
+        # own inline flags by being wrapped in a group that carries them.
+        self.regex = re.compile("|".join(f"(?:{_scoped(s)})" for s in sources)) if sources else None
         self.everything = "Linear" in patterns
 
     def matches(self, module: str) -> bool:
         if self.everything or module in self.exact:
             return True
-        # An exact name also matches as a suffix, as in compressed-tensors ("lm_head").
-        if any(module.endswith("." + e) for e in self.exact):
+        if self.suffixes and module.endswith(self.suffixes):
             return True
-        return any(r.fullmatch(module) for r in self.regexes)
+        return self.regex is not None and self.regex.fullmatch(module) is not None
+
+
+def _scoped(source: str) -> str:
+    """Move a leading global inline flag group like `(?i)` into a scoped one, `(?i:...)`."""
+    match = re.match(r"\(\?([aiLmsux]+)\)", source)
+    if match:
+        return f"(?{match.group(1)}:{source[match.end():]})"
+    return source
