@@ -2,17 +2,29 @@
 # Create .venv and install quantfleet with its test tools. Safe to re-run: it only installs what
 # is missing. torch is installed first, pinned, so pip takes the CPU build from the machine's disk
 # instead of downloading a multi-GB CUDA build (GPU machines: install the CUDA torch 2.13.0 first).
+# pip's own output goes to .venv/setup.log and is shown only if something fails.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
+  echo "setup.sh: creating .venv with $($PYTHON --version 2>&1)"
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+log=.venv/setup.log
+: > "$log"
+pip_install() {
+  if ! .venv/bin/python -m pip install --disable-pip-version-check "$@" >> "$log" 2>&1; then
+    echo "setup.sh: pip install $* failed; its output:" >&2
+    grep -v "^WARNING: Location" "$log" | tail -40 >&2
+    exit 1
+  fi
+}
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
-  .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+  echo "setup.sh: installing torch 2.13.0"
+  pip_install "torch==2.13.0"
 fi
-.venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v -e "^WARNING: Location" -e "^ *$" -e "!!" -e "WheelFile" || true
+echo "setup.sh: installing quantfleet and its test tools (about 2 minutes the first time)"
+pip_install -e ".[test]"
 .venv/bin/python -c "import quantizers, infra, workers, flows, ray, prefect" \
-  || { echo "setup.sh: the install did not complete" >&2; exit 1; }
+  || { echo "setup.sh: the install did not complete; see $log" >&2; exit 1; }
 echo "setup.sh: ready (.venv/bin/quantfleet)"
