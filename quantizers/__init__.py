@@ -16,11 +16,13 @@ from quantizers.errors import (
 )
 from quantizers.metrics import WeightError, weight_error
 from quantizers.presets import PRESETS, get_scheme, scheme_names
+from quantizers.probes import DEFAULT_PROBES, output_error, probe_vectors
 from quantizers.quantize import QuantizedTensors, dequantize, quantize
 from quantizers.scheme import QuantScheme
 from quantizers.shapes import Resolution, StoredTensorSpec, resolve_scheme, stored_specs
 
 __all__ = [
+    "DEFAULT_PROBES",
     "PRESETS",
     "InvalidWeightError",
     "QuantScheme",
@@ -33,6 +35,8 @@ __all__ = [
     "WeightError",
     "dequantize",
     "get_scheme",
+    "output_error",
+    "probe_vectors",
     "quantization_config",
     "quantize",
     "resolve_scheme",

@@ -1,0 +1,74 @@
+"""Data-free output error of a quantized Linear: ||W X - W' X|| / ||W X|| on fixed random probes.
+
+A checkpoint too big to run can still be checked layer by layer: each Linear's output on a fixed
+set of random probe vectors X (one column per probe) is compared with the original's. The probes
+are standard Gaussian, generated on the CPU from a fixed seed and the input width, so every run,
+worker and device sees the same X for the same shape.
+
+For isotropic probes E||D x||^2 = ||D||_F^2, so the figure estimates the relative Frobenius error
+of the weight, measured through the layer the way activations see it (column-wise error that
+cancels across a row counts less than error that adds up). It is a per-layer figure: how well it
+predicts model-level KL divergence is measured by `quantfleet sweep` on models that fit.
+
+Computed in row chunks in float32, so at most one chunk's float copies exist at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+__all__ = ["DEFAULT_PROBES", "PROBE_SEED", "probe_vectors", "output_error"]
+
+DEFAULT_PROBES = 16
+PROBE_SEED = 20240611
+_CHUNK_ELEMENTS = 1 << 22
+
+
+@lru_cache(maxsize=64)
+def _cpu_probes(in_features: int, count: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed + in_features)
+    return torch.randn(in_features, count, generator=generator, dtype=torch.float32)  # [in, count]
+
+
+def probe_vectors(
+    in_features: int,
+    count: int = DEFAULT_PROBES,
+    *,
+    seed: int = PROBE_SEED,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The fixed probes for an input width: float32 [in_features, count], same on every device."""
+    if in_features < 1 or count < 1:
+        raise ValueError(f"need in_features >= 1 and count >= 1, got {in_features} and {count}")
+    return _cpu_probes(in_features, count, seed).to(device)
+
+
+def output_error(weight: torch.Tensor, dequantized: torch.Tensor, probes: torch.Tensor) -> float:
+    """||(W - W') X||_F / ||W X||_F for a 2-D weight [out, in] and probes [in, count].
+
+    0.0 when identical; inf when W X is zero but the outputs differ.
+    """
+    if weight.dim() != 2 or weight.shape != dequantized.shape:
+        raise ValueError(
+            f"need two same-shaped 2-D weights, got {list(weight.shape)} and {list(dequantized.shape)}"
+        )
+    if probes.dim() != 2 or probes.shape[0] != weight.shape[1]:
+        raise ValueError(f"probes {list(probes.shape)} do not match weight input width {weight.shape[1]}")
+    probes = probes.to(device=weight.device, dtype=torch.float32)
+    rows = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    signal = noise = 0.0
+    for start in range(0, weight.shape[0], rows):
+        a = weight[start : start + rows].float()  # [rows, in]
+        b = dequantized[start : start + rows].float()
+        out = a @ probes  # [rows, count]
+        diff = out - b @ probes  # float32 keeps ~1e-7 relative: far below any error of interest
+        signal += float(out.double().square().sum())
+        noise += float(diff.double().square().sum())
+    if noise == 0.0:
+        return 0.0
+    if signal == 0.0:
+        return math.inf
+    return math.sqrt(noise / signal)

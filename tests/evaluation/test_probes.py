@@ -1,0 +1,52 @@
+"""The data-free probe output error: its definition, determinism, and the ordering of schemes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from quantizers import get_scheme, output_error, probe_vectors, quantize, weight_error
+from quantizers import probes as probes_module
+
+
+def test_identical_weights_have_zero_output_error() -> None:
+    w = torch.randn(64, 96)
+    assert output_error(w, w.clone(), probe_vectors(96)) == 0.0
+
+
+def test_output_error_matches_its_definition_and_is_chunked(monkeypatch) -> None:
+    generator = torch.Generator().manual_seed(1)
+    w = torch.randn(300, 70, generator=generator, dtype=torch.float64)
+    noisy = w + 0.05 * torch.randn(300, 70, generator=generator, dtype=torch.float64)
+    x = probe_vectors(70, 16).double()
+    expected = float((((w - noisy) @ x).norm()) / (w @ x).norm())
+    whole = output_error(w.float(), noisy.float(), probe_vectors(70, 16))
+    monkeypatch.setattr(probes_module, "_CHUNK_ELEMENTS", 70 * 7)  # 7 rows per chunk
+    chunked = output_error(w.float(), noisy.float(), probe_vectors(70, 16))
+    assert math.isclose(whole, expected, rel_tol=1e-5)
+    assert math.isclose(chunked, whole, rel_tol=1e-6)
+
+
+def test_probes_are_fixed_and_differ_per_width() -> None:
+    a = probe_vectors(128, 16)
+    assert a.shape == (128, 16) and a.dtype == torch.float32
+    assert torch.equal(a, probe_vectors(128, 16))
+    assert not torch.equal(probe_vectors(129, 16)[:128], a)
+
+
+def test_isotropic_probes_estimate_the_relative_weight_error() -> None:
+    w = torch.randn(512, 512, generator=torch.Generator().manual_seed(2)) * 0.02
+    deq = quantize(w, get_scheme("W4A16"), name="w").dequantized
+    rel = weight_error(w, deq).relative_error
+    assert abs(output_error(w, deq, probe_vectors(512, 32)) / rel - 1) < 0.1
+
+
+def test_eight_bits_beat_four_bits_on_the_same_layout() -> None:
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(3), dtype=torch.bfloat16) * 0.02
+    x = probe_vectors(512)
+    errors = {s: output_error(w, quantize(w, get_scheme(s), name="w").dequantized, x)
+              for s in ("W8A16", "W4A16", "FP8", "NVFP4A16")}
+    assert all(math.isfinite(e) and e > 0 for e in errors.values())
+    assert errors["W8A16"] < errors["W4A16"] / 4
+    assert errors["FP8"] < errors["NVFP4A16"]
