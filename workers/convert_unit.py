@@ -21,7 +21,7 @@ import torch
 from infra.errors import StorageError
 from infra.safetensors import TensorInfo, TensorReader, TensorSpec, layout
 from infra.storage import Storage, open_storage
-from quantizers import QuantizationError, quantize, weight_error
+from quantizers import QuantizationError, output_error, probe_vectors, quantize
 from workers.errors import TensorQualityError, UnitFailed
 from workers.records import TensorRecord, UnitContext, UnitResult
 from workers.units import TensorJob, WorkUnit, output_specs
@@ -100,7 +100,11 @@ def _convert_job(
     scheme = ctx.schemes[job.scheme]
     weight = tensor.to(device)
     result = quantize(weight, scheme, name=f"{job.name} (in {job.file})")
-    error = weight_error(weight, result.dequantized)
+    error = result.error  # measured inside the quantization kernel
+    probed = None
+    if ctx.probes > 0:
+        probes = probe_vectors(weight.shape[1], ctx.probes, device=weight.device)
+        probed = output_error(weight, result.dequantized, probes)
     result.release()
     gate = ctx.min_sqnr_db[job.scheme]
     if not (error.sqnr_db >= gate and error.cosine >= ctx.min_cosine):
@@ -108,6 +112,12 @@ def _convert_job(
             f"{job.name} (in {job.file}): {scheme.name} ({scheme.describe()}) gives SQNR "
             f"{error.sqnr_db:.1f} dB and cosine {error.cosine:.4f}, below the gate "
             f"(SQNR >= {gate:g} dB, cosine >= {ctx.min_cosine:g})"
+        )
+    if ctx.max_output_error is not None and probed is not None and not probed <= ctx.max_output_error:
+        raise TensorQualityError(
+            f"{job.name} (in {job.file}): {scheme.name} ({scheme.describe()}) gives output error "
+            f"{probed:.4f} on {ctx.probes} random probes, above the gate "
+            f"(output error <= {ctx.max_output_error:g})"
         )
     bytes_out = 0
     for suffix, part in result.tensors.items():
@@ -118,6 +128,7 @@ def _convert_job(
         name=job.name, scheme=f"{scheme.name} {scheme.describe()}", note=job.note,
         bytes_in=bytes_in, bytes_out=bytes_out, sqnr_db=error.sqnr_db,
         relative_error=error.relative_error, cosine=error.cosine, max_abs_error=error.max_abs_error,
+        output_error=probed,
     )
 
 

@@ -20,6 +20,8 @@ class UnitContext(BaseModel):
     schemes: tuple[QuantScheme, ...]
     min_sqnr_db: tuple[float, ...]  # gate per scheme index
     min_cosine: float = 0.9
+    max_output_error: float | None = None  # gate on the probe output error (None: not gated)
+    probes: int = 16  # random probe vectors per Linear for the output error (0: not measured)
     device: str = "auto"  # "auto": CUDA when this task was given a GPU, else CPU
     scratch_dir: str | None = None  # local disk for assembling shards (default: system temp)
 
@@ -38,6 +40,7 @@ class TensorRecord(BaseModel):
     relative_error: float | None = None
     cosine: float | None = None
     max_abs_error: float | None = None
+    output_error: float | None = None  # ||W x - W' x|| / ||W x|| on fixed random probes
 
 
 class UnitResult(BaseModel):
