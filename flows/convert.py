@@ -1,4 +1,7 @@
-"""The Prefect flow `convert`: plan -> convert -> finalize -> publish, with a summary artifact.
+"""The Prefect flow `convert`: plan -> convert -> stage -> [evaluate] -> publish, with a report artifact.
+
+The evaluate task runs when the recipe asks for it (`evaluate: true` or a model-level gate); a
+result below a gate stays in staging, and the flow fails with the report as its artifact.
 
 Runs with no Prefect server configured (Prefect starts a temporary local one) or against the
 server PREFECT_API_URL names. The convert task is the Ray driver: it submits the units itself and
@@ -14,17 +17,23 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.execute import start_ray
+from flows.gates import QualityGateFailed
 from flows.pipeline import (
     ConversionSummary,
+    Publication,
     check_not_published,
     convert_units,
-    finalize_and_publish,
+    evaluate_staged,
+    gate_and_publish,
     plan_conversion,
+    stage_for_publish,
     summarize,
 )
 from flows.plan import Plan
 from flows.progress import progress_hook
 from flows.recipe import Recipe
+from infra.publish import Expected
+from workers.evaluation import Evaluation
 from workers.records import UnitResult
 
 __all__ = ["convert_flow"]
@@ -57,11 +66,38 @@ def convert_task(
     return results
 
 
-@task(name="finalize-and-publish", cache_policy=NO_CACHE, persist_result=False)
-def publish_task(plan: Plan, dest: str, results: list[UnitResult]) -> str:
-    uri = finalize_and_publish(plan, dest, results)
-    get_run_logger().info("published %s", uri)
-    return uri
+@task(name="finalize", cache_policy=NO_CACHE, persist_result=False)
+def stage_task(plan: Plan, dest: str, results: list[UnitResult]) -> dict[str, Expected]:
+    return stage_for_publish(plan, dest, results)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
+def evaluate_task(plan: Plan, dest: str, ray_address: str | None, device: str) -> Evaluation | None:
+    evaluation = evaluate_staged(plan, dest, cluster=start_ray(ray_address), device=device)
+    if evaluation is not None:
+        get_run_logger().info("evaluation of the staged result:\n%s", evaluation.table())
+    return evaluation
+
+
+@task(name="publish", cache_policy=NO_CACHE, persist_result=False)
+def publish_task(
+    plan: Plan,
+    dest: str,
+    results: list[UnitResult],
+    records: dict[str, Expected],
+    evaluation: Evaluation | None,
+) -> Publication:
+    try:
+        publication = gate_and_publish(plan, dest, results, records, evaluation)
+    except QualityGateFailed as error:
+        create_markdown_artifact(
+            key=f"conversion-{plan.plan_id}",
+            markdown=error.report + f"\n{error}\n",
+            description=f"quantfleet conversion of {plan.source_uri}: NOT published (gates)",
+        )
+        raise
+    get_run_logger().info("published %s", publication.dest_uri)
+    return publication
 
 
 @flow(name="convert", log_prints=False)
@@ -79,11 +115,14 @@ def convert_flow(
     plan = plan_task(source, recipe, shard_size)
     startup = time.perf_counter() - started
     results = convert_task(plan, dest, ray_address, device)
-    published = publish_task(plan, dest, results)
-    summary = summarize(plan, published, results, time.perf_counter() - started - startup, startup)
+    records = stage_task(plan, dest, results)
+    evaluation = evaluate_task(plan, dest, ray_address, device) if recipe.evaluates else None
+    publication = publish_task(plan, dest, results, records, evaluation)
+    summary = summarize(plan, publication, results, time.perf_counter() - started - startup, startup)
+    chart = f"Per-layer error chart: {publication.dest_uri}/per_layer_error.png\n"
     create_markdown_artifact(
         key=f"conversion-{plan.plan_id}",
-        markdown=summary.report + f"\nWall time: {summary.seconds:.1f} s\n",
-        description=f"quantfleet conversion of {source} to {published}",
+        markdown=summary.report + f"\n{chart}\nWall time: {summary.seconds:.1f} s\n",
+        description=f"quantfleet conversion of {source} to {publication.dest_uri}",
     )
     return summary

@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from workers.evaluation import Evaluation
 from workers.records import UnitContext, UnitResult
 from workers.units import WorkUnit
 
-__all__ = ["ClusterInfo", "ConversionFailed", "start_ray", "run_units"]
+__all__ = ["ClusterInfo", "ConversionFailed", "start_ray", "run_units", "run_evaluation"]
 
 _log = logging.getLogger(__name__)
 
@@ -113,3 +115,27 @@ def run_units(
     if failures:
         raise ConversionFailed(sorted(failures, key=lambda f: f[0].index))
     return [results[u.index] for u in units]
+
+
+def run_evaluation(cluster: ClusterInfo, original: str, quantized: str, **options: object) -> Evaluation:
+    """Run the model-level evaluation as one Ray task (on a GPU when the cluster has one).
+
+    The task asks for one CPU and lets torch use every core of its node (the conversion tasks
+    have finished by then). Errors come back as raised in the task.
+    """
+    import ray
+
+    from workers.evaluation.ray_task import evaluate_remote
+
+    remote: Any = evaluate_remote.options(
+        num_cpus=1, num_gpus=1 if cluster.gpus > 0 else 0, name=f"evaluate {quantized}"
+    )
+    ref = remote.remote(original, quantized, threads=0, **options)
+    try:
+        result: Evaluation = ray.get(ref)
+    except ray.exceptions.RayTaskError as error:
+        cause = error.cause if isinstance(getattr(error, "cause", None), Exception) else None
+        if cause is not None:
+            raise cause from error
+        raise
+    return result

@@ -1,26 +1,46 @@
 """Finalize a conversion: the files that make the shards a loadable, documented checkpoint.
 
-Everything is staged beside the shards (index, config.json with its quantization_config, side
-files, the quantfleet.json manifest, report.md); `publish` then commits them in one step. The
-manifest holds nothing run-specific (no times), so re-runs produce byte-identical artifacts.
+Everything is staged beside the shards in two steps: first what makes the staged copy a loadable
+checkpoint (index, config.json with its quantization_config, side files), so the optional
+evaluation can run on it; then the quantfleet.json manifest, report.md and its per-layer error
+chart, which include the evaluation and the gate results. `publish` then commits them in one step.
+The manifest, report and chart hold nothing run-specific (no times), so re-runs produce
+byte-identical artifacts.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 
+from flows.charts import per_layer_chart
+from flows.gates import GateResult, failed_gates
 from flows.plan import Plan
 from infra.publish import Expected, Publisher
 from infra.safetensors import INDEX_NAME
 from infra.storage import Storage
 from quantizers import quantization_config
+from workers.evaluation import Evaluation
 from workers.records import TensorRecord, UnitResult
 
-__all__ = ["MANIFEST_NAME", "REPORT_NAME", "stage_metadata_files", "manifest", "report_markdown"]
+__all__ = [
+    "MANIFEST_NAME",
+    "REPORT_NAME",
+    "CHART_NAME",
+    "stage_metadata_files",
+    "stage_model_files",
+    "stage_report_files",
+    "manifest",
+    "report_markdown",
+    "bits_per_weight",
+]
 
 MANIFEST_NAME = "quantfleet.json"
 REPORT_NAME = "report.md"
+CHART_NAME = "per_layer_error.png"
+# Figures of an evaluation that depend on the run, not on the artifact: kept out of the manifest.
+_RUN_SPECIFIC = {"seconds", "tokens_per_s", "quantized"}
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -51,9 +71,32 @@ def config_with_quantization(source: Storage, plan: Plan) -> bytes | None:
     return _dumps(config)
 
 
-def manifest(plan: Plan, results: Sequence[UnitResult]) -> dict[str, object]:
-    tensors = [r for result in results for r in result.tensors]
+def bits_per_weight(plan: Plan, tensors: Sequence[TensorRecord]) -> dict[str, float | None]:
+    """Stored bits per weight element: of the quantized tensors (scales included), and of all."""
+    elements = {job.name: math.prod(job.shape) for job in plan.jobs()}
+    quantized = [t for t in tensors if t.scheme is not None]
+    q_elements = sum(elements.get(t.name, 0) for t in quantized)
+    all_elements = sum(elements.get(t.name, 0) for t in tensors)
     return {
+        "quantized": 8 * sum(t.bytes_out for t in quantized) / q_elements if q_elements else None,
+        "all": 8 * sum(t.bytes_out for t in tensors) / all_elements if all_elements else None,
+    }
+
+
+def manifest(
+    plan: Plan,
+    results: Sequence[UnitResult],
+    evaluation: Evaluation | None = None,
+    gates: Sequence[GateResult] = (),
+) -> dict[str, object]:
+    tensors = [r for result in results for r in result.tensors]
+    extra: dict[str, object] = {}
+    if evaluation is not None:
+        extra["evaluation"] = evaluation.model_dump(mode="json", exclude=_RUN_SPECIFIC)
+    if gates:
+        extra["gates"] = [g.model_dump(mode="json") for g in gates]
+    return {
+        **extra,
         "tool": "quantfleet",
         "tool_version": plan.tool_version,
         "plan_id": plan.plan_id,
@@ -66,6 +109,7 @@ def manifest(plan: Plan, results: Sequence[UnitResult]) -> dict[str, object]:
             "bytes_out": sum(t.bytes_out for t in tensors),
             "tensors": len(tensors),
             "quantized": sum(1 for t in tensors if t.scheme is not None),
+            "bits_per_weight": bits_per_weight(plan, tensors),
         },
         "tensors": [t.model_dump(mode="json") for t in sorted(tensors, key=lambda t: t.name)],
     }
@@ -84,12 +128,84 @@ def worst_tensors(tensors: Sequence[TensorRecord], count: int = 10) -> list[Tens
     return sorted(quantized, key=lambda t: (t.sqnr_db, t.name))[:count]
 
 
-def report_markdown(plan: Plan, results: Sequence[UnitResult]) -> str:
+def _fmt(value: float | None, spec: str = ".4g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _metrics_lines(quantized: Sequence[TensorRecord]) -> list[str]:
+    sqnrs = sorted(t.sqnr_db for t in quantized if t.sqnr_db is not None)
+    cosines = [t.cosine for t in quantized if t.cosine is not None]
+    errors = [t.output_error for t in quantized if t.output_error is not None]
+    if not sqnrs:
+        return []
+    lines = [
+        "## Per-tensor metrics",
+        "",
+        "| figure | median | worst |",
+        "|---|---|---|",
+        f"| SQNR (dB) | {sqnrs[len(sqnrs) // 2]:.2f} | {sqnrs[0]:.2f} |",
+        f"| cosine | {sorted(cosines)[len(cosines) // 2]:.6f} | {min(cosines):.6f} |",
+    ]
+    if errors:
+        ordered = sorted(errors)
+        median, worst = ordered[len(ordered) // 2], ordered[-1]
+        lines.append(f"| output error on random probes | {median:.4g} | {worst:.4g} |")
+    lines.append("")
+    return lines
+
+
+def _evaluation_lines(evaluation: Evaluation) -> list[str]:
+    from workers.evaluation.records import FIGURE_LABELS
+
+    lines = [
+        "## Model evaluation against the original",
+        "",
+        f"{evaluation.kind}; text: {evaluation.text} ({evaluation.tokens} tokens in {evaluation.windows} "
+        f"windows of <= {evaluation.context}); {evaluation.device}, {evaluation.dtype}.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+    ]
+    for name, value in evaluation.figures().items():
+        shown = f"{value:.2%}" if name == "top1" else f"{value:.6g}"
+        lines.append(f"| {FIGURE_LABELS[name]} | {shown} |")
+    lines.append("")
+    return lines
+
+
+def _gate_lines(gates: Sequence[GateResult]) -> list[str]:
+    if not gates:
+        return []
+    lines = ["## Gates", "", "| gate | scope | threshold | worst measured | result |",
+             "|---|---|---|---|---|"]
+    for g in gates:
+        op = ">=" if g.gate.startswith("min_") else "<="
+        lines.append(f"| `{g.gate}` | {g.scope} | {op} {g.threshold:g} | {_fmt(g.value, '.6g')} | "
+                     f"{'pass' if g.passed else '**FAIL**'} |")
+    lines.append("")
+    failed = failed_gates(gates)
+    if failed:
+        lines += ["**Not published**: " + "; ".join(g.line() for g in failed) + ".", ""]
+    return lines
+
+
+def report_markdown(
+    plan: Plan,
+    results: Sequence[UnitResult],
+    evaluation: Evaluation | None = None,
+    gates: Sequence[GateResult] = (),
+    chart: str | None = None,
+) -> str:
     tensors = [r for result in results for r in result.tensors]
     bytes_in = sum(t.bytes_in for t in tensors)
     bytes_out = sum(t.bytes_out for t in tensors)
     quantized = [t for t in tensors if t.scheme is not None]
     q_in = sum(t.bytes_in for t in quantized)
+    bpw = bits_per_weight(plan, tensors)
+    q_elements = sum(math.prod(j.shape) for j in plan.jobs() if j.scheme is not None)
+    all_elements = sum(math.prod(j.shape) for j in plan.jobs())
+    bpw_before_q = 8 * q_in / q_elements if q_elements else None
+    bpw_before = 8 * bytes_in / all_elements if all_elements else None
     schemes = ", ".join(s.describe() for s in plan.schemes) or "nothing quantized"
     lines = [
         f"# quantfleet conversion {plan.plan_id}",
@@ -101,21 +217,40 @@ def report_markdown(plan: Plan, results: Sequence[UnitResult]) -> str:
         "|---|---|---|",
         f"| checkpoint size | {_size(bytes_in)} | {_size(bytes_out)} |",
         f"| quantized tensors | {_size(q_in)} | {_size(sum(t.bytes_out for t in quantized))} |",
+        f"| bits per weight, quantized tensors | {_fmt(bpw_before_q, '.2f')} "
+        f"| {_fmt(bpw['quantized'], '.2f')} |",
+        f"| bits per weight, whole checkpoint | {_fmt(bpw_before, '.2f')} | {_fmt(bpw['all'], '.2f')} |",
         f"| compression ratio | | {bytes_in / max(bytes_out, 1):.2f}x |",
         f"| tensors quantized / kept | {len(quantized)} / {len(tensors) - len(quantized)} | |",
         f"| shards | | {len(results)} |",
         "",
     ]
+    lines += _metrics_lines(quantized)
+    if evaluation is not None:
+        lines += _evaluation_lines(evaluation)
+    lines += _gate_lines(gates)
+    if chart:
+        lines += [
+            "## Per-layer error",
+            "",
+            f"![per-layer error]({chart})",
+            "",
+            "Each quantized Linear's output error on fixed random probe vectors, ||Wx - W'x|| / ||Wx|| "
+            "(the data-free check that also runs on models too big to evaluate). How well it predicts "
+            "model-level KL divergence is measured by `quantfleet sweep` on a model that fits.",
+            "",
+        ]
     worst = worst_tensors(tensors)
     if worst:
         lines += [
             "## Worst tensors by SQNR",
             "",
-            "| tensor | scheme | SQNR (dB) | rel. error | cosine |",
-            "|---|---|---|---|---|",
+            "| tensor | scheme | SQNR (dB) | rel. error | cosine | output error |",
+            "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| `{t.name}` | {t.scheme} | {t.sqnr_db:.2f} | {t.relative_error:.4f} | {t.cosine:.5f} |"
+            f"| `{t.name}` | {t.scheme} | {t.sqnr_db:.2f} | {t.relative_error:.4f} | {t.cosine:.5f} "
+            f"| {_fmt(t.output_error)} |"
             for t in worst
         ]
         lines.append("")
@@ -127,10 +262,10 @@ def report_markdown(plan: Plan, results: Sequence[UnitResult]) -> str:
     return "\n".join(lines)
 
 
-def stage_metadata_files(
+def stage_model_files(
     publisher: Publisher, source: Storage, plan: Plan, results: Sequence[UnitResult]
-) -> dict[str, object]:
-    """Stage everything but the shards (already staged by the workers); returns the manifest."""
+) -> None:
+    """Record the staged shards and stage what makes them a loadable checkpoint."""
     for result in results:
         publisher.records[result.file_name] = Expected(size=result.size, sha256=result.sha256)
     for key in side_file_keys(source):
@@ -145,7 +280,30 @@ def stage_metadata_files(
         index = {"metadata": {"total_size": sum(r.size for r in results)},
                  "weight_map": dict(sorted(weight_map.items()))}
         publisher.stage_bytes(INDEX_NAME, _dumps(index))
-    data = manifest(plan, results)
+
+
+def stage_report_files(
+    publisher: Publisher,
+    plan: Plan,
+    results: Sequence[UnitResult],
+    evaluation: Evaluation | None = None,
+    gates: Sequence[GateResult] = (),
+) -> dict[str, object]:
+    """Stage the manifest, the per-layer error chart and report.md; returns the manifest."""
+    tensors = [r for result in results for r in result.tensors]
+    png = per_layer_chart(tensors, f"{plan.recipe.label}: per-layer error ({plan.plan_id})")
+    if png is not None:
+        publisher.stage_bytes(CHART_NAME, png)
+    data = manifest(plan, results, evaluation, gates)
     publisher.stage_bytes(MANIFEST_NAME, _dumps(data))
-    publisher.stage_bytes(REPORT_NAME, report_markdown(plan, results).encode())
+    report = report_markdown(plan, results, evaluation, gates, CHART_NAME if png is not None else None)
+    publisher.stage_bytes(REPORT_NAME, report.encode())
     return data
+
+
+def stage_metadata_files(
+    publisher: Publisher, source: Storage, plan: Plan, results: Sequence[UnitResult]
+) -> dict[str, object]:
+    """Stage everything but the shards (already staged by the workers); returns the manifest."""
+    stage_model_files(publisher, source, plan, results)
+    return stage_report_files(publisher, plan, results)

@@ -13,14 +13,16 @@ from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict
 
-from flows.execute import ClusterInfo, run_units, start_ray
-from flows.finalize import report_markdown, stage_metadata_files, worst_tensors
+from flows.execute import ClusterInfo, run_evaluation, run_units, start_ray
+from flows.finalize import REPORT_NAME, stage_model_files, stage_report_files, worst_tensors
+from flows.gates import GateResult, QualityGateFailed, describe_failures, failed_gates, gate_results
 from flows.plan import Plan, build_plan
 from flows.recipe import Recipe
 from infra.errors import AlreadyExists
-from infra.publish import Publisher, is_published
+from infra.publish import Expected, Publisher, is_published
 from infra.safetensors import build_catalog
 from infra.storage import Storage, open_storage
+from workers.evaluation import Evaluation
 from workers.records import TensorRecord, UnitContext, UnitResult
 from workers.units import WorkUnit
 
@@ -29,6 +31,11 @@ __all__ = [
     "SourceError",
     "plan_conversion",
     "convert_units",
+    "Publication",
+    "QualityGateFailed",
+    "stage_for_publish",
+    "evaluate_staged",
+    "gate_and_publish",
     "finalize_and_publish",
     "run_conversion",
 ]
@@ -54,6 +61,19 @@ class ConversionSummary(BaseModel):
     seconds: float
     startup_seconds: float
     worst: tuple[TensorRecord, ...]
+    report: str
+    evaluation: Evaluation | None = None
+    gates: tuple[GateResult, ...] = ()
+
+
+class Publication(BaseModel):
+    """What finalize-and-publish produced: where, the evaluation if any, the gates, the report."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dest_uri: str
+    evaluation: Evaluation | None
+    gates: tuple[GateResult, ...]
     report: str
 
 
@@ -85,6 +105,8 @@ def _context(plan: Plan, dest: Storage, device: str) -> UnitContext:
         schemes=plan.schemes,
         min_sqnr_db=tuple(plan.recipe.gates.min_sqnr_for(s) for s in plan.schemes),
         min_cosine=plan.recipe.gates.min_cosine,
+        max_output_error=plan.recipe.gates.max_output_error,
+        probes=plan.recipe.probes,
         device=device,
     )
 
@@ -115,21 +137,91 @@ def convert_units(
     return run_units(plan.units, context, cluster=cluster, max_in_flight=max_in_flight, on_done=on_done)
 
 
-def finalize_and_publish(plan: Plan, dest_uri: str, results: list[UnitResult]) -> str:
-    """Stage metadata files and commit the whole version; returns the published URI."""
+def stage_for_publish(plan: Plan, dest_uri: str, results: list[UnitResult]) -> dict[str, Expected]:
+    """Stage what makes the staged shards a loadable checkpoint; returns the staged files' records."""
     dest = check_not_published(dest_uri)
     publisher = Publisher(dest, "", plan.plan_id)
-    stage_metadata_files(publisher, open_storage(plan.source_uri), plan, results)
+    stage_model_files(publisher, open_storage(plan.source_uri), plan, results)
+    return dict(publisher.records)
+
+
+def staged_uri(plan: Plan, dest_uri: str) -> str:
+    dest = open_storage(dest_uri)
+    return dest.uri(Publisher(dest, "", plan.plan_id).staging)
+
+
+def evaluate_staged(
+    plan: Plan, dest_uri: str, *, cluster: ClusterInfo | None = None, device: str = "auto"
+) -> Evaluation | None:
+    """Evaluate the staged copy against the source when the recipe asks for it (else None).
+
+    Runs as a Ray task when a cluster is given (on a GPU when it has one), else in this process.
+    """
+    if not plan.recipe.evaluates:
+        return None
+    settings = plan.recipe.evaluate
+    options: dict[str, object] = {
+        "text": settings.text, "max_tokens": settings.max_tokens, "context": settings.context,
+        "device": device,
+    }
+    staged = staged_uri(plan, dest_uri)
+    _log.info("evaluating the staged result %s against %s", staged, plan.source_uri)
+    if cluster is not None:
+        return run_evaluation(cluster, plan.source_uri, staged, **options)
+    from workers.evaluation.evaluate import evaluate
+
+    return evaluate(plan.source_uri, staged, **options)  # type: ignore[arg-type]
+
+
+def gate_and_publish(
+    plan: Plan,
+    dest_uri: str,
+    results: list[UnitResult],
+    records: dict[str, Expected],
+    evaluation: Evaluation | None = None,
+) -> Publication:
+    """Stage the manifest, report and chart, check the gates, and commit only if all pass.
+
+    A failing result stays in staging with its report; QualityGateFailed says why.
+    """
+    dest = check_not_published(dest_uri)
+    publisher = Publisher(dest, "", plan.plan_id)
+    publisher.records.update(records)
+    tensors = [t for r in results for t in r.tensors]
+    gates = tuple(gate_results(plan, tensors, evaluation))
+    stage_report_files(publisher, plan, results, evaluation, gates)
+    report = publisher.storage.read_bytes(publisher.stage_key(REPORT_NAME)).decode()
+    if failed_gates(gates):
+        staged = dest.uri(publisher.staging)
+        raise QualityGateFailed(
+            f"{dest.uri()}: not published, below the recipe's gates: {describe_failures(gates, evaluation)}. "
+            f"The result stays in staging ({staged}); its report: {staged}/{REPORT_NAME}",
+            report=report,
+        )
     publisher.commit()
-    return dest.uri()
+    return Publication(dest_uri=dest.uri(), evaluation=evaluation, gates=gates, report=report)
+
+
+def finalize_and_publish(
+    plan: Plan,
+    dest_uri: str,
+    results: list[UnitResult],
+    *,
+    cluster: ClusterInfo | None = None,
+    device: str = "auto",
+) -> Publication:
+    """Stage metadata files, evaluate if the recipe asks, check the gates, commit the version."""
+    records = stage_for_publish(plan, dest_uri, results)
+    evaluation = evaluate_staged(plan, dest_uri, cluster=cluster, device=device)
+    return gate_and_publish(plan, dest_uri, results, records, evaluation)
 
 
 def summarize(
-    plan: Plan, dest_uri: str, results: list[UnitResult], seconds: float, startup: float
+    plan: Plan, publication: Publication, results: list[UnitResult], seconds: float, startup: float
 ) -> ConversionSummary:
     tensors = [t for r in results for t in r.tensors]
     return ConversionSummary(
-        dest_uri=dest_uri,
+        dest_uri=publication.dest_uri,
         plan_id=plan.plan_id,
         units=len(results),
         reused_units=sum(1 for r in results if r.reused),
@@ -140,7 +232,9 @@ def summarize(
         seconds=seconds,
         startup_seconds=startup,
         worst=tuple(worst_tensors(tensors, 5)),
-        report=report_markdown(plan, results),
+        report=publication.report,
+        evaluation=publication.evaluation,
+        gates=publication.gates,
     )
 
 
@@ -161,5 +255,5 @@ def run_conversion(
     cluster = start_ray(ray_address)
     startup = time.perf_counter() - started
     results = convert_units(plan, dest_uri, cluster=cluster, device=device, on_done=on_done)
-    published = finalize_and_publish(plan, dest_uri, results)
-    return summarize(plan, published, results, time.perf_counter() - started - startup, startup)
+    publication = finalize_and_publish(plan, dest_uri, results, cluster=cluster, device=device)
+    return summarize(plan, publication, results, time.perf_counter() - started - startup, startup)

@@ -1,0 +1,135 @@
+"""PNG charts for reports: per-layer error, bits per weight vs KL, and probe error vs KL.
+
+matplotlib with the Agg backend, imported inside the functions (a CLI --help stays fast). The
+PNG bytes depend only on the data (no timestamps), so re-runs publish identical files.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from workers.records import TensorRecord
+
+__all__ = ["layer_of", "per_layer_chart", "scatter_chart", "per_layer_series"]
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\.(.+)$")
+
+
+def layer_of(name: str) -> tuple[int, str] | None:
+    """(layer index, module within the layer) of a tensor name, or None outside numbered layers."""
+    match = _LAYER.search(name.removesuffix(".weight"))
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def _figure_value(record: TensorRecord) -> float | None:
+    return record.output_error if record.output_error is not None else record.relative_error
+
+
+def per_layer_series(tensors: Sequence[TensorRecord]) -> dict[str, list[tuple[int, float]]]:
+    """Module kind -> [(layer, error)], error = probe output error (else relative weight error)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for record in sorted(tensors, key=lambda t: t.name):
+        where = layer_of(record.name)
+        value = _figure_value(record)
+        if where is None or value is None or record.scheme is None:
+            continue
+        series.setdefault(where[1], []).append((where[0], value))
+    return {kind: sorted(points) for kind, points in sorted(series.items())}
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    _pyplot().close(figure)
+    return buffer.getvalue()
+
+
+def per_layer_chart(tensors: Sequence[TensorRecord], title: str) -> bytes | None:
+    """Per-layer error of every quantized Linear, one line per module kind; None if no layers."""
+    series = per_layer_series(tensors)
+    if not series:
+        return None
+    probed = any(t.output_error is not None for t in tensors)
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(9, 4.5))
+    markers = "os^vD<>ph*x+"
+    for i, (kind, points) in enumerate(series.items()):
+        xs = [p[0] for p in points]
+        ys = [max(p[1], 1e-12) for p in points]
+        axes.plot(xs, ys, marker=markers[i % len(markers)], linewidth=1, markersize=4, label=kind)
+    axes.set_yscale("log")
+    axes.set_xlabel("layer")
+    axes.set_ylabel("output error ||Wx - W'x|| / ||Wx||" if probed else "relative weight error")
+    axes.set_title(title, fontsize=10)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=7, ncol=2 if len(series) > 6 else 1, loc="best")
+    figure.tight_layout()
+    return _png(figure)
+
+
+def scatter_chart(
+    points: Sequence[tuple[str, float, float]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    log_x: bool = False,
+    table: Sequence[Sequence[str]] | None = None,
+    fit: bool = False,
+) -> bytes:
+    """Labelled points (label, x, y), log y; optional table beside it and a log-log fit line."""
+    plt = _pyplot()
+    width = 13 if table else 7.5
+    figure = plt.figure(figsize=(width, 4.8))
+    axes = figure.add_axes((0.08, 0.12, 0.5 if table else 0.86, 0.78))
+    shown = [(label, x, y) for label, x, y in points if math.isfinite(x) and math.isfinite(y) and y > 0]
+    for label, x, y in shown:
+        axes.scatter([x], [y], s=36, zorder=3)
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    axes.set_yscale("log")
+    if log_x:
+        axes.set_xscale("log")
+    if fit and len(shown) >= 2:
+        lx = [math.log(x) for _, x, _ in shown if x > 0]
+        ly = [math.log(y) for _, x, y in shown if x > 0]
+        slope, intercept = _fit(lx, ly)
+        if slope is not None:
+            xs = [min(lx), max(lx)]
+            axes.plot([math.exp(v) for v in xs], [math.exp(intercept + slope * v) for v in xs],
+                      linestyle="--", linewidth=1, color="gray", label=f"fit: y ~ x^{slope:.2f}")
+            axes.legend(fontsize=8)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=10)
+    axes.grid(True, which="both", alpha=0.3)
+    if table:
+        side = figure.add_axes((0.62, 0.12, 0.36, 0.78))
+        side.axis("off")
+        cells = side.table(cellText=[list(r) for r in table[1:]], colLabels=list(table[0]), loc="center")
+        cells.auto_set_font_size(False)
+        cells.set_fontsize(7)
+        cells.scale(1, 1.3)
+    return _png(figure)
+
+
+def _fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float | None, float]:
+    n = len(xs)
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    if sxx == 0:
+        return None, mean_y
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sxx
+    return slope, mean_y - slope * mean_x
