@@ -65,6 +65,22 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
                         help="target size of output shards (default: 5GB)")
 
 
+def _add_eval_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--text", metavar="FILE_OR_URI",
+                       help="UTF-8 text to evaluate on: a file, file:// or s3:// URI (default: the "
+                       "built-in text, 10 chapters of the Python 3.11 Language Reference, ~74k chars)")
+    group.add_argument("--max-tokens", type=int, default=8192,
+                       help="evaluate at most this many tokens of the text (default: %(default)s)")
+    group.add_argument("--context", type=int, default=512,
+                       help="window length in tokens (capped by the model's; default: %(default)s)")
+    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                       help="where to run the models: auto = the GPU if there is one, else CPU")
+    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="compute dtype of both models (default: %(default)s; bfloat16 halves GPU "
+                       "memory but adds its own rounding to the figures)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quantfleet",
@@ -90,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where workers quantize: auto = the GPU Ray gave the task, else CPU")
     run.add_argument("--no-prefect", action="store_true",
                      help="run the same steps without the Prefect flow (no orchestration records)")
+    check = convert.add_argument_group("model-level check before publishing")
+    check.add_argument("--evaluate", action="store_true",
+                       help="evaluate the staged result against the source (KL divergence, top-1, "
+                       "perplexity; cosine for encoders) before publishing, and gate on the recipe's "
+                       "max_mean_kl / min_top1 / min_embedding_cosine (on by default when the recipe "
+                       "sets one of them)")
+    check.add_argument("--eval-text", metavar="FILE_OR_URI",
+                       help="text for --evaluate (default: the built-in text shipped with quantfleet)")
 
     plan = commands.add_parser("plan", help="show what a conversion would do, reading only headers")
     plan.add_argument("source", metavar="SRC", help="checkpoint directory or s3:// URI")
@@ -97,6 +121,39 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the whole plan as JSON")
 
     commands.add_parser("schemes", help="list the quantization schemes")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="compare a quantized checkpoint with its original on a text",
+        description="Runs both checkpoints on the same text and prints, for causal LMs, the mean "
+        "and 99th-percentile KL divergence of the quantized model's next-token distribution from "
+        "the original's, top-1 agreement and both perplexities; for encoders, the cosine similarity "
+        "of pooled embeddings and hidden states. Loads with transformers (compressed-tensors for the "
+        "quantized one), on the GPU when there is one, else in float32 on CPU.",
+    )
+    evaluate.add_argument("original", metavar="ORIGINAL", help="the original checkpoint: folder or s3:// URI")
+    evaluate.add_argument("quantized", metavar="QUANTIZED",
+                          help="the quantized checkpoint: folder or s3:// URI")
+    _add_eval_options(evaluate)
+    evaluate.add_argument("--json", type=Path, metavar="FILE",
+                          help="also write the figures as JSON to FILE (default: print only the table)")
+
+    sweep = commands.add_parser(
+        "sweep", help="convert one model with several schemes and chart bits/weight against KL",
+        description="Converts MODEL with each scheme into OUT/<SCHEME>/ (reusing conversions already "
+        "published there), evaluates each against MODEL, and writes OUT/sweep.md, sweep.png (bits per "
+        "weight vs mean KL divergence, log scale, one point per scheme, with the table), "
+        "correlation.png (per-layer probe error vs KL) and sweep.json.",
+    )
+    sweep.add_argument("model", metavar="MODEL", help="the original checkpoint: folder or s3:// URI")
+    sweep.add_argument("--schemes", default="W8A16,W4A16,FP8,NVFP4A16",
+                       help="comma-separated schemes (default: %(default)s; see `quantfleet schemes`)")
+    sweep.add_argument("--out", default=None, metavar="DIR",
+                       help="output folder (default: out/sweep-<model folder name>)")
+    sweep.add_argument("--shard-size", type=parse_size, default=5_000_000_000,
+                       help="target size of output shards (default: 5GB)")
+    sweep.add_argument("--ray-address", default=None,
+                       help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray is started)")
+    _add_eval_options(sweep)
 
     demo = commands.add_parser(
         "demo", help="convert the bundled MiniLM model on the embedded defaults",
@@ -123,6 +180,15 @@ def _recipe(args: argparse.Namespace):  # noqa: ANN202 - imported lazily for a f
     if getattr(args, "ignore", None):
         options["ignore"] = tuple(args.ignore)
     return Recipe.preset(args.scheme, **options)
+
+
+def _with_evaluation(recipe, args: argparse.Namespace):  # noqa: ANN001, ANN202
+    if not (getattr(args, "evaluate", False) or getattr(args, "eval_text", None)):
+        return recipe
+    update: dict[str, object] = {"enabled": True}
+    if getattr(args, "eval_text", None):
+        update["text"] = args.eval_text
+    return recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(update=update)})
 
 
 def _size(n: float) -> str:
@@ -215,7 +281,57 @@ def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_p
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    return _run_convert(args.source, args.dest, _recipe(args), args, use_prefect=not args.no_prefect)
+    recipe = _with_evaluation(_recipe(args), args)
+    return _run_convert(args.source, args.dest, recipe, args, use_prefect=not args.no_prefect)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from workers.evaluation.evaluate import evaluate
+
+    _quiet_transformers()
+    result = evaluate(args.original, args.quantized, text=args.text, max_tokens=args.max_tokens,
+                      context=args.context, device=args.device, dtype=args.dtype)
+    print(result.table())
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result.model_dump(mode="json"), indent=2) + "\n")
+        print(f"JSON: {args.json}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from flows.sweep import run_sweep
+
+    _quiet_transformers()
+    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    if not schemes:
+        raise argparse.ArgumentTypeError("--schemes is empty")
+    out = args.out or f"out/sweep-{Path(args.model.rstrip('/')).name or 'model'}"
+
+    def show(point) -> None:  # noqa: ANN001
+        figure = point.evaluation.mean_kl if point.evaluation.kind == "causal-lm" else point.quality
+        print(f"{point.scheme}: {point.bits_per_weight or 0:.2f} bits/weight, "
+              f"{'mean KL' if point.evaluation.kind == 'causal-lm' else '1 - embedding cosine'} "
+              f"{figure:.4g}", flush=True)
+
+    result = run_sweep(args.model, schemes, out, text=args.text, max_tokens=args.max_tokens,
+                       context=args.context, shard_size=args.shard_size, ray_address=args.ray_address,
+                       device=args.device, dtype=args.dtype, on_point=show)
+    from flows.sweep import sweep_markdown
+
+    print()
+    print(sweep_markdown(result))
+    print(f"Written: {out}/sweep.md, sweep.png, correlation.png, sweep.json")
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -237,6 +353,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from botocore.exceptions import BotoCoreError
 
     from flows.execute import ConversionFailed
+    from flows.gates import QualityGateFailed
     from flows.pipeline import SourceError
     from flows.recipe import RecipeError
     from infra.errors import InfraError
@@ -244,7 +361,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from workers.errors import ConversionError
 
     return (InfraError, QuantizationError, ConversionError, ConversionFailed, RecipeError,
-            SourceError, BotoCoreError)
+            SourceError, BotoCoreError, QualityGateFailed, argparse.ArgumentTypeError)
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -262,7 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     commands = {"schemes": lambda: _cmd_schemes(), "plan": lambda: _cmd_plan(args),
-                "convert": lambda: _cmd_convert(args), "demo": lambda: _cmd_demo(args)}
+                "convert": lambda: _cmd_convert(args), "demo": lambda: _cmd_demo(args),
+                "evaluate": lambda: _cmd_evaluate(args), "sweep": lambda: _cmd_sweep(args)}
     try:
         return commands[args.command]()
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""The Prefect flow `convert`: plan -> convert -> stage -> [evaluate] -> publish, with a report artifact.
+"""The Prefect flow `convert`: plan -> convert -> stage -> [evaluate] -> finalize-and-publish.
 
 The evaluate task runs when the recipe asks for it (`evaluate: true` or a model-level gate); a
 result below a gate stays in staging, and the flow fails with the report as its artifact.
@@ -66,7 +66,7 @@ def convert_task(
     return results
 
 
-@task(name="finalize", cache_policy=NO_CACHE, persist_result=False)
+@task(name="stage", cache_policy=NO_CACHE, persist_result=False)
 def stage_task(plan: Plan, dest: str, results: list[UnitResult]) -> dict[str, Expected]:
     return stage_for_publish(plan, dest, results)
 
@@ -79,7 +79,7 @@ def evaluate_task(plan: Plan, dest: str, ray_address: str | None, device: str) -
     return evaluation
 
 
-@task(name="publish", cache_policy=NO_CACHE, persist_result=False)
+@task(name="finalize-and-publish", cache_policy=NO_CACHE, persist_result=False)
 def publish_task(
     plan: Plan,
     dest: str,
@@ -119,7 +119,9 @@ def convert_flow(
     evaluation = evaluate_task(plan, dest, ray_address, device) if recipe.evaluates else None
     publication = publish_task(plan, dest, results, records, evaluation)
     summary = summarize(plan, publication, results, time.perf_counter() - started - startup, startup)
-    chart = f"Per-layer error chart: {publication.dest_uri}/per_layer_error.png\n"
+    chart = ""
+    if "per_layer_error.png" in summary.report:
+        chart = f"Per-layer error chart: {publication.dest_uri}/per_layer_error.png\n"
     create_markdown_artifact(
         key=f"conversion-{plan.plan_id}",
         markdown=summary.report + f"\n{chart}\nWall time: {summary.seconds:.1f} s\n",

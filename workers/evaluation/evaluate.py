@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,11 +93,24 @@ def _device(preference: str) -> torch.device:
 
 
 def _load(path: Path, kind: Kind, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import AutoModel, AutoModelForCausalLM
+    """Load a checkpoint; a compressed-tensors one is decompressed to dense weights on load.
+
+    Decompressing gives exactly the weights compressed-tensors' own decompressor produces (what a
+    weight-only kernel computes with) in the requested dtype; run compressed, some formats
+    (NVFP4) decompress to bfloat16 on the fly whatever the model's dtype.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, CompressedTensorsConfig
 
     loader: Any = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+    options: dict[str, Any] = {"dtype": dtype}
+    config = json.loads((path / "config.json").read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
+        options["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     try:
-        model = loader.from_pretrained(path, dtype=dtype)
+        with warnings.catch_warnings():
+            # "the model already has a quantization_config": expected, ours only adds dequantize.
+            warnings.simplefilter("ignore", UserWarning)
+            model = loader.from_pretrained(path, **options)
     except (OSError, ValueError) as error:
         raise EvaluationError(f"{path}: cannot load with transformers: {error}") from error
     return model.to(device=device, dtype=dtype).eval()
