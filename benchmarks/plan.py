@@ -66,21 +66,27 @@ def main() -> None:
     start = time.perf_counter()
     catalog = synthetic_catalog(args.tensors)
     built = time.perf_counter() - start
+    with_catalog = rss_bytes()
     start = time.perf_counter()
     plan = build_plan(catalog, Recipe.preset("W4A16"), shard_size=5_000_000_000)
     planned = time.perf_counter() - start
     peak = peak_rss_bytes()
     jobs = sum(len(u.jobs) for u in plan.units)
     line = (f"{jobs:,} tensors ({plan.bytes_in / 1e12:.2f} TB bf16) -> {len(plan.units):,} units in "
-            f"{planned:.1f} s; peak RSS {peak / 2**30:.2f} GiB (process start {baseline / 2**30:.2f} GiB, "
-            f"catalogue built in {built:.1f} s)")
+            f"{planned:.1f} s; peak RSS {peak / 2**30:.2f} GiB, of which the process at start "
+            f"{baseline / 2**30:.2f} GiB, the catalogue (infra's header records, built in "
+            f"{built:.1f} s) "
+            f"{(with_catalog - baseline) / 2**30:.2f} GiB and planning {(peak - with_catalog) / 2**30:.2f} GiB")
     print(line)
-    ok = "met" if planned < 30 and peak < 2 * 2**30 else "**missed**"
+    time_ok = "met" if planned < 30 else "**missed**"
+    memory_ok = "met" if peak < 2 * 2**30 else f"**missed** by {(peak - 2 * 2**30) / 2**20:.0f} MiB"
     update_section(
         "Planning",
         f"Measured with `.venv/bin/python benchmarks/plan.py --tensors {args.tensors}` ({machine_line()}). "
         "A synthetic DeepSeek-V3-like MoE catalogue (expert projections of 2048x7168 bf16) planned "
-        f"for W4A16 with 5 GB shards. Target: under 30 s and 2 GB ({ok}).\n\n{line}",
+        f"for W4A16 with 5 GB shards. Targets: under 30 s ({time_ok}) and 2 GB in all ({memory_ok}; "
+        "planning itself adds little, the catalogue's per-tensor header records dominate).\n\n"
+        f"{line}",
     )
 
 
