@@ -75,8 +75,8 @@ def main() -> None:
     line = (f"{jobs:,} tensors ({plan.bytes_in / 1e12:.2f} TB bf16) -> {len(plan.units):,} units in "
             f"{planned:.1f} s; peak RSS {peak / 2**30:.2f} GiB, of which the process at start "
             f"{baseline / 2**30:.2f} GiB, the catalogue (infra's header records, built in "
-            f"{built:.1f} s) "
-            f"{(with_catalog - baseline) / 2**30:.2f} GiB and planning {(peak - with_catalog) / 2**30:.2f} GiB")
+            f"{built:.1f} s) {(with_catalog - baseline) / 2**30:.2f} GiB and planning "
+            f"{(peak - with_catalog) / 2**30:.2f} GiB")
     print(line)
     time_ok = "met" if planned < 30 else "**missed**"
     memory_ok = "met" if peak < 2 * 2**30 else f"**missed** by {(peak - 2 * 2**30) / 2**20:.0f} MiB"
