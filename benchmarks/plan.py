@@ -39,9 +39,8 @@ def synthetic_catalog(count: int) -> Catalog:
         projection, shape = shapes[index % 3]
         name = f"model.layers.{layer}.mlp.experts.{expert}.{projection}.weight"
         nbytes = shape[0] * shape[1] * 2
-        info = TensorInfo.model_construct(name=name, dtype="BF16", shape=shape, begin=offset,
-                                          end=offset + nbytes)
-        tensors[name] = CatalogEntry.model_construct(file=file, info=info)
+        info = TensorInfo(name=name, dtype="BF16", shape=shape, begin=offset, end=offset + nbytes)
+        tensors[name] = CatalogEntry(file=file, info=info)
         files.setdefault(file, []).append(info)
         offset += nbytes
         index += 1

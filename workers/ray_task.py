@@ -23,6 +23,7 @@ def _convert_on_node(unit: WorkUnit, context: UnitContext) -> UnitResult:
     return result.model_copy(update={"node": ray.get_runtime_context().get_node_id()})
 
 
-convert_unit_remote = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=[TransientStorageError])(
-    _convert_on_node
-)
+# Ray accepts a list of exception types here; its type stubs only know the bool form.
+convert_unit_remote = ray.remote(  # type: ignore[call-overload]
+    max_retries=MAX_RETRIES, retry_exceptions=[TransientStorageError]
+)(_convert_on_node)

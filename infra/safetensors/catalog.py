@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -30,10 +31,9 @@ INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class CatalogEntry(BaseModel):
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
     """Where one tensor lives: the file's storage key and the tensor's header record."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     file: str
     info: TensorInfo
@@ -170,7 +170,8 @@ def build_catalog(storage: Storage, prefix: str = "", *, max_workers: int = 8) -
         and _name(o.key) != INDEX_NAME
         and not _name(o.key).startswith(".")
     )
-    return Catalog(
+    # Every part was validated as it was read; re-validating a million records would cost seconds.
+    return Catalog.model_construct(
         uri=storage.uri(prefix),
         files=headers,
         tensors=tensors,
