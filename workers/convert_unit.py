@@ -89,9 +89,7 @@ def _convert_job(
     write: dict[str, int],
     fd: int,
 ) -> TensorRecord:
-    info = TensorInfo.model_construct(
-        name=job.name, dtype=job.dtype, shape=job.shape, begin=job.begin, end=job.end
-    )
+    info = TensorInfo(name=job.name, dtype=job.dtype, shape=job.shape, begin=job.begin, end=job.end)
     tensor = reader.read(job.file, info)
     bytes_in = job.end - job.begin
     if job.scheme is None:
