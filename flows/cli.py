@@ -163,7 +163,71 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("dest", nargs="?", default="out/all-minilm-l6-v2-W4A16",
                       help="destination directory (default: %(default)s)")
     demo.add_argument("--scheme", default="W4A16", help="scheme (default: %(default)s)")
+    _add_sync_commands(commands)
     return parser
+
+
+def _add_sync_options(parser: argparse.ArgumentParser, *, positional: bool) -> None:
+    if positional:
+        parser.add_argument("source", metavar="SRC", help="where checkpoints are dropped: a folder, "
+                            "file:// or s3://bucket/prefix; every folder under it with config.json and "
+                            "*.safetensors is a checkpoint")
+        parser.add_argument("dest", metavar="DST", help="the bucket prefix to publish under, as "
+                            "DST/<model>/<recipe>/<version>/ with DST/<model>/<recipe>/LATEST")
+    else:
+        parser.add_argument("--source", required=True, metavar="SRC",
+                            help="where checkpoints are dropped (folder, file:// or s3:// prefix)")
+        parser.add_argument("--dest", required=True, metavar="DST",
+                            help="the bucket prefix to publish under (DST/<model>/<recipe>/<version>/)")
+    parser.add_argument("--recipe", dest="recipes", action="append", required=True, metavar="RECIPE",
+                        help="a preset scheme (W4A16, FP8, ...) or a YAML recipe file; repeat for several")
+    parser.add_argument("--max-parallel", type=int, default=1, metavar="N",
+                        help="convert up to N checkpoint/recipe pairs at once (default: %(default)s)")
+    parser.add_argument("--shard-size", type=parse_size, default=5_000_000_000,
+                        help="target size of output shards (default: 5GB)")
+    parser.add_argument("--ray-address", default=None,
+                        help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray is started)")
+
+
+def _add_sync_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    sync = commands.add_parser(
+        "sync", help="convert every new checkpoint under a source and publish versioned results",
+        description="Finds every checkpoint under SRC and converts it with each recipe unless the "
+        "same (source identity, recipe, tool version) is already published under DST. One failing "
+        "model does not stop the others; the summary lists what was converted, skipped and failed. "
+        "Exits 1 when any pair failed.",
+    )
+    _add_sync_options(sync, positional=True)
+    sync.add_argument("--no-prefect", action="store_true",
+                      help="run the same steps without the Prefect flow (no orchestration records)")
+
+    schedule = commands.add_parser(
+        "schedule", help="run `sync` on a cron or interval schedule (a Prefect deployment)",
+        description="Registers a Prefect deployment of the sync flow with this schedule on the "
+        "server PREFECT_API_URL names (start one with `prefect server start`), and serves it from "
+        "this process until interrupted; with --pool, registers it on a work pool instead and "
+        "returns (run `prefect worker start --pool NAME` where quantfleet is installed). Runs of "
+        "one schedule never overlap: a trigger during a running sync is cancelled.",
+    )
+    when = schedule.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", metavar="EXPR", help='a cron expression in UTC, e.g. "0 1 * * *"')
+    when.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS seconds")
+    _add_sync_options(schedule, positional=False)
+    schedule.add_argument("--name", default="quantfleet-sync",
+                          help="deployment name (default: %(default)s)")
+    schedule.add_argument("--pool", metavar="WORK_POOL",
+                          help="deploy to this Prefect work pool instead of serving from this process")
+    schedule.add_argument("--work-queue", metavar="QUEUE", help="work queue in --pool (default: the pool's)")
+
+    verify = commands.add_parser(
+        "verify", help="re-check every checksum of a published version",
+        description="Re-hashes every file a published version lists in its marker (streaming) and "
+        "checks quantfleet.json agrees with it. URI is a version prefix, a <model>/<recipe> prefix "
+        "(the version LATEST names) or any prefix (every published version under it). Exits 1 on "
+        "a missing file or a mismatch, 0 when everything checks out.",
+    )
+    verify.add_argument("uri", metavar="URI", help="folder, file:// or s3:// URI")
+    verify.add_argument("-q", "--quiet", action="store_true", help="print only problems and the result")
 
 
 def _recipe(args: argparse.Namespace):  # noqa: ANN202 - imported lazily for a fast --help
@@ -349,6 +413,69 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return _run_convert(bundled_model_path(), args.dest, Recipe.preset(args.scheme), args, use_prefect=True)
 
 
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from flows.sync import SyncFailed, load_recipe, run_sync, sync_flow
+
+    for spec in args.recipes:
+        load_recipe(spec)  # a bad recipe is a user error before anything starts
+    if args.max_parallel < 1:
+        raise argparse.ArgumentTypeError(f"--max-parallel must be at least 1, got {args.max_parallel}")
+    options = {"max_parallel": args.max_parallel, "shard_size": args.shard_size,
+               "ray_address": args.ray_address}
+    try:
+        if args.no_prefect:
+            summary = run_sync(args.source, args.dest, args.recipes, **options)
+        else:
+            summary = sync_flow(args.source, args.dest, args.recipes, **options)
+    except SyncFailed as failed:
+        print(failed.summary.text())
+        return 1
+    print(summary.text())
+    return 1 if summary.failed else 0
+
+
+def _cmd_schedule(args: argparse.Namespace) -> int:
+    from flows.schedule import deploy_sync, serve_sync, sync_parameters
+    from flows.sync import load_recipe
+
+    for spec in args.recipes:
+        load_recipe(spec)
+    if not os.environ.get("PREFECT_API_URL"):
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            raise argparse.ArgumentTypeError(
+                "schedules need a Prefect server: start one with `prefect server start` and set "
+                "PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
+    params = sync_parameters(args.source, args.dest, args.recipes, max_parallel=args.max_parallel,
+                             shard_size=args.shard_size, ray_address=args.ray_address)
+    when = {"cron": args.cron, "interval": args.interval}
+    try:
+        if args.pool:
+            deployment_id = deploy_sync(args.name, params, args.pool, work_queue=args.work_queue, **when)
+            print(f"deployment sync/{args.name} ({deployment_id}) on work pool {args.pool}; start a worker "
+                  f"with: prefect worker start --pool {args.pool}")
+            return 0
+        serve_sync(args.name, params, **when)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from flows.versions import verify_uri
+
+    reports = verify_uri(args.uri, on_file=None if args.quiet else (lambda uri: print(f"checking {uri}")))
+    for report in reports:
+        for warning in report.warnings:
+            print(f"warning: {warning}")
+        for problem in report.problems:
+            print(f"PROBLEM: {problem}")
+        verdict = "OK" if report.ok else f"FAILED ({len(report.problems)} problem(s))"
+        print(f"{verdict}: {report.uri}: {report.files} files, {report.bytes} bytes re-hashed")
+    return 0 if all(r.ok for r in reports) else 1
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from botocore.exceptions import BotoCoreError
 
@@ -380,7 +507,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose)
     commands = {"schemes": lambda: _cmd_schemes(), "plan": lambda: _cmd_plan(args),
                 "convert": lambda: _cmd_convert(args), "demo": lambda: _cmd_demo(args),
-                "evaluate": lambda: _cmd_evaluate(args), "sweep": lambda: _cmd_sweep(args)}
+                "evaluate": lambda: _cmd_evaluate(args), "sweep": lambda: _cmd_sweep(args),
+                "sync": lambda: _cmd_sync(args), "schedule": lambda: _cmd_schedule(args),
+                "verify": lambda: _cmd_verify(args)}
     try:
         return commands[args.command]()
     except KeyboardInterrupt:

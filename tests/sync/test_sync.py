@@ -1,0 +1,132 @@
+"""sync into the loopback S3 bucket: layout, skip when unchanged, new version on new weights,
+LATEST, failures that do not stop the others, and overlapping runs that publish once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+import flows.sync as sync_module
+from flows.sync import SyncSummary, run_sync
+from flows.versions import LATEST_NAME, find_checkpoints, read_latest, verify_uri
+from infra.publish import DEFAULT_MARKER
+from infra.storage import open_storage
+from tests.flows.conftest import save_tiny_model, upload_dir
+from tests.s3_server import MotoS3
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+
+def _versions(dest_uri: str, model: str, recipe: str) -> list[str]:
+    storage = open_storage(dest_uri)
+    suffix = "/" + DEFAULT_MARKER
+    return sorted(i.key.split("/")[2] for i in storage.list(f"{model}/{recipe}/") if i.key.endswith(suffix))
+
+
+def _only(summary: SyncSummary, status: str) -> None:
+    assert [o.status for o in summary.outcomes] == [status], summary.text()
+
+
+def test_sync_publishes_versions_and_moves_latest(s3: MotoS3, tiny_llama: Path, tmp_path: Path) -> None:
+    incoming, bucket = s3.create_bucket(), s3.create_bucket()
+    source, dest = f"s3://{incoming}/", f"s3://{bucket}/"
+    upload_dir(tiny_llama, open_storage(f"{source}llama"))
+
+    first = run_sync(source, dest, ["W4A16"])
+    _only(first, "converted")
+    version = first.outcomes[0].version
+    assert version and first.outcomes[0].latest_moved
+    store = open_storage(dest)
+    keys = {i.key for i in store.list(f"llama/W4A16/{version}/")}
+    names = {k.rsplit("/", 1)[-1] for k in keys}
+    assert {"config.json", "quantfleet.json", "README.md", "report.md", DEFAULT_MARKER,
+            "model.safetensors.index.json", "tokenizer.json"} <= names or {
+        "config.json", "quantfleet.json", "README.md", DEFAULT_MARKER} <= names
+    assert not any("/.staging/" in k for k in keys)  # cleaned up after the commit
+    manifest = json.loads(store.read_bytes(f"llama/W4A16/{version}/quantfleet.json"))
+    assert manifest["plan_id"] == version and manifest["source"]["uri"] == f"{source}llama"
+    card = store.read_bytes(f"llama/W4A16/{version}/README.md").decode()
+    assert "bits per weight" in card and f"quantfleet verify {dest}llama/W4A16/{version}" in card
+    latest = read_latest(store, "llama", "W4A16")
+    assert latest is not None and latest.version == version
+    assert all(r.ok for r in verify_uri(f"{dest}llama/W4A16")), "LATEST's version verifies"
+
+    # Unchanged source: nothing converted, nothing written (LATEST keeps its bytes).
+    before = store.read_bytes(f"llama/W4A16/{LATEST_NAME}")
+    again = run_sync(source, dest, ["W4A16"])
+    _only(again, "skipped")
+    assert not again.outcomes[0].latest_moved
+    assert store.read_bytes(f"llama/W4A16/{LATEST_NAME}") == before
+
+    # New weights under the same names: a new version, LATEST moves, the old one stays intact.
+    changed = save_tiny_model("llama", tmp_path / "v2", seed=1)
+    src = open_storage(f"{source}llama")
+    for path in sorted(changed.glob("*.safetensors")):
+        src.put_bytes(path.name, path.read_bytes())
+    third = run_sync(source, dest, ["W4A16"])
+    _only(third, "converted")
+    assert third.outcomes[0].version != version
+    assert _versions(dest, "llama", "W4A16") == sorted([version, third.outcomes[0].version or ""])
+    latest = read_latest(store, "llama", "W4A16")
+    assert latest is not None and latest.version == third.outcomes[0].version
+    assert all(r.ok for r in verify_uri(dest)) and len(verify_uri(dest)) == 2
+
+
+def test_one_failing_model_does_not_stop_the_others(tiny_llama: Path, tmp_path: Path) -> None:
+    source = tmp_path / "incoming"
+    shutil.copytree(tiny_llama, source / "good")
+    (source / "broken").mkdir()
+    (source / "broken" / "config.json").write_text("{}")
+    (source / "broken" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
+    (source / "notes").mkdir()
+    (source / "notes" / "config.json").write_text("{}")  # no weights: not a checkpoint
+    assert [c.name for c in find_checkpoints(str(source))] == ["broken", "good"]
+
+    summary = run_sync(str(source), str(tmp_path / "bucket"), ["W8A16"], max_parallel=2)
+    status = {o.model: o for o in summary.outcomes}
+    assert status["good"].status == "converted", summary.text()
+    assert status["broken"].status == "failed"
+    assert "HeaderError" in status["broken"].reason or "header" in status["broken"].reason.lower()
+    assert "1 converted, 0 skipped, 1 failed" in summary.headline()
+    assert "broken" in summary.markdown() and "failed" in summary.markdown()
+
+
+def test_overlapping_runs_publish_a_version_once(
+    s3: MotoS3, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    incoming, bucket = s3.create_bucket(), s3.create_bucket()
+    s3.client().put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    source, dest = f"s3://{incoming}/", f"s3://{bucket}/"
+    upload_dir(tiny_llama, open_storage(f"{source}llama"))
+
+    # Both runs have converted and staged, having seen "not published", before either commits:
+    # the overlap the conditional marker must settle.
+    barrier = threading.Barrier(2, timeout=120)
+    real = sync_module.model_card
+
+    def gated(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        barrier.wait()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sync_module, "model_card", gated)
+    summaries: list[SyncSummary] = []
+    threads = [threading.Thread(target=lambda: summaries.append(run_sync(source, dest, ["W4A16"])))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert len(summaries) == 2
+    statuses = sorted(s.outcomes[0].status for s in summaries)
+    assert statuses == ["converted", "skipped"], [s.text() for s in summaries]
+    version = summaries[0].outcomes[0].version
+    assert version == summaries[1].outcomes[0].version
+    marker = f"llama/W4A16/{version}/{DEFAULT_MARKER}"
+    written = s3.client().list_object_versions(Bucket=bucket, Prefix=marker).get("Versions", [])
+    assert len(written) == 1, "the marker was written once"
+    assert _versions(dest, "llama", "W4A16") == [version]
+    assert all(r.ok for r in verify_uri(f"{dest}llama/W4A16"))
