@@ -95,6 +95,23 @@ def _source_identity(catalog: Catalog, sizes: dict[str, tuple[int, str | None]])
     return digest.hexdigest()
 
 
+def _decide(
+    wanted: QuantScheme,
+    shape: tuple[int, ...],
+    schemes: list[QuantScheme],
+    scheme_index: dict[QuantScheme, int],
+) -> tuple[int | None, str | None]:
+    """(index into the plan's scheme table, shape note) for a weight; (None, None) if refused."""
+    try:
+        used, note = _resolve(wanted, shape)
+    except QuantizationError:
+        return None, None  # refused shapes stay as they are
+    if used not in scheme_index:
+        scheme_index[used] = len(schemes)
+        schemes.append(used)
+    return scheme_index[used], note
+
+
 def build_plan(
     catalog: Catalog,
     recipe: Recipe,
@@ -108,6 +125,7 @@ def build_plan(
     """
     schemes: list[QuantScheme] = []
     scheme_index: dict[QuantScheme, int] = {}
+    decisions: dict[tuple[int, tuple[int, ...]], tuple[int | None, str | None]] = {}
     jobs: list[TensorJob] = []
     # File order, then offset order: each worker reads its files front to back.
     entries = sorted(catalog.tensors.values(), key=lambda e: (e.file, e.info.begin))
@@ -116,15 +134,12 @@ def build_plan(
         wanted = recipe.scheme_for(info.name, info.shape) if info.dtype in SAFETENSORS_TO_TORCH else None
         index = note = None
         if wanted is not None and info.dtype in ("BF16", "F16", "F32"):
-            try:
-                used, note = _resolve(wanted, info.shape)
-            except QuantizationError:
-                used = None  # refused shapes stay as they are
-            if used is not None:
-                if used not in scheme_index:
-                    scheme_index[used] = len(schemes)
-                    schemes.append(used)
-                index = scheme_index[used]
+            # Schemes come from the recipe's few objects: key by identity, not by hashing a model.
+            key = (id(wanted), info.shape)
+            decided = decisions.get(key)
+            if decided is None:
+                decided = decisions[key] = _decide(wanted, info.shape, schemes, scheme_index)
+            index, note = decided
         job = TensorJob(info.name, entry.file, info.begin, info.end, info.dtype, info.shape, index, note)
         jobs.append(job)
     scheme_table = tuple(schemes)

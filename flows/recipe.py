@@ -161,6 +161,10 @@ class Recipe(SchemeChoice):
         return self.name or self.scheme.upper()
 
     @cached_property
+    def _base_scheme(self) -> QuantScheme:
+        return self.resolve()
+
+    @cached_property
     def _matchers(self) -> tuple[_Matcher, _Matcher, list[tuple[_Matcher, QuantScheme]]]:
         ignore = self.ignore + (DEFAULT_IGNORE if self.use_default_ignore else ())
         overrides = [(_Matcher(o.targets), o.resolve()) for o in self.overrides]
@@ -177,7 +181,7 @@ class Recipe(SchemeChoice):
                 return scheme
         if ignore.matches(module) or not targets.matches(module):
             return None
-        return self.resolve()
+        return self._base_scheme
 
     def ignore_list(self) -> list[str]:
         """The `ignore` entries written to config.json."""
