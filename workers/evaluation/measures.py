@@ -22,10 +22,6 @@ def token_kl(reference_logits: torch.Tensor, other_logits: torch.Tensor) -> torc
     return (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)
 
 
-def _nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return -logits.float().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-
-
 def _percentile(values: torch.Tensor, q: float) -> float:
     if values.numel() == 0:
         return math.nan
@@ -47,13 +43,18 @@ class CausalAccumulator:
         KL and agreement are scored on every position from `first` (positions after a BOS), the
         NLL on predicting ids[:, t+1] from position t.
         """
-        ref, oth = reference[:, first:], other[:, first:]
-        self.kl.append(token_kl(ref, oth).reshape(-1).cpu())
-        self.agree.append((ref.argmax(-1) == oth.argmax(-1)).reshape(-1).cpu())
-        labels = ids[:, first + 1 :]
+        # One log-softmax per model serves KL, agreement and NLL (the vocab pass dominates).
+        log_p = reference[:, first:].float().log_softmax(-1)
+        log_q = other[:, first:].float().log_softmax(-1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)
+        self.kl.append(kl.reshape(-1).cpu())
+        self.agree.append((log_p.argmax(-1) == log_q.argmax(-1)).reshape(-1).cpu())
+        labels = ids[:, first + 1 :].unsqueeze(-1)
         if labels.shape[1]:
-            self.nll_ref.append(_nll(reference[:, first:-1], labels).reshape(-1).double().cpu())
-            self.nll_other.append(_nll(other[:, first:-1], labels).reshape(-1).double().cpu())
+            nll_p = -log_p[:, :-1].gather(-1, labels).squeeze(-1)
+            nll_q = -log_q[:, :-1].gather(-1, labels).squeeze(-1)
+            self.nll_ref.append(nll_p.reshape(-1).double().cpu())
+            self.nll_other.append(nll_q.reshape(-1).double().cpu())
 
     def summary(self) -> dict[str, float | int]:
         kl = torch.cat(self.kl) if self.kl else torch.zeros(0)
