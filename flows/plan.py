@@ -147,10 +147,10 @@ def build_plan(
     sizes_out: list[int] = [0]
     sizes: dict[tuple[int | None, tuple[int, ...], str], int] = {}
     for job in jobs:
-        key = (job.scheme, job.shape, job.dtype)
-        out = sizes.get(key)
+        size_key = (job.scheme, job.shape, job.dtype)
+        out = sizes.get(size_key)
         if out is None:
-            out = sizes[key] = _output_bytes(job, scheme_table)
+            out = sizes[size_key] = _output_bytes(job, scheme_table)
         if groups[-1] and sizes_out[-1] + out > shard_size:
             groups.append([])
             sizes_out.append(0)

@@ -33,8 +33,10 @@ def test_help_explains_every_option(capsys) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["plan", "/no/such/checkpoint"], "quantfleet: error: file:///no/such/checkpoint: no *.safetensors files"),
-        (["plan", "{minilm}", "--scheme", "W3A16"], "quantfleet: error: unknown scheme 'W3A16'; valid schemes:"),
+        (["plan", "/no/such/checkpoint"],
+         "quantfleet: error: file:///no/such/checkpoint: no *.safetensors files"),
+        (["plan", "{minilm}", "--scheme", "W3A16"],
+         "quantfleet: error: unknown scheme 'W3A16'; valid schemes:"),
         (["plan", "ftp://host/x"], "quantfleet: error: "),
         (["plan", "{minilm}", "--scheme", "NVFP4A16", "--group-size", "32"],
          "quantfleet: error: scheme NVFP4A16: the format fixes the group size at 16"),

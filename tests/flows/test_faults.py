@@ -20,7 +20,7 @@ import pytest
 from flows.pipeline import run_conversion
 from flows.recipe import Recipe
 from infra.storage import open_storage
-from tests.flows.conftest import file_digests, save_tiny_model
+from tests.flows.conftest import file_digests
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +28,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def medium_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Big enough that units take a while (and a kill lands mid-run), small enough for CI."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(1)
     config = LlamaConfig(
