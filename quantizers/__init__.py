@@ -16,7 +16,7 @@ from quantizers.errors import (
 )
 from quantizers.metrics import WeightError, weight_error
 from quantizers.presets import PRESETS, get_scheme, scheme_names
-from quantizers.probes import DEFAULT_PROBES, output_error, probe_vectors
+from quantizers.probes import DEFAULT_PROBES, estimate_output_error, output_error, probe_vectors
 from quantizers.quantize import QuantizedTensors, dequantize, quantize
 from quantizers.scheme import QuantScheme
 from quantizers.shapes import Resolution, StoredTensorSpec, resolve_scheme, stored_specs
@@ -35,6 +35,7 @@ __all__ = [
     "WeightError",
     "dequantize",
     "get_scheme",
+    "estimate_output_error",
     "output_error",
     "probe_vectors",
     "quantization_config",

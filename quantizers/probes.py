@@ -20,7 +20,18 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["DEFAULT_PROBES", "PROBE_SEED", "probe_vectors", "output_error"]
+from quantizers.quantize import quantize
+from quantizers.scheme import QuantScheme
+
+__all__ = [
+    "DEFAULT_PROBES",
+    "PROBE_SEED",
+    "SAMPLE_ROWS",
+    "estimate_output_error",
+    "output_error",
+    "probe_vectors",
+    "sampled_rows",
+]
 
 DEFAULT_PROBES = 16
 PROBE_SEED = 20240611
@@ -72,3 +83,44 @@ def output_error(weight: torch.Tensor, dequantized: torch.Tensor, probes: torch.
     if signal == 0.0:
         return math.inf
     return math.sqrt(noise / signal)
+
+
+# Rows sampled for the estimate on large weights: whole 128-row blocks (FP8_BLOCK's tile height),
+# spread evenly over the weight, up to this many rows.
+SAMPLE_ROWS = 1024
+_ROW_BLOCK = 128
+
+
+def sampled_rows(rows: int, budget: int = SAMPLE_ROWS) -> list[slice]:
+    """Evenly spaced whole 128-row blocks covering about `budget` rows (all rows if fewer)."""
+    if rows <= budget:
+        return [slice(0, rows)]
+    blocks = (rows + _ROW_BLOCK - 1) // _ROW_BLOCK
+    wanted = max(1, budget // _ROW_BLOCK)
+    picks = sorted({(i * blocks) // wanted for i in range(wanted)})
+    return [slice(b * _ROW_BLOCK, min(rows, (b + 1) * _ROW_BLOCK)) for b in picks]
+
+
+def estimate_output_error(
+    weight: torch.Tensor,
+    scheme: QuantScheme,
+    probes: torch.Tensor,
+    *,
+    budget: int = SAMPLE_ROWS,
+) -> float:
+    """`output_error` of quantizing `weight` with `scheme`, measured on sampled rows.
+
+    Every scheme quantizes rows independently given the tensor-wide NVFP4 global scale and whole
+    FP8 tiles, so re-quantizing a sample of whole 128-row blocks (with the full tensor's absmax)
+    gives exactly those rows of the full result. Rows of W X are independent outputs, so the
+    ratio over a spread-out sample estimates the layer's figure at a fraction of the cost of
+    dequantizing and multiplying the whole weight.
+    """
+    picks = sampled_rows(weight.shape[0], budget)
+    if len(picks) == 1 and picks[0] == slice(0, weight.shape[0]):
+        sample = weight
+    else:
+        sample = torch.cat([weight[s] for s in picks])
+    absmax = torch.maximum(-weight.amin(), weight.amax())
+    result = quantize(sample, scheme, global_absmax=absmax)
+    return output_error(sample, result.dequantized, probes)

@@ -50,3 +50,22 @@ def test_eight_bits_beat_four_bits_on_the_same_layout() -> None:
     assert all(math.isfinite(e) and e > 0 for e in errors.values())
     assert errors["W8A16"] < errors["W4A16"] / 4
     assert errors["FP8"] < errors["NVFP4A16"]
+
+
+def test_the_sampled_estimate_uses_exact_rows_of_the_full_result() -> None:
+    from quantizers import get_scheme, quantize
+    from quantizers.probes import estimate_output_error, output_error, probe_vectors, sampled_rows
+
+    weight = (torch.randn(1500, 256, generator=torch.Generator().manual_seed(4)) * 0.02).to(torch.bfloat16)
+    probes = probe_vectors(256, 8)
+    for name in ("W4A16", "FP8_BLOCK", "NVFP4A16"):
+        scheme = get_scheme(name)
+        full = quantize(weight, scheme, compile=False)
+        picks = sampled_rows(weight.shape[0], budget=512)
+        assert sum(s.stop - s.start for s in picks) <= 512 and len(picks) == 4
+        rows = torch.cat([full.dequantized[s] for s in picks])
+        expected = output_error(torch.cat([weight[s] for s in picks]), rows, probes)
+        assert estimate_output_error(weight, full.scheme, probes, budget=512) == expected, name
+        # And it estimates the whole layer's figure closely.
+        whole = output_error(weight, full.dequantized, probes)
+        assert abs(expected - whole) / whole < 0.15, name
