@@ -50,7 +50,11 @@ def _schedule(cron: str | None, interval: float | None) -> dict[str, Any]:
     if cron is not None:
         from prefect.client.schemas.schedules import CronSchedule
 
-        CronSchedule(cron=cron)  # fail here on a bad expression, with croniter's message
+        try:
+            CronSchedule(cron=cron)  # fail here, before anything is registered
+        except ValueError as error:
+            hint = '(expected 5 fields, e.g. "0 1 * * *")'
+            raise ValueError(f"invalid cron expression {cron!r} {hint}") from error
         return {"cron": cron}
     assert interval is not None
     if interval <= 0:
