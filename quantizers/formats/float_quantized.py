@@ -21,17 +21,22 @@ __all__ = ["quantize", "dequantize", "FP8_MAX"]
 FP8_MAX = 448.0
 
 
-def _fp8_kernel(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ErrorPartials]:
-    """tiles (R, tile_rows, C, tile_cols) -> E4M3 codes (uint8), scale (R, 1, C, 1), absmax, error."""
+def _fp8_scales(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """tiles (R, tile_rows, C, tile_cols) -> scale (float32, (R, 1, C, 1)) and absmax."""
     dtype = tiles.dtype
     absmax = signed_absmax(tiles, (1, 3))
     scale = round_to_dtype(absmax.float() / FP8_MAX, dtype)
-    scale = torch.where(scale == 0, eps_of(dtype), scale)
+    return torch.where(scale == 0, eps_of(dtype), scale), absmax
+
+
+def _fp8_codes(tiles: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, ErrorPartials]:
+    """E4M3 codes (uint8) of every element, and the error partial sums per tile."""
+    dtype = tiles.dtype
     x = tiles.float()
     scaled = round_to_dtype(x / scale, dtype).clamp(-FP8_MAX, FP8_MAX)
     codes, values = to_e4m3(scaled)
     dequantized = round_to_dtype(values * scale, dtype)
-    return codes, scale.to(dtype), absmax, error_partials(x, dequantized, (1, 3))
+    return codes, error_partials(x, dequantized, (1, 3))
 
 
 def _fp8_dequant_kernel(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -67,11 +72,13 @@ def quantize(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials]:
     rows, columns = weight.shape
     tile_rows, tile_cols = _tile_shape(scheme, columns)
-    kernel = maybe_compiled(_fp8_kernel, weight.numel(), compile)
-    q, scale, absmax, error = kernel(_as_tiles(weight, tile_rows, tile_cols))
+    tiles = _as_tiles(weight, tile_rows, tile_cols)
+    # Two kernels, so each tile's scale is computed once, not again for every element.
+    scale, absmax = maybe_compiled(_fp8_scales, weight.numel(), compile)(tiles)
+    q, error = maybe_compiled(_fp8_codes, weight.numel(), compile)(tiles, scale)
     stored = {
         "weight": _from_tiles(q, rows, columns).contiguous().view(torch.float8_e4m3fn),
-        "weight_scale": scale.reshape(scale.shape[0], scale.shape[2]).contiguous(),
+        "weight_scale": scale.reshape(scale.shape[0], scale.shape[2]).to(weight.dtype),
     }
     return stored, absmax, error
 

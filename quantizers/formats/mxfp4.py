@@ -22,7 +22,7 @@ from quantizers.formats._common import (
 )
 from quantizers.formats.nvfp4 import FP4_MAX, nibble_values
 from quantizers.kernels import maybe_compiled
-from quantizers.packing import fp4_nibbles, pack_nibbles, unpack_nibbles
+from quantizers.packing import fp4_codes, pack_nibbles, unpack_nibbles
 from quantizers.scheme import QuantScheme
 
 __all__ = ["quantize", "dequantize"]
@@ -51,10 +51,10 @@ def _round_to_power_of_two(values: torch.Tensor) -> torch.Tensor:
     return rounded.view(values.dtype)
 
 
-def _mxfp4_kernel(
+def _mxfp4_scales(
     grouped: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ErrorPartials]:
-    """grouped (rows, groups, 32) -> nibbles (rows, cols) uint8, E8M0 exponents, absmax, error."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grouped (rows, groups, 32) -> scale, the scale compressed-tensors decodes, E8M0, absmax."""
     dtype = grouped.dtype
     absmax = signed_absmax(grouped, -1)
     power = _round_to_power_of_two(absmax)
@@ -63,12 +63,19 @@ def _mxfp4_kernel(
     scale = round_to_dtype(torch.exp2(exponent - 127), dtype)
     scale = torch.where(scale == 0, eps_of(torch.uint8), scale)
     stored_exponent = (torch.log2(scale).floor() + 127).to(torch.int32).to(torch.uint8)
-    x = grouped.float()
-    nibbles = fp4_nibbles(round_to_dtype(x / scale, dtype).clamp(-FP4_MAX, FP4_MAX))
-    # What compressed-tensors decompresses to: bf16 2^(e-127) times the E2M1 value, in bf16.
     decoded_scale = round_to_dtype(torch.exp2(stored_exponent.float() - 127), torch.bfloat16)
-    dequantized = round_to_dtype(nibble_values(nibbles) * decoded_scale, torch.bfloat16)
-    return nibbles.flatten(-2), stored_exponent, absmax, error_partials(x, dequantized, -1)
+    return scale, decoded_scale, stored_exponent, absmax
+
+
+def _mxfp4_codes(
+    grouped: torch.Tensor, scale: torch.Tensor, decoded_scale: torch.Tensor
+) -> tuple[torch.Tensor, ErrorPartials]:
+    """Nibbles (rows, cols) of every element, and the error partial sums per block."""
+    x = grouped.float()
+    codes, values = fp4_codes(round_to_dtype(x / scale, grouped.dtype).clamp(-FP4_MAX, FP4_MAX))
+    # What compressed-tensors decompresses to: bf16 2^(e-127) times the E2M1 value, in bf16.
+    dequantized = round_to_dtype(values * decoded_scale, torch.bfloat16)
+    return codes.to(torch.uint8).flatten(-2), error_partials(x, dequantized, -1)
 
 
 def _mxfp4_dequant_kernel(nibbles: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
@@ -81,8 +88,10 @@ def quantize(
     weight: torch.Tensor, scheme: QuantScheme, compile: bool | None = None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials]:
     rows, columns = weight.shape
-    kernel = maybe_compiled(_mxfp4_kernel, weight.numel(), compile)
-    nibbles, exponent, absmax, error = kernel(group_view(weight, scheme.group_size))
+    grouped = group_view(weight, scheme.group_size)
+    # Two kernels, so each block's scale is computed once, not again for every element.
+    scale, decoded, exponent, absmax = maybe_compiled(_mxfp4_scales, weight.numel(), compile)(grouped)
+    nibbles, error = maybe_compiled(_mxfp4_codes, weight.numel(), compile)(grouped, scale, decoded)
     stored = {
         "weight_packed": pack_nibbles(nibbles.reshape(rows, columns)),
         "weight_scale": exponent.reshape(rows, -1).contiguous(),

@@ -20,8 +20,9 @@ from quantizers.formats._common import (
     round_to_dtype,
     signed_absmax,
 )
+from quantizers.formats.fp8_bits import to_e4m3
 from quantizers.kernels import maybe_compiled
-from quantizers.packing import fp4_nibbles, pack_nibbles, unpack_nibbles
+from quantizers.packing import fp4_codes, pack_nibbles, unpack_nibbles
 from quantizers.scheme import QuantScheme
 
 __all__ = ["quantize", "dequantize", "global_scale_for", "nibble_values", "FP4_MAX", "FP8_MAX"]
@@ -42,23 +43,31 @@ def global_scale_for(absmax: torch.Tensor) -> torch.Tensor:
     return scale.reshape(1)
 
 
-def _nvfp4_kernel(
+def _nvfp4_scales(
     grouped: torch.Tensor, global_scale: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ErrorPartials]:
-    """grouped (rows, groups, 16) -> nibbles (rows, cols) uint8, fp8 scale, absmax, error."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grouped (rows, groups, 16) -> block scale (float32), its E4M3 code (uint8), absmax."""
     dtype = grouped.dtype
     absmax = signed_absmax(grouped, -1)
     local = round_to_dtype(absmax.float() / FP4_MAX, dtype)
     scale = (global_scale * local).clamp(-FP8_MAX, FP8_MAX)
-    scale = scale.to(torch.float8_e4m3fn).float()
-    scale = torch.where(scale == 0, eps_of(torch.float8_e4m3fn), scale)
+    codes, scale = to_e4m3(scale)  # round to FP8 (the stored dtype) on the bits
+    eps = eps_of(torch.float8_e4m3fn)
+    zero = scale == 0
+    # 0.125 is E4M3 code 0x20.
+    return torch.where(zero, eps, scale), torch.where(zero, 0x20, codes.int()).to(torch.uint8), absmax
+
+
+def _nvfp4_codes(
+    grouped: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor
+) -> tuple[torch.Tensor, ErrorPartials]:
+    """Nibbles (rows, cols) of every element, and the error partial sums per block."""
     effective = scale / global_scale
     x = grouped.float()
-    nibbles = fp4_nibbles((x / effective).clamp(-FP4_MAX, FP4_MAX))
+    codes, values = fp4_codes((x / effective).clamp(-FP4_MAX, FP4_MAX))
     # What compressed-tensors decompresses to: E2M1 value * (scale / global), in bf16.
-    dequantized = round_to_dtype(nibble_values(nibbles) * effective, torch.bfloat16)
-    error = error_partials(x, dequantized, -1)
-    return nibbles.flatten(-2), scale.to(torch.float8_e4m3fn), absmax, error
+    dequantized = round_to_dtype(values * effective, torch.bfloat16)
+    return codes.to(torch.uint8).flatten(-2), error_partials(x, dequantized, -1)
 
 
 def _nvfp4_dequant_kernel(
@@ -88,13 +97,15 @@ def quantize(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials]:
     rows, columns = weight.shape
     if global_absmax is None:
-        global_absmax = signed_absmax(weight, (0, 1))
+        global_absmax = maybe_compiled(signed_absmax, weight.numel(), compile)(weight, (0, 1))
     global_scale = global_scale_for(global_absmax.to(weight.dtype).reshape(()))
-    kernel = maybe_compiled(_nvfp4_kernel, weight.numel(), compile)
-    nibbles, scale, absmax, error = kernel(group_view(weight, scheme.group_size), global_scale)
+    grouped = group_view(weight, scheme.group_size)
+    # Two kernels, so each block's scale is computed once, not again for every element.
+    scale, scale_codes, absmax = maybe_compiled(_nvfp4_scales, weight.numel(), compile)(grouped, global_scale)
+    nibbles, error = maybe_compiled(_nvfp4_codes, weight.numel(), compile)(grouped, scale, global_scale)
     stored = {
         "weight_packed": pack_nibbles(nibbles.reshape(rows, columns)),
-        "weight_scale": scale.reshape(rows, -1).contiguous(),
+        "weight_scale": scale_codes.reshape(rows, -1).view(torch.float8_e4m3fn),
         "weight_global_scale": global_scale,
     }
     return stored, absmax, error

@@ -25,35 +25,40 @@ from quantizers.scheme import QuantScheme
 __all__ = ["quantize", "dequantize"]
 
 
-def _int_kernel(
+def _int_scales(
     grouped: torch.Tensor, num_bits: int, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ErrorPartials]:
-    """grouped (rows, groups, size) -> codes uint8 (q + 2^(b-1)), scale, zero point, absmax, error."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grouped (rows, groups, size) -> scale and zero point (float32, (rows, groups, 1)), absmax."""
     dtype = grouped.dtype
     q_min, q_max = -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
-    # Kept (rows, groups, 1) so they broadcast over each group.
     low = grouped.amin(dim=-1, keepdim=True).clamp(max=0)
     high = grouped.amax(dim=-1, keepdim=True).clamp(min=0)
     absmax = torch.maximum(-low, high)
-    x = grouped.float()
     if symmetric:
         scale = round_to_dtype(absmax.float() / ((q_max - q_min) / 2), dtype)
-        scale = torch.where(scale == 0, eps_of(dtype), scale)
-        scaled = round_to_dtype(x / scale, dtype)
-        zero = torch.zeros_like(scale)
-    else:
-        spread = round_to_dtype(high.float() - low.float(), dtype)
-        raw_scale = round_to_dtype(spread / (q_max - q_min), dtype)
-        # The zero point comes from the scale before zeros are replaced (all-zero groups: 0/0).
-        zero = round_to_dtype(q_min - round_to_dtype(low.float() / raw_scale, dtype), dtype)
-        zero = torch.nan_to_num(zero, nan=0.0).clamp(q_min, q_max).round()
-        scale = torch.where(raw_scale == 0, eps_of(dtype), raw_scale)
-        scaled = round_to_dtype(round_to_dtype(x / scale, dtype) + zero, dtype)
+        return torch.where(scale == 0, eps_of(dtype), scale), torch.zeros_like(scale), absmax
+    spread = round_to_dtype(high.float() - low.float(), dtype)
+    raw_scale = round_to_dtype(spread / (q_max - q_min), dtype)
+    # The zero point comes from the scale before zeros are replaced (all-zero groups: 0/0).
+    zero = round_to_dtype(q_min - round_to_dtype(low.float() / raw_scale, dtype), dtype)
+    zero = torch.nan_to_num(zero, nan=0.0).clamp(q_min, q_max).round()
+    return torch.where(raw_scale == 0, eps_of(dtype), raw_scale), zero, absmax
+
+
+def _int_codes(
+    grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, num_bits: int, symmetric: bool
+) -> tuple[torch.Tensor, ErrorPartials]:
+    """Codes uint8 (q + 2^(b-1)) of every element, and the error partial sums per group."""
+    dtype = grouped.dtype
+    q_min, q_max = -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
+    x = grouped.float()
+    scaled = round_to_dtype(x / scale, dtype)
+    if not symmetric:
+        scaled = round_to_dtype(scaled + zero, dtype)
     q = scaled.clamp(q_min, q_max).round()
-    codes = (q - q_min).to(torch.uint8)
     # What compressed-tensors decompresses to: (q - zero) * scale, rounded to the weight's dtype.
     dequantized = round_to_dtype((q - zero) * scale, dtype)
-    return codes, scale.to(dtype), zero.to(torch.int8), absmax, error_partials(x, dequantized, -1)
+    return (q - q_min).to(torch.uint8), error_partials(x, dequantized, -1)
 
 
 def _int_dequant_kernel(
@@ -68,17 +73,20 @@ def quantize(
     weight: torch.Tensor, scheme: QuantScheme, compile: bool | None = None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials]:
     rows, columns = weight.shape
-    kernel = maybe_compiled(_int_kernel, weight.numel(), compile)
-    codes, scale, zero, absmax, error = kernel(
-        group_view(weight, scheme.group_size), scheme.num_bits, scheme.symmetric
-    )
+    grouped = group_view(weight, scheme.group_size)
+    # Two kernels, so the per-group scale is computed once, not again for every element.
+    scales = maybe_compiled(_int_scales, weight.numel(), compile)
+    scale, zero, absmax = scales(grouped, scheme.num_bits, scheme.symmetric)
+    codes_of = maybe_compiled(_int_codes, weight.numel(), compile)
+    codes, error = codes_of(grouped, scale, zero, scheme.num_bits, scheme.symmetric)
     stored = {
         "weight_packed": pack_codes(codes.reshape(rows, columns), scheme.num_bits),
-        "weight_scale": scale.reshape(rows, -1).contiguous(),
+        "weight_scale": scale.reshape(rows, -1).to(weight.dtype),
         "weight_shape": torch.tensor([rows, columns], dtype=torch.int64, device=weight.device),
     }
     if not scheme.symmetric:
-        stored["weight_zero_point"] = pack_int_along_rows(zero.reshape(rows, -1), scheme.num_bits)
+        zero_points = zero.reshape(rows, -1).to(torch.int8)
+        stored["weight_zero_point"] = pack_int_along_rows(zero_points, scheme.num_bits)
     return stored, absmax, error
 
 
