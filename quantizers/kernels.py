@@ -3,7 +3,10 @@
 Eager torch on a 2-core CPU quantizes int4 at ~150 MiB/s; the same function compiled by
 TorchInductor fuses the passes into one vectorised loop (GiB/s). Compiling costs seconds once per
 process and dtype (shapes are dynamic, and Inductor's on-disk cache makes later processes cheap),
-so it only pays on large tensors: below `COMPILE_MIN_ELEMENTS` the eager function runs.
+so it only pays on large tensors: below `COMPILE_MIN_ELEMENTS` the eager function runs. The
+choice depends on the tensor alone, never on what the process did before: compiled and eager
+kernels store the same bytes, but their error figures (float sums in another order) differ in
+the last bits, and the manifest of a resumed run must equal an uninterrupted one.
 
 Every kernel is written in float32 with an explicit cast wherever eager torch would round to the
 weight's dtype, and `emulate_precision_casts` keeps Inductor from dropping those casts, so the

@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -72,13 +73,22 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 @contextmanager
-def _scratch_file(directory: str | None) -> Iterator[int]:
-    handle, path = tempfile.mkstemp(prefix="quantfleet-", suffix=".safetensors", dir=directory)
+def _scratch_file(
+    staging: Storage, key: str, directory: str | None
+) -> Iterator[tuple[int, Path, bool]]:
+    """A file to assemble the shard in: beside its staged name when the staging storage can adopt
+    it (local disk: no second copy), else in the scratch directory (then streamed up)."""
+    beside = staging.scratch_path(key) if directory is None else None
+    if beside is not None:
+        handle, path = os.open(beside, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), beside
+    else:
+        handle, name = tempfile.mkstemp(prefix="quantfleet-", suffix=".safetensors", dir=directory)
+        path = Path(name)
     try:
-        yield handle
+        yield handle, path, beside is not None
     finally:
         os.close(handle)
-        os.unlink(path)
+        path.unlink(missing_ok=True)  # already gone once adopted
 
 
 def _convert_job(
@@ -165,7 +175,7 @@ def convert_unit(unit: WorkUnit, ctx: UnitContext) -> UnitResult:
         offsets[spec.name] = position
         position += spec.nbytes
     records = []
-    with _scratch_file(ctx.scratch_dir) as fd:
+    with _scratch_file(staging, unit.file_name, ctx.scratch_dir) as (fd, path, adoptable):
         os.ftruncate(fd, position)
         _pwrite_all(fd, memoryview(header), 0)
         with TensorReader(source) as reader:
@@ -174,7 +184,11 @@ def convert_unit(unit: WorkUnit, ctx: UnitContext) -> UnitResult:
                     records.append(_convert_job(job, reader, ctx, device, offsets, fd))
                 except (QuantizationError, TensorQualityError) as error:
                     raise UnitFailed(f"unit {unit.index} ({unit.file_name}): {error}") from error
-        size, sha256 = _upload(fd, position, staging, unit.file_name)
+        if adoptable:
+            adopted = staging.adopt(unit.file_name, path)
+            size, sha256 = adopted.size, adopted.sha256
+        else:
+            size, sha256 = _upload(fd, position, staging, unit.file_name)
     result = UnitResult(
         index=unit.index, file_name=unit.file_name, size=size, sha256=sha256, tensors=tuple(records),
         weight_map={spec.name: unit.file_name for spec in ordered},

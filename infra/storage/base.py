@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import hashlib
 from collections.abc import Iterator
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -235,6 +236,14 @@ class Storage(abc.ABC):
         Only uploads started more than `older_than_s` seconds ago are touched, so a live writer
         elsewhere in the fleet can be protected. Returns how many were discarded.
         """
+
+    def scratch_path(self, key: str) -> Path | None:
+        """A local file beside `key` that `adopt` can turn into the object, or None when this
+        backend has no such fast path (writers then stream the bytes with `open_writer`)."""
+        return None
+
+    def adopt(self, key: str, scratch: Path) -> WriteResult:
+        raise NotImplementedError(f"{type(self).__name__} cannot adopt local files")
 
     def hash_object(self, key: str, *, chunk_bytes: int = 8 << 20) -> str:
         """Re-read the whole object and return its hex SHA-256 (end-to-end verification)."""
