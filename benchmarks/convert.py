@@ -156,7 +156,7 @@ def ensure_peer() -> Path:
     return python
 
 
-def run_quantfleet(source: Path, dest: Path, scheme: str) -> dict[str, object]:
+def run_quantfleet(source: Path, dest: Path, scheme: str, shard_size: str) -> dict[str, object]:
     shutil.rmtree(dest, ignore_errors=True)
     result = measure(
         [
@@ -167,7 +167,7 @@ def run_quantfleet(source: Path, dest: Path, scheme: str) -> dict[str, object]:
             "--scheme",
             scheme,
             "--shard-size",
-            "2GB",
+            shard_size,
         ],
         env={"PREFECT_API_URL": "", "RAY_AUTH_MODE": "disabled"},
     )
@@ -204,6 +204,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=10, help="decoder layers (10: about 4.7 GB)")
     parser.add_argument("--schemes", default="W4A16,FP8")
     parser.add_argument("--skip-peer", action="store_true", help="measure quantfleet only")
+    parser.add_argument(
+        "--shard-size",
+        default="400MB",
+        help="output shard size; a unit of work is one shard, so this sets how many workers get work",
+    )
     args = parser.parse_args()
     source = args.workdir / "source"
     size = generate(source, args.layers)
@@ -212,7 +217,8 @@ def main() -> None:
     peer = None if args.skip_peer else ensure_peer()
     rows = []
     for scheme in args.schemes.split(","):
-        runs = [("quantfleet", run_quantfleet(source, args.workdir / f"qf-{scheme}", scheme))]
+        ours = run_quantfleet(source, args.workdir / f"qf-{scheme}", scheme, args.shard_size)
+        runs = [("quantfleet", ours)]
         if peer is not None:
             runs.append(
                 (
@@ -251,7 +257,8 @@ def main() -> None:
         "Conversion",
         f"Measured with `.venv/bin/python benchmarks/convert.py --layers {args.layers}` ({machine_line()}) "
         f"on a generated Llama-shaped bf16 checkpoint of {mib:,.0f} MiB in 3 shards (hidden 4096, "
-        "MLP 11008), converted to local disk. quantfleet runs `quantfleet convert` with Prefect's "
+        f"MLP 11008), output shards of {args.shard_size} (one work unit each), "
+        "converted to local disk. quantfleet runs `quantfleet convert` with Prefect's "
         "local mode and a local Ray (one worker per core); its fixed start-up (Prefect's temporary "
         "server, Ray, planning) is reported apart from converting. model_free_ptq runs with "
         "max_workers=1 on CPU; its start-up is its import time. Peak RSS is the largest single "
