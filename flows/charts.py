@@ -6,11 +6,13 @@ PNG bytes depend only on the data (no timestamps), so re-runs publish identical 
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import re
-from collections.abc import Sequence
-from typing import Any
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from workers.records import TensorRecord
 
@@ -50,6 +52,20 @@ def _pyplot() -> Any:
     return plt
 
 
+# pyplot keeps global state and is not thread-safe; sync renders reports from several threads.
+_PYPLOT_LOCK = threading.Lock()
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _serialised(function: _F) -> _F:
+    @functools.wraps(function)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with _PYPLOT_LOCK:
+            return function(*args, **kwargs)
+
+    return locked  # type: ignore[return-value]
+
+
 def _png(figure: Any) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
@@ -57,6 +73,7 @@ def _png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
+@_serialised
 def per_layer_chart(tensors: Sequence[TensorRecord], title: str) -> bytes | None:
     """Per-layer error of every quantized Linear, one line per module kind; None if no layers."""
     series = per_layer_series(tensors)
@@ -80,6 +97,7 @@ def per_layer_chart(tensors: Sequence[TensorRecord], title: str) -> bytes | None
     return _png(figure)
 
 
+@_serialised
 def scatter_chart(
     points: Sequence[tuple[str, float, float]],
     *,
