@@ -497,6 +497,9 @@ def _configure_logging(verbose: bool) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, single-user cluster
     # The machines this runs on often have no internet: don't try to send usage statistics.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's local mode starts a temporary server; on a busy 2-core machine (Ray starting
+    # beside it) that can take longer than Prefect's default 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
