@@ -84,8 +84,8 @@ def _source_identity(catalog: Catalog, sizes: dict[str, tuple[int, str | None]])
     """A hash of what the source is: each shard file's key, size, ETag or SHA-256, tensor count.
 
     On S3 the ETag changes with the content, so a re-uploaded checkpoint with new weights gets a
-    new identity and an unchanged one keeps it. Local files have no ETag: their size and header
-    stand in (a rewrite with identical sizes keeps its identity).
+    new identity and an unchanged one keeps it. Local storage reports an ETag made of inode, mtime
+    and size, so a copied or rewritten file counts as new (conservative: it is converted again).
     """
     digest = hashlib.sha256()
     for key in sorted(catalog.files):
