@@ -35,6 +35,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 _compiled: dict[Callable[..., Any], Callable[..., Any]] = {}
 _broken: set[Callable[..., Any]] = set()
 _compile_seconds: dict[str, float] = {}
+_warned = False
 
 
 def compile_seconds() -> dict[str, float]:
@@ -51,6 +52,18 @@ def _wants_compile(numel: int, force: bool | None) -> bool:
     if setting in ("1", "true", "yes", "on"):
         return True
     return numel >= COMPILE_MIN_ELEMENTS
+
+
+def _report_fallback(name: str, exc: Exception) -> None:
+    """One short line per process (a worker runs many units); the rest, and the trace, at debug."""
+    global _warned
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    if _warned:
+        _log.debug("compiling %s failed too (%s); using eager torch", name, reason)
+    else:
+        _warned = True
+        _log.warning("compiling %s failed (%s); using eager torch (same bytes, slower)", name, reason)
+    _log.debug("compile failure of %s", name, exc_info=exc)
 
 
 def maybe_compiled(kernel: F, numel: int, force: bool | None = None) -> F:
@@ -73,8 +86,8 @@ def maybe_compiled(kernel: F, numel: int, force: bool | None = None) -> F:
         try:
             result = compiled(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
-            _log.warning("compiling %s failed (%s); using eager torch", kernel.__name__, exc)
             _broken.add(kernel)
+            _report_fallback(kernel.__name__, exc)
             return kernel(*args, **kwargs)
         if first:
             _compile_seconds[kernel.__name__] = time.perf_counter() - start

@@ -10,6 +10,10 @@ weight's dtype (scale = absmax / 7.5 in bf16, x / scale in bf16), so stored byte
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cache
+from typing import NamedTuple
+
 import torch
 
 from quantizers.formats._common import ErrorPartials, eps_of, error_partials, group_view, round_to_dtype
@@ -25,48 +29,62 @@ from quantizers.scheme import QuantScheme
 __all__ = ["quantize", "dequantize"]
 
 
-def _int_scales(
-    grouped: torch.Tensor, num_bits: int, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grouped (rows, groups, size) -> scale and zero point (float32, (rows, groups, 1)), absmax."""
-    dtype = grouped.dtype
+class _IntKernels(NamedTuple):
+    scales: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    codes: Callable[..., tuple[torch.Tensor, ErrorPartials]]
+    dequant: Callable[..., torch.Tensor]
+
+
+@cache
+def _int_kernels(num_bits: int) -> _IntKernels:
+    """The three kernels for one bit width, with its integer range baked in as constants.
+
+    The range is computed here, outside the functions that get compiled: with `num_bits` as an
+    argument, Dynamo (dynamic shapes) makes it a symbolic int, and torch 2.11 fails to trace
+    `1 << (num_bits - 1)` on one, so every int scheme fell back to eager. Cached, so each bit
+    width has one set of function objects and compiles once per process.
+    """
     q_min, q_max = -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
-    low = grouped.amin(dim=-1, keepdim=True).clamp(max=0)
-    high = grouped.amax(dim=-1, keepdim=True).clamp(min=0)
-    absmax = torch.maximum(-low, high)
-    if symmetric:
-        scale = round_to_dtype(absmax.float() / ((q_max - q_min) / 2), dtype)
-        return torch.where(scale == 0, eps_of(dtype), scale), torch.zeros_like(scale), absmax
-    spread = round_to_dtype(high.float() - low.float(), dtype)
-    raw_scale = round_to_dtype(spread / (q_max - q_min), dtype)
-    # The zero point comes from the scale before zeros are replaced (all-zero groups: 0/0).
-    zero = round_to_dtype(q_min - round_to_dtype(low.float() / raw_scale, dtype), dtype)
-    zero = torch.nan_to_num(zero, nan=0.0).clamp(q_min, q_max).round()
-    return torch.where(raw_scale == 0, eps_of(dtype), raw_scale), zero, absmax
+    half_range = (q_max - q_min) / 2
 
+    def _int_scales(
+        grouped: torch.Tensor, symmetric: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """grouped (rows, groups, size) -> scale and zero point (float32, (rows, groups, 1)), absmax."""
+        dtype = grouped.dtype
+        low = grouped.amin(dim=-1, keepdim=True).clamp(max=0)
+        high = grouped.amax(dim=-1, keepdim=True).clamp(min=0)
+        absmax = torch.maximum(-low, high)
+        if symmetric:
+            scale = round_to_dtype(absmax.float() / half_range, dtype)
+            return torch.where(scale == 0, eps_of(dtype), scale), torch.zeros_like(scale), absmax
+        spread = round_to_dtype(high.float() - low.float(), dtype)
+        raw_scale = round_to_dtype(spread / (q_max - q_min), dtype)
+        # The zero point comes from the scale before zeros are replaced (all-zero groups: 0/0).
+        zero = round_to_dtype(q_min - round_to_dtype(low.float() / raw_scale, dtype), dtype)
+        zero = torch.nan_to_num(zero, nan=0.0).clamp(q_min, q_max).round()
+        return torch.where(raw_scale == 0, eps_of(dtype), raw_scale), zero, absmax
 
-def _int_codes(
-    grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, num_bits: int, symmetric: bool
-) -> tuple[torch.Tensor, ErrorPartials]:
-    """Codes uint8 (q + 2^(b-1)) of every element, and the error partial sums per group."""
-    dtype = grouped.dtype
-    q_min, q_max = -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
-    x = grouped.float()
-    scaled = round_to_dtype(x / scale, dtype)
-    if not symmetric:
-        scaled = round_to_dtype(scaled + zero, dtype)
-    q = scaled.clamp(q_min, q_max).round()
-    # What compressed-tensors decompresses to: (q - zero) * scale, rounded to the weight's dtype.
-    dequantized = round_to_dtype((q - zero) * scale, dtype)
-    return (q - q_min).to(torch.uint8), error_partials(x, dequantized, -1)
+    def _int_codes(
+        grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, symmetric: bool
+    ) -> tuple[torch.Tensor, ErrorPartials]:
+        """Codes uint8 (q + 2^(b-1)) of every element, and the error partial sums per group."""
+        dtype = grouped.dtype
+        x = grouped.float()
+        scaled = round_to_dtype(x / scale, dtype)
+        if not symmetric:
+            scaled = round_to_dtype(scaled + zero, dtype)
+        q = scaled.clamp(q_min, q_max).round()
+        # What compressed-tensors decompresses to: (q - zero) * scale, rounded to the weight's dtype.
+        dequantized = round_to_dtype((q - zero) * scale, dtype)
+        return (q - q_min).to(torch.uint8), error_partials(x, dequantized, -1)
 
+    def _int_dequant_kernel(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """codes (rows, groups, size), scale and zero (rows, groups, 1) -> weight in scale's dtype."""
+        q = codes.float() + q_min
+        return round_to_dtype((q - zero.float()) * scale.float(), scale.dtype).to(scale.dtype)
 
-def _int_dequant_kernel(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, num_bits: int
-) -> torch.Tensor:
-    """codes (rows, groups, size), scale and zero (rows, groups, 1) -> weight in scale's dtype."""
-    q = codes.float() - (1 << (num_bits - 1))
-    return round_to_dtype((q - zero.float()) * scale.float(), scale.dtype).to(scale.dtype)
+    return _IntKernels(_int_scales, _int_codes, _int_dequant_kernel)
 
 
 def quantize(
@@ -75,10 +93,11 @@ def quantize(
     rows, columns = weight.shape
     grouped = group_view(weight, scheme.group_size)
     # Two kernels, so the per-group scale is computed once, not again for every element.
-    scales = maybe_compiled(_int_scales, weight.numel(), compile)
-    scale, zero, absmax = scales(grouped, scheme.num_bits, scheme.symmetric)
-    codes_of = maybe_compiled(_int_codes, weight.numel(), compile)
-    codes, error = codes_of(grouped, scale, zero, scheme.num_bits, scheme.symmetric)
+    kernels = _int_kernels(scheme.num_bits)
+    scales = maybe_compiled(kernels.scales, weight.numel(), compile)
+    scale, zero, absmax = scales(grouped, scheme.symmetric)
+    codes_of = maybe_compiled(kernels.codes, weight.numel(), compile)
+    codes, error = codes_of(grouped, scale, zero, scheme.symmetric)
     stored = {
         "weight_packed": pack_codes(codes.reshape(rows, columns), scheme.num_bits),
         "weight_scale": scale.reshape(rows, -1).to(weight.dtype),
@@ -100,9 +119,6 @@ def dequantize(
         zero = torch.zeros(scale.shape, dtype=torch.int8, device=scale.device)
     else:
         zero = unpack_int_along_rows(stored["weight_zero_point"], scheme.num_bits, rows)
-    kernel = maybe_compiled(_int_dequant_kernel, rows * columns, compile)
-    values = kernel(
-        group_view(codes, scheme.group_size), scale.unsqueeze(-1), zero.unsqueeze(-1),
-        scheme.num_bits,
-    )
+    kernel = maybe_compiled(_int_kernels(scheme.num_bits).dequant, rows * columns, compile)
+    values = kernel(group_view(codes, scheme.group_size), scale.unsqueeze(-1), zero.unsqueeze(-1))
     return values.reshape(rows, columns)

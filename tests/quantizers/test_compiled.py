@@ -28,3 +28,42 @@ def test_compiled_equals_eager(name: str, dtype: torch.dtype) -> None:
     eager_values = dequantize(eager.tensors, eager.scheme, compile=False)
     compiled_values = dequantize(eager.tensors, eager.scheme, compile=True)
     assert torch.equal(eager_values, compiled_values)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["W8A16", "W4A16_ASYM"])
+def test_int_kernels_compile_without_falling_back(name: str, caplog: pytest.LogCaptureFixture) -> None:
+    # The bit width is baked into each kernel, not a (symbolic) argument Dynamo must trace.
+    from quantizers import kernels
+
+    weight = torch.randn(256, 512, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    with caplog.at_level("WARNING", logger="quantizers.kernels"):
+        quantize(weight, get_scheme(name), compile=True)
+    assert not caplog.records
+    assert not kernels._broken
+
+
+def test_compile_failure_is_one_line_once_per_process(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from quantizers import kernels
+
+    def failing_compile(function, **options):  # noqa: ANN001, ANN003, ANN202 - stands in for a broken compiler
+        def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            raise RuntimeError("Dynamo failed to run FX node\n" + "explanation line\n" * 14)
+        return run
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    monkeypatch.setattr(kernels, "_compiled", {})
+    monkeypatch.setattr(kernels, "_broken", set())
+    monkeypatch.setattr(kernels, "_warned", False)
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(4))
+    with caplog.at_level("WARNING", logger="quantizers.kernels"):
+        first = quantize(weight, get_scheme("W4A16"), compile=True)
+        quantize(weight, get_scheme("FP8"), compile=True)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "\n" not in warnings[0].getMessage()
+    assert "Dynamo failed to run FX node" in warnings[0].getMessage()
+    eager = quantize(weight, get_scheme("W4A16"), compile=False)
+    assert torch.equal(first.tensors["weight_packed"], eager.tensors["weight_packed"])
