@@ -46,7 +46,9 @@ def start_ray(address: str | None = None) -> ClusterInfo:
     import ray
 
     if not ray.is_initialized():
-        target = address or os.environ.get("RAY_ADDRESS") or None
+        # "local" starts a new Ray: without it, ray.init() joins whatever cluster `ray start` last
+        # started on this machine, which is not what the CLI promises.
+        target = address or os.environ.get("RAY_ADDRESS") or "local"
         ray.init(
             address=target,
             include_dashboard=False,
@@ -107,7 +109,8 @@ def run_units(
                 result = ray.get(ref)
             except Exception as error:  # noqa: BLE001 - every failure is collected and reported
                 failures.append((unit, _describe(error)))
-                _log.error("unit %d failed: %s", unit.index, _describe(error))
+                # The failure is listed again at the end (ConversionFailed); -v shows it as it happens.
+                _log.info("unit %d failed: %s", unit.index, _describe(error))
                 continue
             results[unit.index] = result
             if on_done is not None:

@@ -38,7 +38,7 @@ def local_ray(s3: MotoS3) -> Iterator[None]:
     import ray
 
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 
