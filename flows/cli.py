@@ -317,8 +317,10 @@ def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_p
 
     with reporting_progress(on_done):
         if use_prefect:
+            from flows.console import hide_run_failures_on_console
             from flows.convert import convert_flow
 
+            hide_run_failures_on_console(args.verbose)
             summary = convert_flow(
                 source, dest, recipe, shard_size=args.shard_size,
                 ray_address=getattr(args, "ray_address", None), device=getattr(args, "device", "auto"),
@@ -426,6 +428,9 @@ def _cmd_sync(args: argparse.Namespace) -> int:
         if args.no_prefect:
             summary = run_sync(args.source, args.dest, args.recipes, **options)
         else:
+            from flows.console import hide_run_failures_on_console
+
+            hide_run_failures_on_console(args.verbose)
             summary = sync_flow(args.source, args.dest, args.recipes, **options)
     except SyncFailed as failed:
         print(failed.summary.text())
@@ -501,6 +506,9 @@ def _configure_logging(verbose: bool) -> None:
     # beside it) that can take longer than Prefect's default 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray's node gives up after ~15 s if its agents have not started; a busy 2-core machine needs more.
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 

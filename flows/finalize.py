@@ -4,8 +4,11 @@ Everything is staged beside the shards in two steps: first what makes the staged
 checkpoint (index, config.json with its quantization_config, side files), so the optional
 evaluation can run on it; then the quantfleet.json manifest, report.md and its per-layer error
 chart, which include the evaluation and the gate results. `publish` then commits them in one step.
-The manifest, report and chart hold nothing run-specific (no times), so re-runs produce
-byte-identical artifacts.
+The model files (shards, index, config, side files) and the chart hold nothing run-specific, so
+re-runs produce byte-identical checkpoints. The manifest's `units` (each unit's wall time, device
+and node) and the report's "Where it ran" section record how the run went: a unit reused by a
+resumed run keeps the figures of the run that made it, so a resume after a crash during commit
+writes the same manifest again.
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ def manifest(
         "recipe": plan.recipe.model_dump(mode="json"),
         "schemes": [s.model_dump(mode="json") for s in plan.schemes],
         "shards": [{"file": r.file_name, "size": r.size, "sha256": r.sha256} for r in results],
+        "units": [_unit_entry(r) for r in sorted(results, key=lambda r: r.index)],
         "totals": {
             "bytes_in": sum(t.bytes_in for t in tensors),
             "bytes_out": sum(t.bytes_out for t in tensors),
@@ -113,6 +117,38 @@ def manifest(
         },
         "tensors": [t.model_dump(mode="json") for t in sorted(tensors, key=lambda t: t.name)],
     }
+
+
+def _unit_entry(result: UnitResult) -> dict[str, object]:
+    return {
+        "index": result.index,
+        "file": result.file_name,
+        "seconds": round(result.seconds, 3),
+        "device": result.device,
+        "node": result.node,
+        "bytes_in": sum(t.bytes_in for t in result.tensors),
+        "bytes_out": sum(t.bytes_out for t in result.tensors),
+    }
+
+
+def _placement_lines(results: Sequence[UnitResult]) -> list[str]:
+    """Per node: units, bytes read, unit-seconds and throughput per busy worker."""
+    nodes: dict[tuple[str, str], list[UnitResult]] = {}
+    for result in results:
+        nodes.setdefault((result.node, result.device), []).append(result)
+    lines = [
+        "## Where it ran",
+        "",
+        "| node | device | units | read | unit-seconds | MiB/s per busy worker |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (node, device), group in sorted(nodes.items()):
+        read = sum(t.bytes_in for r in group for t in r.tensors)
+        seconds = sum(r.seconds for r in group)
+        rate = f"{read / 2**20 / seconds:.1f}" if seconds > 0 else "-"
+        lines.append(f"| {node} | {device} | {len(group)} | {_size(read)} | {seconds:.1f} | {rate} |")
+    lines += ["", "Unit-seconds add up each unit's wall time on its worker; units on one node overlap.", ""]
+    return lines
 
 
 def _size(n: float) -> str:
@@ -259,6 +295,8 @@ def report_markdown(
         lines += ["## Shape adjustments", ""]
         lines += [f"- `{t.name}`: {t.note}" for t in adjusted]
         lines.append("")
+    if results:
+        lines += _placement_lines(results)
     return "\n".join(lines)
 
 

@@ -154,8 +154,12 @@ def _upload(fd: int, size: int, staging: Storage, key: str) -> tuple[int, str]:
     return result.size, result.sha256
 
 
-def convert_unit(unit: WorkUnit, ctx: UnitContext) -> UnitResult:
-    """Convert `unit` and stage its shard; returns the record (a finished unit is not redone)."""
+def convert_unit(unit: WorkUnit, ctx: UnitContext, node: str = "local") -> UnitResult:
+    """Convert `unit` and stage its shard; returns the record (a finished unit is not redone).
+
+    `node` names the machine for the record (the Ray wrapper passes its node), so a resumed run
+    reports where and how fast each unit really ran.
+    """
     started = time.perf_counter()
     staging = open_storage(ctx.staging_uri)
     done = _finished(staging, unit)
@@ -192,7 +196,7 @@ def convert_unit(unit: WorkUnit, ctx: UnitContext) -> UnitResult:
     result = UnitResult(
         index=unit.index, file_name=unit.file_name, size=size, sha256=sha256, tensors=tuple(records),
         weight_map={spec.name: unit.file_name for spec in ordered},
-        seconds=time.perf_counter() - started, device=str(device),
+        seconds=time.perf_counter() - started, device=str(device), node=node,
     )
     # Written last: its presence means the shard above is complete.
     staging.put_bytes(unit_record_key(unit), result.model_dump_json().encode())

@@ -13,14 +13,18 @@ from workers.convert_unit import convert_unit
 from workers.records import UnitContext, UnitResult
 from workers.units import WorkUnit
 
-__all__ = ["convert_unit_remote", "MAX_RETRIES"]
+__all__ = ["convert_unit_remote", "node_name", "MAX_RETRIES"]
 
 MAX_RETRIES = 3
 
 
+def node_name() -> str:
+    """This Ray node as reports show it: its IP and the start of its id (local clusters share IPs)."""
+    return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
+
+
 def _convert_on_node(unit: WorkUnit, context: UnitContext) -> UnitResult:
-    result = convert_unit(unit, context)
-    return result.model_copy(update={"node": ray.get_runtime_context().get_node_id()})
+    return convert_unit(unit, context, node=node_name())
 
 
 # Ray accepts a list of exception types here; its type stubs only know the bool form.

@@ -54,7 +54,7 @@ class UnitResult(BaseModel):
     sha256: str
     tensors: tuple[TensorRecord, ...]
     weight_map: dict[str, str]  # output tensor name -> file name
-    seconds: float
+    seconds: float  # wall time of the unit where it ran (a reused unit keeps its first run's)
     device: str
-    node: str = "local"  # the Ray node that ran it, for reports
+    node: str = "local"  # the Ray node that ran it (IP/id), for the manifest and report
     reused: bool = False

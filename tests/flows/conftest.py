@@ -21,6 +21,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")  # see flows/cli.py
+os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
 
 
 @pytest.fixture(scope="session")
@@ -97,15 +99,37 @@ def download_dir(storage: Storage, local: Path) -> Path:
     return local
 
 
-def file_digests(storage: Storage) -> dict[str, str]:
-    """sha256 of every published file (the staging area excluded)."""
-    import hashlib
+def _without_run_records(key: str, data: bytes) -> bytes:
+    """The artifact without what records how the run went (unit times, devices, nodes)."""
+    import json
 
-    return {
-        info.key: hashlib.sha256(storage.read_bytes(info.key)).hexdigest()
-        for info in storage.list("")
-        if not info.key.startswith(".staging")
-    }
+    name = key.rsplit("/", 1)[-1]
+    if name == "quantfleet.json":
+        manifest = json.loads(data)
+        manifest["units"] = [{k: u[k] for k in ("index", "file", "bytes_in", "bytes_out")}
+                             for u in manifest["units"]]
+        return json.dumps(manifest, sort_keys=True).encode()
+    if name in ("report.md", "README.md"):
+        text = data.decode()
+        return text.split("## Where it ran")[0].encode()
+    return data
+
+
+def file_digests(storage: Storage) -> dict[str, str]:
+    """sha256 of every published file (the staging area excluded); the manifest and report are
+    hashed without their run records, the marker (which lists their checksums) by its keys."""
+    import hashlib
+    import json
+
+    digests = {}
+    for info in storage.list(""):
+        if info.key.startswith(".staging"):
+            continue
+        data = storage.read_bytes(info.key)
+        if info.key.endswith("_QUANTFLEET_PUBLISHED.json"):
+            data = json.dumps(sorted(json.loads(data).get("files", {}))).encode()
+        digests[info.key] = hashlib.sha256(_without_run_records(info.key, data)).hexdigest()
+    return digests
 
 
 def s3_storage(s3: MotoS3, prefix: str) -> tuple[str, Storage]:

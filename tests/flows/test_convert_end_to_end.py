@@ -50,6 +50,13 @@ def test_minilm_local_to_local_loads_and_embeds_like_the_original(minilm, tmp_pa
     manifest = json.loads((dest / "quantfleet.json").read_text())
     assert manifest["plan_id"] == summary.plan_id
     assert len(manifest["shards"]) == 3
+    # Each unit's wall time, device and Ray node (IP/id), and a per-node summary in the report.
+    units = manifest["units"]
+    assert [u["index"] for u in units] == [0, 1, 2]
+    assert all(u["seconds"] > 0 and u["device"] == "cpu" and "/" in u["node"] for u in units)
+    assert sum(u["bytes_in"] for u in units) == summary.bytes_in
+    report = (dest / "report.md").read_text()
+    assert "## Where it ran" in report and f"| {units[0]['node']} | cpu |" in report
     assert (dest / "1_Pooling" / "config.json").exists()  # side files in folders come along
 
     tokenizer = AutoTokenizer.from_pretrained(minilm)

@@ -1,0 +1,95 @@
+"""User errors in the default (Prefect) mode: the console shows the CLI's line, no traceback.
+
+Each case runs the CLI as a user does, in its own process, against a real (temporary) Prefect
+server and the test session's Ray; the flow run must still be recorded as failed, with the
+message, on that server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from prefect.testing.utilities import prefect_test_harness
+from safetensors.torch import load_file, save_file
+
+from tests.flows.test_cli import _corrupt_copy, run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
+
+TENSOR = "encoder.layer.0.attention.self.query.weight"
+
+
+@pytest.fixture(scope="module")
+def cli_env():
+    import ray
+    from prefect.settings import PREFECT_API_URL
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield {"PREFECT_API_URL": str(PREFECT_API_URL.value()),
+               "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+
+def _nan_copy(source: Path, dest: Path) -> Path:
+    shutil.copytree(source, dest)
+    tensors = load_file(dest / "model.safetensors")
+    tensors[TENSOR][3, 5] = float("nan")
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def _failed_flow_messages() -> list[str]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    async def read() -> list[str]:
+        async with get_client() as client:
+            runs = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.FAILED]))
+                )
+            )
+            return [run.state.message or "" for run in runs if run.state is not None]
+
+    return asyncio.run(read())
+
+
+def _cases(minilm: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
+    strict = tmp / "strict.yaml"
+    strict.write_text("scheme: W4A16\ngates:\n  min_sqnr_db: 60\n")
+    return {
+        "nan weight": (["convert", str(_nan_copy(Path(minilm), tmp / "nan")), str(tmp / "out-nan"),
+                        "--scheme", "W8A16"], "non-finite value"),
+        "failed gate": (["convert", minilm, str(tmp / "out-gate"), "--recipe", str(strict)],
+                        "below the gate (SQNR >= 60 dB"),
+        "bad source file": (["convert", str(_corrupt_copy(Path(minilm), tmp / "bad")), str(tmp / "out-bad")],
+                            TENSOR),
+    }
+
+
+def test_user_errors_print_one_line_and_no_traceback(cli_env, minilm, tmp_path) -> None:
+    for case, (args, expected) in _cases(minilm, tmp_path).items():
+        result = run_cli(*args, env=cli_env)
+        err = result.stderr
+        assert result.returncode == 2, f"{case}:\n{err}"
+        assert "Traceback" not in err, f"{case}:\n{err}"
+        # What is left once the progress bar is set aside: the error line(s) alone.
+        lines = [line for line in err.splitlines() if line.strip() and "B/s]" not in line]
+        assert lines and lines[0].startswith("quantfleet: error:"), f"{case}:\n{err}"
+        assert expected in err, f"{case}:\n{err}"
+        assert not any("prefect" in line and "ERROR" in line for line in lines), f"{case}:\n{err}"
+        # The Prefect run is still marked failed, with the message.
+        assert any(expected in message for message in _failed_flow_messages()), case
+        assert not (Path(args[2]) / "_QUANTFLEET_PUBLISHED.json").exists()
+
+
+def test_verbose_shows_prefects_traceback(cli_env, minilm, tmp_path) -> None:
+    source = _nan_copy(Path(minilm), tmp_path / "nan")
+    result = run_cli("-v", "convert", str(source), str(tmp_path / "out"), "--scheme", "W8A16", env=cli_env)
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr and "non-finite value" in result.stderr
+    assert torch.isnan(load_file(source / "model.safetensors")[TENSOR]).any()  # the input is untouched
