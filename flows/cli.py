@@ -299,10 +299,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_prefect: bool) -> int:  # noqa: ANN001
     from tqdm import tqdm
 
+    from flows.destination import check_destination
+
+    started = time.perf_counter()
+    check_destination(source, dest)  # before importing the conversion: a refusal comes fast
     from flows.pipeline import check_not_published, plan_conversion
     from flows.progress import reporting_progress
 
-    started = time.perf_counter()
     check_not_published(dest)
     plan = plan_conversion(source, recipe, shard_size=args.shard_size)
     bar = tqdm(total=plan.bytes_in, unit="B", unit_scale=True, unit_divisor=1024,
@@ -401,25 +404,29 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from flows.destination import check_destination
     from flows.recipe import Recipe
     from infra.publish import is_published
     from infra.storage import open_storage
 
+    check_destination(bundled_model_path(), args.dest)
     dest = open_storage(args.dest)
     if is_published(dest, ""):
         print(f"{dest.uri()} already holds the demo conversion; its report:\n")
         print(dest.read_bytes("report.md").decode())
-        print(f"Delete {args.dest} to convert again.")
+        print(f"Everything in {args.dest} was written by quantfleet: delete it to convert again.")
         return 0
     args.shard_size = 50_000_000
     return _run_convert(bundled_model_path(), args.dest, Recipe.preset(args.scheme), args, use_prefect=True)
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
+    from flows.destination import check_destination
     from flows.sync import SyncFailed, load_recipe, run_sync, sync_flow
 
     for spec in args.recipes:
         load_recipe(spec)  # a bad recipe is a user error before anything starts
+    check_destination(args.source, args.dest, source_kind="tree")  # before Prefect starts
     if args.max_parallel < 1:
         raise argparse.ArgumentTypeError(f"--max-parallel must be at least 1, got {args.max_parallel}")
     options = {"max_parallel": args.max_parallel, "shard_size": args.shard_size,
@@ -440,11 +447,13 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
+    from flows.destination import check_destination
     from flows.schedule import deploy_sync, serve_sync, sync_parameters
     from flows.sync import load_recipe
 
     for spec in args.recipes:
         load_recipe(spec)
+    check_destination(args.source, args.dest, source_kind="tree")  # every run would refuse it
     if not os.environ.get("PREFECT_API_URL"):
         from prefect.settings import PREFECT_API_URL
 
@@ -484,6 +493,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from botocore.exceptions import BotoCoreError
 
+    from flows.destination import DestinationRefused
     from flows.execute import ConversionFailed
     from flows.gates import QualityGateFailed
     from flows.pipeline import SourceError
@@ -493,7 +503,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from workers.errors import ConversionError
 
     return (InfraError, QuantizationError, ConversionError, ConversionFailed, RecipeError,
-            SourceError, BotoCoreError, QualityGateFailed, argparse.ArgumentTypeError)
+            SourceError, BotoCoreError, QualityGateFailed, DestinationRefused, argparse.ArgumentTypeError)
 
 
 def _configure_logging(verbose: bool) -> None:

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.destination import check_destination
 from flows.execute import start_ray
 from flows.gates import QualityGateFailed
 from flows.pipeline import (
@@ -111,6 +112,7 @@ def convert_flow(
 ) -> ConversionSummary:
     """Convert the checkpoint at `source` with `recipe` and publish it at `dest`."""
     started = time.perf_counter()
+    check_destination(source, dest)
     check_not_published(dest)
     plan = plan_task(source, recipe, shard_size)
     startup = time.perf_counter() - started

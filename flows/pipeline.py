@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict
 
+from flows.destination import check_destination
 from flows.execute import ClusterInfo, run_evaluation, run_units, start_ray
 from flows.finalize import REPORT_NAME, stage_model_files, stage_report_files, worst_tensors
 from flows.gates import GateResult, QualityGateFailed, describe_failures, failed_gates, gate_results
@@ -250,6 +251,7 @@ def run_conversion(
 ) -> ConversionSummary:
     """The whole conversion without an orchestrator (the Prefect flow runs the same steps)."""
     started = time.perf_counter()
+    check_destination(source_uri, dest_uri)
     check_not_published(dest_uri)
     plan = plan_conversion(source_uri, recipe, shard_size=shard_size)
     cluster = start_ray(ray_address)

@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from flows.charts import scatter_chart
+from flows.destination import check_destination
 from flows.finalize import MANIFEST_NAME
 from flows.recipe import Recipe
 from infra.publish import is_published
@@ -142,6 +143,7 @@ def run_sweep(
     from workers.evaluation.evaluate import evaluate
 
     recipes = [Recipe.preset(s) for s in schemes]  # unknown names fail before any work
+    check_destination(model, str(out_dir))  # OUT/<SCHEME>/ versions and sweep.* only, apart from MODEL
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points = []

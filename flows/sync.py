@@ -30,6 +30,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict
 
 from flows.charts import per_layer_series
+from flows.destination import check_destination
 from flows.execute import ClusterInfo, start_ray
 from flows.finalize import CHART_NAME, report_markdown
 from flows.gates import gate_results
@@ -262,6 +263,7 @@ def run_sync(
     on_outcome: Callable[[SyncOutcome], None] | None = None,
 ) -> SyncSummary:
     """The sync without an orchestrator (the Prefect flow runs the same `sync_one` per pair)."""
+    check_destination(source, dest, source_kind="tree")
     chosen = [r if isinstance(r, Recipe) else load_recipe(r) for r in recipes]
     work = [(c, r) for c in find_checkpoints(source) for r in chosen]
 
@@ -314,6 +316,7 @@ def sync_flow(
     conversions run at once. With `fail_on_error`, the run ends Failed (after converting
     everything else) when any pair failed.
     """
+    check_destination(source, dest, source_kind="tree")
     logger = get_run_logger()
     chosen = [load_recipe(r) for r in recipes]
     checkpoints = find_checkpoints(source)

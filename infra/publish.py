@@ -78,8 +78,32 @@ def _default_manifest(expected: Mapping[str, Expected]) -> bytes:
     return json.dumps({"format": "quantfleet-publish/1", "files": files}, indent=2).encode()
 
 
-def _promote(storage: Storage, src: str, dst: str, want: Expected, *, deep: bool) -> None:
+def _staged_elsewhere(storage: Storage, staging: str, dst: str, rel: str) -> str | None:
+    """The key of another run's staged copy of the file at `dst` (same name, size and SHA-256).
+
+    Such a file was put there by an interrupted commit of that run: quantfleet wrote it.
+    """
+    root = staging.rpartition("/")[0]  # `<final>/.staging`, which holds every run's staging area
+    if not root:
+        return None
+    info = storage.stat(dst)
+    sha = None
+    for other in storage.list(root + "/"):
+        if other.key.startswith(staging + "/") or other.size != info.size:
+            continue
+        if other.key[len(root) + 1 :].partition("/")[2] != rel:
+            continue
+        sha = sha or info.sha256 or storage.hash_object(dst)
+        if (storage.stat(other.key).sha256 or storage.hash_object(other.key)) == sha:
+            return other.key
+    return None
+
+
+def _promote(
+    storage: Storage, staging: str, rel: str, dst: str, want: Expected, *, deep: bool
+) -> None:
     """Copy one verified staged file to its final key without ever replacing a different file."""
+    src = join_key(staging, rel)
     try:
         storage.copy(src, dst, if_absent=True)
     except AlreadyExists:
@@ -87,9 +111,20 @@ def _promote(storage: Storage, src: str, dst: str, want: Expected, *, deep: bool
         try:
             _check(storage, dst, want, deep=deep, what="existing final")
         except CommitRefused as exc:
+            # Only a file we can show is ours (another run's staged bytes) may be called safe to
+            # delete; anything else may be the user's, and is never touched nor advised away.
+            ours = _staged_elsewhere(storage, staging, dst, rel)
+            if ours is not None:
+                raise AlreadyExists(
+                    f"{storage.uri(dst)}: in the way is a file quantfleet left there in an unfinished "
+                    f"commit of another run (the same bytes as its staged {storage.uri(ours)}); no "
+                    "published version refers to it, so it is safe to delete: delete it and re-run "
+                    "to commit this run's result"
+                ) from exc
             raise AlreadyExists(
-                f"{storage.uri(dst)}: an unpublished file with other contents is in the way; "
-                "delete it (nothing published refers to it) and commit again"
+                f"{storage.uri(dst)}: in the way is a file no quantfleet staging area accounts for, "
+                "and quantfleet never replaces such a file: publish to an empty destination (this "
+                f"run's result stays staged in {storage.uri(staging)})"
             ) from exc
 
 
@@ -120,12 +155,15 @@ def commit(
     for key, e in sorted(want.items()):
         _check(storage, join_key(staging, key), e, deep=deep_verify, what="staged")
     for key, e in sorted(want.items()):
-        _promote(storage, join_key(staging, key), join_key(final_prefix, key), e, deep=deep_verify)
+        _promote(storage, staging, key, join_key(final_prefix, key), e, deep=deep_verify)
     for key, e in sorted(want.items()):
         _check(storage, join_key(final_prefix, key), e, deep=False, what="published")
     body = marker_bytes if marker_bytes is not None else _default_manifest(want)
     storage.put_bytes(marker_key, body, if_absent=True)  # the commit point
     if cleanup:
+        # Nothing of staging stays behind: unfinished writes of killed workers (temp files,
+        # multipart uploads) first, then the staged objects and, locally, the emptied folders.
+        storage.abort_stale_uploads(staging + "/")
         storage.delete_prefix(staging + "/")
     return storage.stat(marker_key)
 

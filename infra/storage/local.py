@@ -231,12 +231,20 @@ class LocalStorage(Storage):
 
     def _prune_empty_dirs(self, prefix: str) -> None:
         base = self.root / prefix.rstrip("/") if prefix.strip("/") else self.root
-        if not base.is_dir():
-            return
-        for dirpath, _dirs, _files in sorted(os.walk(base), key=lambda t: -len(t[0])):
-            with contextlib.suppress(OSError):
-                if Path(dirpath) != self.root:
-                    os.rmdir(dirpath)  # only succeeds when empty
+        if base.is_dir():
+            for dirpath, _dirs, _files in sorted(os.walk(base), key=lambda t: -len(t[0])):
+                with contextlib.suppress(OSError):
+                    if Path(dirpath) != self.root:
+                        os.rmdir(dirpath)  # only succeeds when empty
+        # Folders the deleted objects leave empty above the prefix go too (e.g. `.staging/` once
+        # its last run is gone), as they do on S3, where a prefix without objects does not exist.
+        for folder in base.parents if base != self.root else ():
+            if folder == self.root or self.root not in folder.parents:
+                break
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break  # not empty (or already gone): nothing above it can be empty either
 
     def abort_stale_uploads(self, prefix: str = "", *, older_than_s: float = 0.0) -> int:
         check_prefix(prefix)

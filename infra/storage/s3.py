@@ -363,6 +363,8 @@ class S3Storage(Storage):
     def pending_uploads(self, prefix: str = "") -> builtins.list[tuple[str, str, float]]:
         """(key, upload id, start time) of every unfinished multipart upload under `prefix`."""
         full_prefix = join_key(self.prefix, prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        if prefix.endswith("/") and full_prefix:
+            full_prefix += "/"  # `a/run-1/` must not match `a/run-10/...`
         found: builtins.list[tuple[str, str, float]] = []
         markers: dict[str, str] = {}
         while True:
