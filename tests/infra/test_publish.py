@@ -9,7 +9,7 @@ import pytest
 
 from infra.errors import AccessDenied, AlreadyExists, CommitRefused
 from infra.publish import DEFAULT_MARKER, Expected, Publisher, commit, is_published
-from infra.storage import Storage
+from infra.storage import LocalStorage, S3Storage, Storage
 from infra.storage.parts import MiB
 
 from .conftest import make_s3_storage
@@ -95,13 +95,53 @@ def test_tampered_bytes_caught_by_deep_verify(storage: Storage) -> None:
         commit(storage, pub.staging, "out/v4", records, deep_verify=True)
 
 
-def test_unpublished_debris_with_other_contents_blocks_commit(storage: Storage) -> None:
-    storage.put_bytes("out/v5/config.json", b"left by another run")
+def test_a_file_of_unknown_origin_in_the_way_is_never_advised_away(storage: Storage) -> None:
+    storage.put_bytes("out/v5/config.json", b"the user's own config")
     pub = Publisher(storage, "out/v5", run_id="r")
     _stage(pub)
-    with pytest.raises(AlreadyExists, match="unpublished file with other contents"):
+    with pytest.raises(AlreadyExists) as caught:
         pub.commit()
+    message = str(caught.value)
+    assert "out/v5/config.json: in the way is a file no quantfleet staging area accounts for" in message
+    assert "delete" not in message and "out/v5/.staging/r" in message  # where the result waits
     assert not pub.is_published()
+    assert storage.read_bytes("out/v5/config.json") == b"the user's own config"
+
+
+def test_a_stale_file_of_ours_in_the_way_is_named_as_ours(storage: Storage) -> None:
+    # Run "a" died in its commit after copying config.json out of its staging area.
+    first = Publisher(storage, "out/v6", run_id="a")
+    first.stage_bytes("config.json", b'{"model_type": "llama", "run": "a"}')
+    storage.copy(first.stage_key("config.json"), "out/v6/config.json", if_absent=True)
+    second = Publisher(storage, "out/v6", run_id="b")
+    _stage(second)
+    with pytest.raises(AlreadyExists) as caught:
+        second.commit()
+    message = str(caught.value)
+    assert "in the way is a file quantfleet left there in an unfinished commit of another run" in message
+    assert "out/v6/.staging/a/config.json" in message and "safe to delete" in message
+    assert "no published version refers to it" in message
+    storage.delete("out/v6/config.json")  # as the message says; then the commit goes through
+    second.commit()
+    assert second.is_published()
+
+
+def test_a_commit_leaves_nothing_of_staging_behind(storage: Storage) -> None:
+    pub = Publisher(storage, "out/v7", run_id="r")
+    _stage(pub)
+    # A worker killed mid-write leaves its unfinished write in the staging area (a temp file
+    # locally, a pending multipart upload on S3); it is not an object, so listings skip it.
+    killed = pub.stage_writer("model-00002.safetensors", size_hint=len(SHARD))
+    killed.write(SHARD)
+    pub.commit()
+    assert [o.key for o in storage.list("out/v7/")] == [
+        f"out/v7/{DEFAULT_MARKER}", "out/v7/config.json", "out/v7/model.safetensors"]
+    if isinstance(storage, LocalStorage):
+        assert sorted(p.name for p in (storage.root / "out/v7").iterdir()) == [
+            DEFAULT_MARKER, "config.json", "model.safetensors"]  # no empty .staging folder
+    else:
+        assert isinstance(storage, S3Storage)
+        assert storage.pending_uploads("out/v7/") == []
 
 
 def test_failure_before_marker_leaves_nothing_published_and_commit_resumes(
