@@ -63,6 +63,15 @@ def test_cli_sweep_on_minilm_orders_schemes_by_embedding_cosine(minilm, tmp_path
     assert all(math.isfinite(v) for p in (w8, w4) for v in p.evaluation.figures().values())
     e8, e4 = _layer_errors(w8.dest_uri), _layer_errors(w4.dest_uri)
     assert all(e8[k] < e4[k] for k in e8)
+    # Re-running into the same folder (its sweep.* files and OUT/<SCHEME>/ versions are
+    # quantfleet's own) reuses the published conversion instead of refusing the folder.
+    shards = sorted((out / "W8A16").glob("*.safetensors"))
+    published = [p.stat().st_mtime_ns for p in shards]
+    assert main(["sweep", minilm, "--schemes", "W8A16", "--out", str(out), "--max-tokens", "512",
+                 "--context", "128", "--shard-size", "50MB"]) == 0
+    assert shards and [p.stat().st_mtime_ns for p in shards] == published
+    assert [p.scheme for p in SweepResult.model_validate_json((out / "sweep.json").read_text()).points] \
+        == ["W8A16"]
 
 
 def test_cli_sweep_rejects_an_unknown_scheme_in_one_line(minilm, tmp_path, capsys) -> None:
