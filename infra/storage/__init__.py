@@ -36,8 +36,15 @@ def open_storage(uri: str | Path, **opts: Any) -> Storage:
     Plain paths and file:// URIs give a `LocalStorage` (options: fsync, create); s3://bucket/prefix
     gives an `S3Storage` (options: the fields of `S3Options`, e.g. endpoint_url, region, retry,
     min_part_size, or `client=` a ready boto3 client). Unknown options raise a pydantic
-    ValidationError rather than being silently dropped.
+    ValidationError rather than being silently dropped. `synthetic://PRESET?...` gives a read-only
+    `SyntheticStorage` (a declared checkpoint made up on read; see infra/storage/synthetic.py).
     """
+    if str(uri).lower().startswith("synthetic://"):
+        from infra.storage.synthetic import SyntheticStorage  # lazily: only benchmarks and tests use it
+
+        if opts:
+            raise TypeError(f"synthetic storage takes its options in the URI, not {sorted(opts)}")
+        return SyntheticStorage.from_uri(str(uri))
     parsed = parse_uri(uri)
     if parsed.scheme == "file":
         return LocalStorage(parsed.path, **opts)
