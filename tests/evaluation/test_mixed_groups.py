@@ -23,7 +23,8 @@ from flows.cli import main
 from quantizers import dequantize, get_scheme, resolve_scheme, scheme_names
 from workers.evaluation.dequantized import load_dequantized
 
-pytestmark = pytest.mark.usefixtures("local_ray")
+# Seven real conversions, each evaluated, then seven evaluations: the module takes a while.
+pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.slow]
 
 EVAL = {"max_tokens": 128, "context": 64}
 FOUR_BIT = ("W4A16", "W4A16_ASYM", "NVFP4A16", "MXFP4A16")
