@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs both checkpoints on the same text and prints, for causal LMs, the mean "
         "and 99th-percentile KL divergence of the quantized model's next-token distribution from "
         "the original's, top-1 agreement and both perplexities; for encoders, the cosine similarity "
-        "of pooled embeddings and hidden states. Loads with transformers (compressed-tensors for the "
-        "quantized one), on the GPU when there is one, else in float32 on CPU.",
+        "of pooled embeddings and hidden states. Loads with transformers (the quantized one dequantized "
+        "by quantfleet, module by module), on the GPU when there is one, else in float32 on CPU.",
     )
     evaluate.add_argument("original", metavar="ORIGINAL", help="the original checkpoint: folder or s3:// URI")
     evaluate.add_argument("quantized", metavar="QUANTIZED",

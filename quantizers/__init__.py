@@ -7,7 +7,7 @@ a compressed-tensors checkpoint stores.
     weight_error(weight, result.dequantized).sqnr_db
 """
 
-from quantizers.config import quantization_config
+from quantizers.config import ConfigGroup, config_groups, quantization_config
 from quantizers.errors import (
     InvalidWeightError,
     QuantizationError,
@@ -22,6 +22,7 @@ from quantizers.scheme import QuantScheme
 from quantizers.shapes import Resolution, StoredTensorSpec, resolve_scheme, stored_specs
 
 __all__ = [
+    "ConfigGroup",
     "DEFAULT_PROBES",
     "PRESETS",
     "InvalidWeightError",
@@ -33,6 +34,7 @@ __all__ = [
     "UnknownSchemeError",
     "UnsupportedSchemeError",
     "WeightError",
+    "config_groups",
     "dequantize",
     "get_scheme",
     "estimate_output_error",

@@ -13,10 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from flows.cli import main
 from workers.evaluation import EvaluationError
-from workers.evaluation.default_text import TEXT, TEXT_SHA256
 from workers.evaluation.evaluate import evaluate
 from workers.evaluation.measures import CausalAccumulator, token_kl
-from workers.evaluation.text import load_text
+from workers.evaluation.text import DEFAULT_TEXT_SHA256, load_text
 
 TOKENS = 1024
 
@@ -46,9 +45,12 @@ def test_causal_accumulator_scores_next_tokens() -> None:
 def test_the_builtin_text_is_fixed_and_long_enough(minilm) -> None:
     from transformers import AutoTokenizer
 
-    assert hashlib.sha256(TEXT.encode()).hexdigest() == TEXT_SHA256
-    assert load_text().sha256 == TEXT_SHA256
-    ids = AutoTokenizer.from_pretrained(minilm)(TEXT, add_special_tokens=False, verbose=False)["input_ids"]
+    text = load_text()
+    assert text.sha256 == DEFAULT_TEXT_SHA256
+    assert hashlib.sha256(text.text.encode()).hexdigest() == DEFAULT_TEXT_SHA256
+    assert text.text.startswith("Execution model\n")
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    ids = tokenizer(text.text, add_special_tokens=False, verbose=False)["input_ids"]
     assert len(ids) >= 8000
 
 

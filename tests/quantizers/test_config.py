@@ -6,6 +6,7 @@ from compressed_tensors.quantization import QuantizationConfig
 from quantizers import (
     UnknownSchemeError,
     UnsupportedSchemeError,
+    config_groups,
     get_scheme,
     quantization_config,
     scheme_names,
@@ -57,3 +58,29 @@ def test_several_formats_make_a_mixed_precision_config() -> None:
     assert config["format"] == "mixed-precision"
     assert {g["format"] for g in config["config_groups"].values()} == {"pack-quantized", "float-quantized"}
     QuantizationConfig.model_validate(config)
+
+
+def test_config_groups_read_back_every_scheme_and_its_targets() -> None:
+    modules = [(f"model.layers.{i}.mlp.up_proj", get_scheme(name)) for i, name in enumerate(scheme_names())]
+    modules.append(("model.layers.9.mlp.down_proj", get_scheme("W8A16", group_size=64)))
+    groups = config_groups(quantization_config(modules))
+    assert len(groups) == len(modules)
+    by_target = {g.targets: g.scheme for g in groups}
+    for module, scheme in modules:
+        assert by_target[(module,)] == scheme.model_copy(update={"name": by_target[(module,)].name})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"input_activations": {"num_bits": 8, "type": "int"}}, "quantizes input_activations"),
+        ({"format": "int-quantized"}, "format 'int-quantized' is not one of"),
+        ({"weights": {"num_bits": 4, "type": "int", "strategy": "tensor"}}, "strategy"),
+        ({"weights": {"num_bits": 3, "type": "int", "strategy": "channel"}}, "int4 and int8"),
+    ],
+)
+def test_config_groups_refuse_what_no_format_of_ours_stores(change, message) -> None:
+    config = quantization_config([("model.layers.0.mlp.up_proj", get_scheme("W4A16"))])
+    config["config_groups"]["group_0"].update(change)
+    with pytest.raises(UnsupportedSchemeError, match=message):
+        config_groups(config)

@@ -7,7 +7,7 @@
 Causal LMs get the KL divergence of the quantized model's next-token distribution from the
 original's (mean and 99th percentile), top-1 agreement and both perplexities; encoders (BERT-like,
 e.g. MiniLM) get the cosine similarity of pooled embeddings and of hidden states. Both run on a
-fixed text (`default_text`, or a file/URI) in windows, so memory stays bounded.
+fixed text (`data/python-reference.txt`, or a file/URI) in windows, so memory stays bounded.
 
 This package's __init__ and `records` import no torch (flows/ use the record); `evaluate` and
 `measures` do.

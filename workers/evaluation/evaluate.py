@@ -1,7 +1,7 @@
 """Run an original checkpoint and its quantized copy on the same text and compare their outputs.
 
-Both load with transformers (the quantized one through its compressed-tensors
-`quantization_config`), on the GPU when there is one, in float32 unless told otherwise. The text
+Both load with transformers (a compressed-tensors one dequantized by quantfleet's own
+dequantizers, see `dequantized`), on the GPU when there is one, in float32 unless told otherwise. The text
 is tokenized once, cut into windows of `context` tokens (a BOS is put in front of each when the
 tokenizer has one) and run a few windows at a time, so memory holds both models and one batch of
 logits, never the logits of the whole text. Remote checkpoints (s3://) are downloaded to a
@@ -17,7 +17,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 from infra.errors import InfraError
 from infra.storage import open_storage, parse_uri
+from workers.evaluation.dequantized import is_compressed, load_dequantized
 from workers.evaluation.errors import EvaluationError
 from workers.evaluation.measures import CausalAccumulator, EncoderAccumulator
 from workers.evaluation.records import Evaluation, Kind
@@ -93,26 +93,22 @@ def _device(preference: str) -> torch.device:
 
 
 def _load(path: Path, kind: Kind, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Load a checkpoint; a compressed-tensors one is decompressed to dense weights on load.
+    """Load a checkpoint; a compressed-tensors one is dequantized to dense weights on load.
 
-    Decompressing gives exactly the weights compressed-tensors' own decompressor produces (what a
-    weight-only kernel computes with) in the requested dtype; run compressed, some formats
-    (NVFP4) decompress to bfloat16 on the fly whatever the model's dtype.
+    Dequantized by quantfleet's own dequantizers (see `dequantized`), which give exactly the
+    weights the conversion verified and what compressed-tensors decompresses them to, then cast to
+    the requested dtype; transformers' own dequantizing path mixes up config groups.
     """
-    from transformers import AutoModel, AutoModelForCausalLM, CompressedTensorsConfig
+    from transformers import AutoModel, AutoModelForCausalLM
 
-    loader: Any = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
-    options: dict[str, Any] = {"dtype": dtype}
-    config = json.loads((path / "config.json").read_text())
-    if (config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
-        options["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    try:
-        with warnings.catch_warnings():
-            # "the model already has a quantization_config": expected, ours only adds dequantize.
-            warnings.simplefilter("ignore", UserWarning)
-            model = loader.from_pretrained(path, **options)
-    except (OSError, ValueError) as error:
-        raise EvaluationError(f"{path}: cannot load with transformers: {error}") from error
+    if is_compressed(path):
+        model = load_dequantized(path, causal=kind == "causal-lm", dtype=dtype)
+    else:
+        loader: Any = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+        try:
+            model = loader.from_pretrained(path, dtype=dtype)
+        except (OSError, ValueError) as error:
+            raise EvaluationError(f"{path}: cannot load with transformers: {error}") from error
     return model.to(device=device, dtype=dtype).eval()
 
 
