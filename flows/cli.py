@@ -318,7 +318,8 @@ def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_p
         bar.set_postfix_str(f"units {done['units']}/{len(plan.units)}, reused {done['reused']}")
         bar.update(unit.bytes_in)
 
-    with reporting_progress(on_done):
+    # The bar is closed (its line ended) even when the run fails, so the error starts a line.
+    with bar, reporting_progress(on_done):
         if use_prefect:
             from flows.console import hide_run_failures_on_console
             from flows.convert import convert_flow
@@ -336,7 +337,6 @@ def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_p
                 ray_address=getattr(args, "ray_address", None), device=getattr(args, "device", "auto"),
                 on_done=on_done,
             )
-    bar.close()
     print()
     print(summary.report)
     print(f"Published: {summary.dest_uri}")

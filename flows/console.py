@@ -25,14 +25,14 @@ class _HideRunFailures(logging.Filter):
 
 
 def hide_run_failures_on_console(verbose: bool = False) -> None:
-    """Filter Prefect's console handlers (idempotent); a no-op with `verbose` or QUANTFLEET_DEBUG."""
+    """Filter the console handlers (idempotent); a no-op with `verbose` or QUANTFLEET_DEBUG.
+
+    The engine's records reach the console through the root logger's handlers (Prefect's console
+    handler, or the CLI's own when it configured logging first); the Prefect server gets them
+    through the handlers on the run loggers themselves, which are left alone.
+    """
     if verbose or os.environ.get("QUANTFLEET_DEBUG"):
         return
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in _RUN_LOGGERS)]
-    for handler in (h for logger in loggers for h in logger.handlers):
-        if isinstance(handler, PrefectConsoleHandler) and not any(
-            isinstance(f, _HideRunFailures) for f in handler.filters
-        ):
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _HideRunFailures) for f in handler.filters):
             handler.addFilter(_HideRunFailures())
