@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from flows.charts import per_layer_chart
 from flows.gates import GateResult, failed_gates
 from flows.plan import Plan
+from flows.source_report import source_fields, source_lines
 from infra.publish import Expected, Publisher
 from infra.safetensors import INDEX_NAME
 from infra.storage import Storage
@@ -103,7 +104,7 @@ def manifest(
         "tool": "quantfleet",
         "tool_version": plan.tool_version,
         "plan_id": plan.plan_id,
-        "source": {"uri": plan.source_uri, "identity": plan.source_identity},
+        "source": {"uri": plan.source_uri, "identity": plan.source_identity, **source_fields(plan)},
         "recipe": plan.recipe.model_dump(mode="json"),
         "schemes": [s.model_dump(mode="json") for s in plan.schemes],
         "shards": [{"file": r.file_name, "size": r.size, "sha256": r.sha256} for r in results],
@@ -261,6 +262,7 @@ def report_markdown(
         f"| shards | | {len(results)} |",
         "",
     ]
+    lines += source_lines(plan, tensors)
     lines += _metrics_lines(quantized)
     if evaluation is not None:
         lines += _evaluation_lines(evaluation)

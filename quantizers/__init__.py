@@ -9,6 +9,7 @@ a compressed-tensors checkpoint stores.
 
 from quantizers.config import quantization_config
 from quantizers.errors import (
+    InvalidSourceError,
     InvalidWeightError,
     QuantizationError,
     UnknownSchemeError,
@@ -24,6 +25,7 @@ from quantizers.shapes import Resolution, StoredTensorSpec, resolve_scheme, stor
 __all__ = [
     "DEFAULT_PROBES",
     "PRESETS",
+    "InvalidSourceError",
     "InvalidWeightError",
     "QuantScheme",
     "QuantizationError",

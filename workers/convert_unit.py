@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 from infra.errors import StorageError
-from infra.safetensors import TensorInfo, TensorReader, TensorSpec, layout
+from infra.safetensors import TensorReader, TensorSpec, layout
 from infra.storage import Storage, open_storage
 from quantizers import QuantizationError, estimate_output_error, probe_vectors, quantize
 from workers.errors import TensorQualityError, UnitFailed
 from workers.records import TensorRecord, UnitContext, UnitResult
+from workers.source_read import carry_over, read_dense, source_label
 from workers.units import TensorJob, WorkUnit, output_specs
 
 __all__ = ["convert_unit", "unit_record_key", "SHARD_METADATA"]
@@ -99,12 +100,19 @@ def _convert_job(
     write: dict[str, int],
     fd: int,
 ) -> TensorRecord:
-    info = TensorInfo(name=job.name, dtype=job.dtype, shape=job.shape, begin=job.begin, end=job.end)
-    tensor = reader.read(job.file, info)
-    bytes_in = job.end - job.begin
+    bytes_in = sum(p.end - p.begin for p in job.parts) if job.parts else job.end - job.begin
+    source = source_label(job)
+    if job.passthrough:
+        assert job.scheme is not None
+        copied = carry_over(job, reader, lambda name, part: _pwrite_all(fd, _tensor_bytes(part), write[name]))
+        return TensorRecord(name=job.name, scheme=f"{ctx.schemes[job.scheme].name} "
+                            f"{ctx.schemes[job.scheme].describe()}", bytes_in=bytes_in, bytes_out=copied,
+                            source=source)
+    tensor = read_dense(job, reader, device)
     if job.scheme is None:
-        _pwrite_all(fd, _tensor_bytes(tensor), write[job.name])
-        return TensorRecord(name=job.name, scheme=None, bytes_in=bytes_in, bytes_out=bytes_in)
+        data = _tensor_bytes(tensor)
+        _pwrite_all(fd, data, write[job.name])
+        return TensorRecord(name=job.name, scheme=None, bytes_in=bytes_in, bytes_out=len(data), source=source)
     scheme = ctx.schemes[job.scheme]
     weight = tensor.to(device)
     result = quantize(weight, scheme, name=f"{job.name} (in {job.file})")
@@ -137,7 +145,7 @@ def _convert_job(
         name=job.name, scheme=f"{scheme.name} {scheme.describe()}", note=job.note,
         bytes_in=bytes_in, bytes_out=bytes_out, sqnr_db=error.sqnr_db,
         relative_error=error.relative_error, cosine=error.cosine, max_abs_error=error.max_abs_error,
-        output_error=probed,
+        output_error=probed, source=source,
     )
 
 
