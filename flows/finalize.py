@@ -21,7 +21,7 @@ from flows.charts import per_layer_chart
 from flows.gates import GateResult, failed_gates
 from flows.plan import Plan
 from flows.source_report import source_fields, source_lines
-from infra.publish import Expected, Publisher
+from infra.publish import DEFAULT_MARKER, Expected, Publisher
 from infra.safetensors import INDEX_NAME
 from infra.storage import Storage
 from quantizers import quantization_config
@@ -46,6 +46,7 @@ CHART_NAME = "per_layer_error.png"
 # Figures of an evaluation that depend on the run, not on the artifact: kept out of the manifest.
 _RUN_SPECIFIC = {"seconds", "tokens_per_s", "quantized"}
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_OWN_ARTIFACTS = frozenset({MANIFEST_NAME, REPORT_NAME, CHART_NAME, DEFAULT_MARKER})
 
 
 def _dumps(data: object) -> bytes:
@@ -59,8 +60,8 @@ def side_file_keys(source: Storage) -> list[str]:
         name = info.key.rsplit("/", 1)[-1]
         if info.key.startswith(".") or "/." in info.key or name == INDEX_NAME:
             continue
-        if name.endswith(_SKIP_SUFFIXES):
-            continue
+        if name.endswith(_SKIP_SUFFIXES) or name in _OWN_ARTIFACTS:
+            continue  # a quantfleet result as source: its manifest, report and marker are not ours
         keys.append(info.key)
     return sorted(keys)
 
