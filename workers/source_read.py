@@ -37,9 +37,8 @@ def read_dense(job: TensorJob, reader: TensorReader, device: torch.device) -> to
         return reader.read(job.file, info)
     parts = {role: t.to(device) for role, t in _read_part_tensors(job, reader).items()}
     where = f"{job.name} (in {job.file})"
-    dense = dequantize_source(job.source.kind, parts, name=where, block=job.source.block,
-                              scheme=job.source.scheme)
-    return dense.to(TORCH_DTYPE[job.dtype])
+    return dequantize_source(job.source.kind, parts, name=where, block=job.source.block,
+                             scheme=job.source.scheme, dtype=TORCH_DTYPE[job.dtype])
 
 
 def carry_over(job: TensorJob, reader: TensorReader, write: Callable[[str, torch.Tensor], None]) -> int:

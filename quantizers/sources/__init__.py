@@ -28,8 +28,10 @@ def dequantize_source(
     name: str,
     block: tuple[int, int] | None = None,
     scheme: QuantScheme | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The float32 weight a quantized source tensor means, on the parts' device.
+    """The weight a quantized source tensor means, on the parts' device: computed in float32,
+    returned in `dtype` (block-FP8 rounds inside its kernel; others are converted after).
 
     `name` appears in every error; `block` is block-FP8's tile, `scheme` a compressed-tensors
     source's scheme.
@@ -38,11 +40,12 @@ def dequantize_source(
         if kind == "block-fp8":
             if block is None:
                 raise InvalidSourceError(f"{name}: block-FP8 source without a block size")
-            return block_fp8.dequantize(parts["weight"], parts["weight_scale_inv"], block, name=name)
+            return block_fp8.dequantize(parts["weight"], parts["weight_scale_inv"], block, name=name,
+                                        dtype=dtype)
         if kind == "compressed-tensors":
             if scheme is None:
                 raise InvalidSourceError(f"{name}: compressed-tensors source without a scheme")
-            return compressed.dequantize(parts, scheme, name=name)
+            return compressed.dequantize(parts, scheme, name=name).to(dtype)
         if kind == "mxfp4-blocks":
-            return mxfp4_blocks.dequantize(parts["blocks"], parts["scales"], name=name)
+            return mxfp4_blocks.dequantize(parts["blocks"], parts["scales"], name=name).to(dtype)
     raise InvalidSourceError(f"{name}: unknown source format {kind!r}; known: {', '.join(SOURCE_KINDS)}")
