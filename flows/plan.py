@@ -14,6 +14,7 @@ from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict
 
+from flows.partners import link_nvfp4_partners
 from flows.recipe import Recipe
 from flows.sources import SourceSummary, SourceTensor, dense_bytes, read_source
 from infra.safetensors import DTYPE_SIZE, Catalog
@@ -168,6 +169,7 @@ def build_plan(
                         info.source, info.parts, _carried_over(info, index, schemes))
         jobs.append(job)
     scheme_table = tuple(schemes)
+    jobs = link_nvfp4_partners(jobs, scheme_table)
     groups: list[list[TensorJob]] = [[]]
     sizes_out: list[int] = [0]
     sizes: dict[tuple[int | None, tuple[int, ...], str], int] = {}

@@ -25,7 +25,7 @@ from infra.storage import Storage, open_storage
 from quantizers import QuantizationError, estimate_output_error, probe_vectors, quantize
 from workers.errors import TensorQualityError, UnitFailed
 from workers.records import TensorRecord, UnitContext, UnitResult
-from workers.source_read import carry_over, read_dense, source_label
+from workers.source_read import carry_over, read_dense, shared_absmax, source_label
 from workers.units import TensorJob, WorkUnit, output_specs
 
 __all__ = ["convert_unit", "unit_record_key", "SHARD_METADATA"]
@@ -99,6 +99,7 @@ def _convert_job(
     device: torch.device,
     write: dict[str, int],
     fd: int,
+    magnitudes: dict[str, torch.Tensor] | None = None,
 ) -> TensorRecord:
     bytes_in = sum(p.end - p.begin for p in job.parts) if job.parts else job.end - job.begin
     source = source_label(job)
@@ -115,7 +116,8 @@ def _convert_job(
         return TensorRecord(name=job.name, scheme=None, bytes_in=bytes_in, bytes_out=len(data), source=source)
     scheme = ctx.schemes[job.scheme]
     weight = tensor.to(device)
-    result = quantize(weight, scheme, name=f"{job.name} (in {job.file})")
+    shared = shared_absmax(job, weight, reader, device, {} if magnitudes is None else magnitudes)
+    result = quantize(weight, scheme, name=f"{job.name} (in {job.file})", global_absmax=shared)
     error = result.error  # measured inside the quantization kernel
     probed = None
     if ctx.probes > 0:
@@ -190,10 +192,11 @@ def convert_unit(unit: WorkUnit, ctx: UnitContext, node: str = "local") -> UnitR
     with _scratch_file(staging, unit.file_name, ctx.scratch_dir) as (fd, path, adoptable):
         os.ftruncate(fd, position)
         _pwrite_all(fd, memoryview(header), 0)
+        magnitudes: dict[str, torch.Tensor] = {}  # NVFP4 partners' largest magnitudes, read once
         with TensorReader(source) as reader:
             for job in unit.jobs:
                 try:
-                    records.append(_convert_job(job, reader, ctx, device, offsets, fd))
+                    records.append(_convert_job(job, reader, ctx, device, offsets, fd, magnitudes))
                 except (QuantizationError, TensorQualityError) as error:
                     raise UnitFailed(f"unit {unit.index} ({unit.file_name}): {error}") from error
         if adoptable:

@@ -18,7 +18,7 @@ from quantizers.sources import dequantize_source
 from workers.source_units import CARRIED_OVER
 from workers.units import TensorJob
 
-__all__ = ["read_dense", "carry_over", "source_label"]
+__all__ = ["read_dense", "carry_over", "source_label", "shared_absmax"]
 
 
 def _read_part_tensors(job: TensorJob, reader: TensorReader) -> dict[str, torch.Tensor]:
@@ -57,3 +57,20 @@ def source_label(job: TensorJob) -> str | None:
     if job.passthrough:
         return f"{job.source.describe()}, {CARRIED_OVER}"
     return f"{job.source.describe()}, dequantized"
+
+
+def shared_absmax(
+    job: TensorJob, weight: torch.Tensor, reader: TensorReader, device: torch.device,
+    cache: dict[str, torch.Tensor],
+) -> torch.Tensor | None:
+    """Largest magnitude over the job's weight and its NVFP4 partners (None without partners).
+
+    Magnitudes are exact in the weight's dtype; each partner's is read once per unit (`cache`).
+    """
+    if not job.partners:
+        return None
+    cache[job.name] = weight.abs().amax()
+    for partner in job.partners:
+        if partner.name not in cache:
+            cache[partner.name] = read_dense(partner, reader, device).to(device).abs().amax()
+    return torch.stack([cache[p.name].to(weight.dtype) for p in (job, *job.partners)]).amax()

@@ -44,6 +44,9 @@ class TensorJob:
     source: SourceFormat | None = None
     parts: tuple[SourcePart, ...] = ()
     passthrough: bool = False
+    # NVFP4 partners fused at inference (q/k/v, gate/up): their global scale comes from the
+    # largest magnitude of all of them, so the worker reads these too (in whichever unit they are).
+    partners: tuple[TensorJob, ...] = ()
 
     @property
     def module(self) -> str:

@@ -12,6 +12,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -85,14 +86,14 @@ def save_block_fp8(bf16: Path, out: Path, reference: Path) -> None:
     (reference / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def run_plain(source: str, dest: str, scheme: str, **recipe: object) -> object:
+def run_plain(source: str, dest: str, scheme: str, shard_size: int = 5_000_000_000, **recipe: object) -> Any:
     """plan -> convert every unit in this process -> finalize and publish (no Ray: the same
     functions the Ray tasks and the Prefect flow run)."""
     from flows.pipeline import _context, check_not_published, finalize_and_publish, plan_conversion
     from flows.recipe import Recipe
     from workers.convert_unit import convert_unit
 
-    plan = plan_conversion(source, Recipe.preset(scheme, **recipe))
+    plan = plan_conversion(source, Recipe.preset(scheme, **recipe), shard_size=shard_size)
     context = _context(plan, check_not_published(dest), "cpu")
     results = [convert_unit(unit, context) for unit in plan.units]
     finalize_and_publish(plan, dest, results)

@@ -104,3 +104,27 @@ def test_a_compressed_tensors_int4_source_converts_to_other_schemes(fused, tmp_p
         error = float((got - dequantized_source).abs().mean() / dequantized_source.abs().mean())
         print(f"{target}: mean relative logit difference {error:.4f}")
         assert bound is not None and error <= bound, (target, error)
+
+
+def test_nvfp4_partners_share_one_global_scale_across_work_units(fused, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from quantizers.formats.nvfp4 import global_scale_for
+
+    out = tmp_path / "nvfp4"
+    plan = run_plain(str(fused), str(out), "NVFP4A16", shard_size=1)  # one tensor per unit
+    unit_of = {job.name: unit.index for unit in plan.units for job in unit.jobs}
+    layer = "model.layers.1"
+    qkv = [f"{layer}.self_attn.{p}_proj" for p in "qkv"]
+    assert len({unit_of[f"{m}.weight"] for m in qkv}) > 1  # the partners sit in different units
+    stored: dict[str, torch.Tensor] = {}
+    for file in out.glob("*.safetensors"):
+        stored.update(load_file(file))
+    source = load_file(fused / "model.safetensors")
+    for group in (qkv, [f"{layer}.mlp.experts.2.gate_proj", f"{layer}.mlp.experts.2.up_proj"]):
+        scales = {m: stored[f"{m}.weight_global_scale"] for m in group}
+        assert len({float(s) for s in scales.values()}) == 1, scales
+    largest = max(source[f"{m}.weight"].abs().amax() for m in qkv)
+    assert torch.equal(stored[f"{qkv[1]}.weight_global_scale"], global_scale_for(largest))
+    # Not partners: o_proj keeps its own global scale.
+    assert float(stored[f"{layer}.self_attn.o_proj.weight_global_scale"]) != float(scales[group[0]])
