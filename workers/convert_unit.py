@@ -23,6 +23,7 @@ from infra.errors import StorageError
 from infra.safetensors import TensorReader, TensorSpec, layout
 from infra.storage import Storage, open_storage
 from quantizers import QuantizationError, estimate_output_error, probe_vectors, quantize
+from workers.batched_reads import BatchedReader
 from workers.errors import TensorQualityError, UnitFailed
 from workers.records import TensorRecord, UnitContext, UnitResult
 from workers.source_read import carry_over, read_dense, shared_absmax, source_label
@@ -193,7 +194,7 @@ def convert_unit(unit: WorkUnit, ctx: UnitContext, node: str = "local") -> UnitR
         os.ftruncate(fd, position)
         _pwrite_all(fd, memoryview(header), 0)
         magnitudes: dict[str, torch.Tensor] = {}  # NVFP4 partners' largest magnitudes, read once
-        with TensorReader(source) as reader:
+        with BatchedReader(source, unit.jobs) as reader:
             for job in unit.jobs:
                 try:
                     records.append(_convert_job(job, reader, ctx, device, offsets, fd, magnitudes))
