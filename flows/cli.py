@@ -281,6 +281,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         return 0
     print(f"plan {plan.plan_id} for {plan.source_uri}")
     print(f"recipe: {plan.recipe.label}; schemes: {', '.join(s.describe() for s in plan.schemes) or 'none'}")
+    from flows.source_report import plan_source_lines
+
+    for line in plan_source_lines(plan):
+        print(line)
     print(f"{'shard':<36} {'tensors':>8} {'quantized':>9} {'in':>12} {'out':>12} {'memory':>10}")
     for unit in plan.units:
         quantized = sum(1 for j in unit.jobs if j.scheme is not None)

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from flows.charts import per_layer_chart
 from flows.gates import GateResult, failed_gates
 from flows.plan import Plan
-from infra.publish import Expected, Publisher
+from flows.source_report import source_fields, source_lines
+from infra.publish import DEFAULT_MARKER, Expected, Publisher
 from infra.safetensors import INDEX_NAME
 from infra.storage import Storage
 from quantizers import quantization_config
@@ -45,6 +46,7 @@ CHART_NAME = "per_layer_error.png"
 # Figures of an evaluation that depend on the run, not on the artifact: kept out of the manifest.
 _RUN_SPECIFIC = {"seconds", "tokens_per_s", "quantized"}
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_OWN_ARTIFACTS = frozenset({MANIFEST_NAME, REPORT_NAME, CHART_NAME, DEFAULT_MARKER})
 
 
 def _dumps(data: object) -> bytes:
@@ -58,8 +60,8 @@ def side_file_keys(source: Storage) -> list[str]:
         name = info.key.rsplit("/", 1)[-1]
         if info.key.startswith(".") or "/." in info.key or name == INDEX_NAME:
             continue
-        if name.endswith(_SKIP_SUFFIXES):
-            continue
+        if name.endswith(_SKIP_SUFFIXES) or name in _OWN_ARTIFACTS:
+            continue  # a quantfleet result as source: its manifest, report and marker are not ours
         keys.append(info.key)
     return sorted(keys)
 
@@ -103,7 +105,7 @@ def manifest(
         "tool": "quantfleet",
         "tool_version": plan.tool_version,
         "plan_id": plan.plan_id,
-        "source": {"uri": plan.source_uri, "identity": plan.source_identity},
+        "source": {"uri": plan.source_uri, "identity": plan.source_identity, **source_fields(plan)},
         "recipe": plan.recipe.model_dump(mode="json"),
         "schemes": [s.model_dump(mode="json") for s in plan.schemes],
         "shards": [{"file": r.file_name, "size": r.size, "sha256": r.sha256} for r in results],
@@ -261,6 +263,7 @@ def report_markdown(
         f"| shards | | {len(results)} |",
         "",
     ]
+    lines += source_lines(plan, tensors)
     lines += _metrics_lines(quantized)
     if evaluation is not None:
         lines += _evaluation_lines(evaluation)

@@ -19,6 +19,7 @@ from flows.finalize import REPORT_NAME, stage_model_files, stage_report_files, w
 from flows.gates import GateResult, QualityGateFailed, describe_failures, failed_gates, gate_results
 from flows.plan import Plan, build_plan
 from flows.recipe import Recipe
+from flows.sources import SourceError
 from infra.errors import AlreadyExists
 from infra.publish import Expected, Publisher, is_published
 from infra.safetensors import build_catalog
@@ -42,10 +43,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
-
-
-class SourceError(ValueError):
-    """A source this tool cannot convert (already quantized, no weights, ...)."""
 
 
 class ConversionSummary(BaseModel):
@@ -81,20 +78,13 @@ class Publication(BaseModel):
 def plan_conversion(source_uri: str, recipe: Recipe, *, shard_size: int = 5_000_000_000) -> Plan:
     """Read the source's headers (no tensor data) and plan the conversion."""
     source = open_storage(source_uri)
-    if source.exists("config.json"):
-        existing = json.loads(source.read_bytes("config.json")).get("quantization_config")
-        if existing:
-            method = existing.get("quant_method", "unknown")
-            raise SourceError(
-                f"{source.uri('config.json')}: the source is already quantized "
-                f"(quant_method {method!r}); quantfleet converts unquantized checkpoints"
-            )
+    config = json.loads(source.read_bytes("config.json")) if source.exists("config.json") else None
     catalog = build_catalog(source)
     tags = {}
     for key in catalog.files:
         info = source.stat(key)
         tags[key] = (info.size, info.etag or info.sha256)
-    return build_plan(catalog, recipe, shard_size=shard_size, file_tags=tags)
+    return build_plan(catalog, recipe, shard_size=shard_size, file_tags=tags, config=config)
 
 
 def _context(plan: Plan, dest: Storage, device: str) -> UnitContext:

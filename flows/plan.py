@@ -14,13 +14,15 @@ from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict
 
+from flows.partners import link_nvfp4_partners
 from flows.recipe import Recipe
+from flows.sources import SourceSummary, SourceTensor, dense_bytes, read_source
 from infra.safetensors import DTYPE_SIZE, Catalog
 from quantizers import QuantScheme, resolve_scheme
 from quantizers.errors import QuantizationError
 from workers.units import SAFETENSORS_TO_TORCH, TensorJob, WorkUnit, output_specs
 
-__all__ = ["Plan", "build_plan", "shard_file_name", "TOOL_VERSION"]
+__all__ = ["Plan", "build_plan", "job_bytes_in", "shard_file_name", "TOOL_VERSION"]
 
 TOOL_VERSION = "0.1.0"
 
@@ -41,6 +43,7 @@ class Plan(BaseModel):
     schemes: tuple[QuantScheme, ...]
     units: tuple[WorkUnit, ...]
     side_files: tuple[str, ...]
+    source: SourceSummary | None = None  # set when the source itself is quantized or re-laid out
 
     @property
     def bytes_in(self) -> int:
@@ -112,25 +115,47 @@ def _decide(
     return scheme_index[used], note
 
 
+def job_bytes_in(job: TensorJob) -> int:
+    """Source bytes a job reads: all parts of a quantized source weight, else its one range."""
+    return sum(p.end - p.begin for p in job.parts) if job.parts else job.end - job.begin
+
+
+def _held(job: TensorJob) -> int:
+    if job.source is None:
+        return job.end - job.begin
+    return dense_bytes(SourceTensor(job.name, job.file, job.begin, job.end, job.dtype, job.shape, job.source))
+
+
+def _carried_over(tensor: SourceTensor, index: int | None, schemes: list[QuantScheme]) -> bool:
+    """Whether the target stores exactly what the source holds: block-FP8 -> FP8 with the same tiles
+    (the fp8 bytes and float32 scales are then copied, only renamed)."""
+    if index is None or tensor.source is None or tensor.source.kind != "block-fp8":
+        return False
+    scheme = schemes[index]
+    return scheme.format == "float-quantized" and scheme.block_structure == tensor.source.block
+
+
 def build_plan(
     catalog: Catalog,
     recipe: Recipe,
     *,
     shard_size: int = 5_000_000_000,
     file_tags: dict[str, tuple[int, str | None]] | None = None,
+    config: dict[str, object] | None = None,
 ) -> Plan:
     """Plan a conversion of `catalog` with `recipe`, cutting output shards near `shard_size` bytes.
 
     `file_tags` maps a shard key to (size, ETag or SHA-256) from a listing, for the source identity.
+    `config` is the source's config.json: a quantized source is recognised from it (see
+    `flows.sources`), and its weights are dequantized on the workers.
     """
     schemes: list[QuantScheme] = []
     scheme_index: dict[QuantScheme, int] = {}
     decisions: dict[tuple[int, tuple[int, ...]], tuple[int | None, str | None]] = {}
     jobs: list[TensorJob] = []
     # File order, then offset order: each worker reads its files front to back.
-    entries = sorted(catalog.tensors.values(), key=lambda e: (e.file, e.info.begin))
-    for entry in entries:
-        info = entry.info
+    summary, entries = read_source(config, catalog)
+    for info in entries:
         wanted = recipe.scheme_for(info.name, info.shape) if info.dtype in SAFETENSORS_TO_TORCH else None
         index = note = None
         if wanted is not None and info.dtype in ("BF16", "F16", "F32"):
@@ -140,9 +165,11 @@ def build_plan(
             if decided is None:
                 decided = decisions[key] = _decide(wanted, info.shape, schemes, scheme_index)
             index, note = decided
-        job = TensorJob(info.name, entry.file, info.begin, info.end, info.dtype, info.shape, index, note)
+        job = TensorJob(info.name, info.file, info.begin, info.end, info.dtype, info.shape, index, note,
+                        info.source, info.parts, _carried_over(info, index, schemes))
         jobs.append(job)
     scheme_table = tuple(schemes)
+    jobs = link_nvfp4_partners(jobs, scheme_table)
     groups: list[list[TensorJob]] = [[]]
     sizes_out: list[int] = [0]
     sizes: dict[tuple[int | None, tuple[int, ...], str], int] = {}
@@ -164,10 +191,9 @@ def build_plan(
             index=i,
             file_name=shard_file_name(i, len(groups)),
             jobs=tuple(group),
-            bytes_in=sum(j.end - j.begin for j in group),
+            bytes_in=sum(job_bytes_in(j) for j in group),
             bytes_out=sizes_out[i],
-            memory_bytes=_FIXED_MEMORY
-            + _TENSOR_MEMORY_FACTOR * max((j.end - j.begin for j in group), default=0),
+            memory_bytes=_FIXED_MEMORY + _TENSOR_MEMORY_FACTOR * max((_held(j) for j in group), default=0),
         )
         for i, group in enumerate(groups)
     )
@@ -187,4 +213,5 @@ def build_plan(
         schemes=scheme_table,
         units=units,
         side_files=catalog.side_files,
+        source=summary if summary.quantized or summary.fused_experts_split else None,
     )

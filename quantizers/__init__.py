@@ -9,6 +9,7 @@ a compressed-tensors checkpoint stores.
 
 from quantizers.config import ConfigGroup, config_groups, quantization_config
 from quantizers.errors import (
+    InvalidSourceError,
     InvalidWeightError,
     QuantizationError,
     UnknownSchemeError,
@@ -25,6 +26,7 @@ __all__ = [
     "ConfigGroup",
     "DEFAULT_PROBES",
     "PRESETS",
+    "InvalidSourceError",
     "InvalidWeightError",
     "QuantScheme",
     "QuantizationError",

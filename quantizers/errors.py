@@ -4,7 +4,13 @@ One base class, so callers (workers, the CLI) can tell a quantization problem fr
 failure without matching message text.
 """
 
-__all__ = ["QuantizationError", "UnknownSchemeError", "InvalidWeightError", "UnsupportedSchemeError"]
+__all__ = [
+    "QuantizationError",
+    "UnknownSchemeError",
+    "InvalidWeightError",
+    "UnsupportedSchemeError",
+    "InvalidSourceError",
+]
 
 
 class QuantizationError(Exception):
@@ -24,3 +30,7 @@ class InvalidWeightError(QuantizationError, ValueError):
 
 class UnsupportedSchemeError(QuantizationError, ValueError):
     """Scheme options that no format can store (e.g. 3-bit packing, asymmetric FP4)."""
+
+
+class InvalidSourceError(QuantizationError, ValueError):
+    """A quantized source tensor whose parts do not fit together (scale shape, dtype, format)."""

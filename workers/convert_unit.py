@@ -20,11 +20,13 @@ from pathlib import Path
 import torch
 
 from infra.errors import StorageError
-from infra.safetensors import TensorInfo, TensorReader, TensorSpec, layout
+from infra.safetensors import TensorReader, TensorSpec, layout
 from infra.storage import Storage, open_storage
 from quantizers import QuantizationError, estimate_output_error, probe_vectors, quantize
+from workers.batched_reads import BatchedReader
 from workers.errors import TensorQualityError, UnitFailed
 from workers.records import TensorRecord, UnitContext, UnitResult
+from workers.source_read import carry_over, read_dense, shared_absmax, source_label
 from workers.units import TensorJob, WorkUnit, output_specs
 
 __all__ = ["convert_unit", "unit_record_key", "SHARD_METADATA"]
@@ -98,16 +100,25 @@ def _convert_job(
     device: torch.device,
     write: dict[str, int],
     fd: int,
+    magnitudes: dict[str, torch.Tensor] | None = None,
 ) -> TensorRecord:
-    info = TensorInfo(name=job.name, dtype=job.dtype, shape=job.shape, begin=job.begin, end=job.end)
-    tensor = reader.read(job.file, info)
-    bytes_in = job.end - job.begin
+    bytes_in = sum(p.end - p.begin for p in job.parts) if job.parts else job.end - job.begin
+    source = source_label(job)
+    if job.passthrough:
+        assert job.scheme is not None
+        copied = carry_over(job, reader, lambda name, part: _pwrite_all(fd, _tensor_bytes(part), write[name]))
+        return TensorRecord(name=job.name, scheme=f"{ctx.schemes[job.scheme].name} "
+                            f"{ctx.schemes[job.scheme].describe()}", bytes_in=bytes_in, bytes_out=copied,
+                            source=source)
+    tensor = read_dense(job, reader, device)
     if job.scheme is None:
-        _pwrite_all(fd, _tensor_bytes(tensor), write[job.name])
-        return TensorRecord(name=job.name, scheme=None, bytes_in=bytes_in, bytes_out=bytes_in)
+        data = _tensor_bytes(tensor)
+        _pwrite_all(fd, data, write[job.name])
+        return TensorRecord(name=job.name, scheme=None, bytes_in=bytes_in, bytes_out=len(data), source=source)
     scheme = ctx.schemes[job.scheme]
     weight = tensor.to(device)
-    result = quantize(weight, scheme, name=f"{job.name} (in {job.file})")
+    shared = shared_absmax(job, weight, reader, device, {} if magnitudes is None else magnitudes)
+    result = quantize(weight, scheme, name=f"{job.name} (in {job.file})", global_absmax=shared)
     error = result.error  # measured inside the quantization kernel
     probed = None
     if ctx.probes > 0:
@@ -137,7 +148,7 @@ def _convert_job(
         name=job.name, scheme=f"{scheme.name} {scheme.describe()}", note=job.note,
         bytes_in=bytes_in, bytes_out=bytes_out, sqnr_db=error.sqnr_db,
         relative_error=error.relative_error, cosine=error.cosine, max_abs_error=error.max_abs_error,
-        output_error=probed,
+        output_error=probed, source=source,
     )
 
 
@@ -182,10 +193,11 @@ def convert_unit(unit: WorkUnit, ctx: UnitContext, node: str = "local") -> UnitR
     with _scratch_file(staging, unit.file_name, ctx.scratch_dir) as (fd, path, adoptable):
         os.ftruncate(fd, position)
         _pwrite_all(fd, memoryview(header), 0)
-        with TensorReader(source) as reader:
+        magnitudes: dict[str, torch.Tensor] = {}  # NVFP4 partners' largest magnitudes, read once
+        with BatchedReader(source, unit.jobs) as reader:
             for job in unit.jobs:
                 try:
-                    records.append(_convert_job(job, reader, ctx, device, offsets, fd))
+                    records.append(_convert_job(job, reader, ctx, device, offsets, fd, magnitudes))
                 except (QuantizationError, TensorQualityError) as error:
                     raise UnitFailed(f"unit {unit.index} ({unit.file_name}): {error}") from error
         if adoptable:

@@ -41,6 +41,9 @@ class TensorRecord(BaseModel):
     cosine: float | None = None
     max_abs_error: float | None = None
     output_error: float | None = None  # ||W x - W' x|| / ||W x|| on fixed random probes
+    # For a quantized source: its format and whether it was dequantized (metrics then compare
+    # against the dequantized source) or carried over exactly.
+    source: str | None = None
 
 
 class UnitResult(BaseModel):

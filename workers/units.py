@@ -12,6 +12,7 @@ from functools import lru_cache
 from pydantic import BaseModel, ConfigDict
 
 from quantizers import QuantScheme, stored_specs
+from workers.source_units import SourceFormat, SourcePart
 
 __all__ = ["TensorJob", "WorkUnit", "output_specs", "SAFETENSORS_TO_TORCH"]
 
@@ -38,6 +39,14 @@ class TensorJob:
     shape: tuple[int, ...]
     scheme: int | None = None
     note: str | None = None  # what the awkward-shape rule changed, if anything
+    # A quantized source weight: its format and every stored part (then dtype and shape above are
+    # the dense weight's); `passthrough` copies the parts unchanged (block-FP8 -> FP8_BLOCK).
+    source: SourceFormat | None = None
+    parts: tuple[SourcePart, ...] = ()
+    passthrough: bool = False
+    # NVFP4 partners fused at inference (q/k/v, gate/up): their global scale comes from the
+    # largest magnitude of all of them, so the worker reads these too (in whichever unit they are).
+    partners: tuple[TensorJob, ...] = ()
 
     @property
     def module(self) -> str:
@@ -64,6 +73,9 @@ def output_specs(job: TensorJob, schemes: tuple[QuantScheme, ...]) -> list[Outpu
     """(name, safetensors dtype, shape) of every tensor a job writes."""
     if job.scheme is None:
         return [(job.name, job.dtype, job.shape)]
+    if job.passthrough:  # the source's fp8 weight and tile scales, under compressed-tensors names
+        return [(f"{job.module}.{'weight' if p.role == 'weight' else 'weight_scale'}", p.dtype, p.shape)
+                for p in job.parts]
     return [
         (f"{job.module}.{suffix}", dtype, shape)
         for suffix, dtype, shape in _stored(schemes[job.scheme], job.shape, job.dtype)

@@ -79,8 +79,9 @@ def test_demo_converts_the_bundled_model_with_prefect_local_mode(tmp_path) -> No
     assert "Published: file://" in first.stdout and "compression ratio" in first.stdout
     again = run_cli("demo", str(tmp_path / "demo"), env=env)
     assert again.returncode == 0 and "already holds the demo conversion" in again.stdout
-    refused = run_cli("convert", str(tmp_path / "demo"), str(tmp_path / "x"), "--no-prefect")
-    assert refused.returncode == 2 and "already quantized" in refused.stderr
+    # A published result is a compressed-tensors source: planned for dequantization, not refused.
+    planned = run_cli("plan", str(tmp_path / "demo"), "--scheme", "W8A16")
+    assert planned.returncode == 0 and "source: compressed-tensors" in planned.stdout, planned.stderr
 
 
 def test_destination_already_published_is_refused(minilm, tmp_path, capsys) -> None:
