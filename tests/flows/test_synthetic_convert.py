@@ -1,13 +1,12 @@
 """A small synthetic checkpoint (Kimi-K2 layout in bf16, shrunk) converts end to end on Ray,
-publishes, and verifies; the block-FP8 variant is refused until FP8 sources are supported."""
+publishes, and verifies; the block-FP8 variant, as Kimi-K2 is published, plans as a quantized
+source whose weights are dequantized on the workers."""
 
 from __future__ import annotations
 
 import json
 
-import pytest
-
-from flows.pipeline import SourceError, plan_conversion, run_conversion
+from flows.pipeline import plan_conversion, run_conversion
 from flows.recipe import Recipe
 from flows.versions import verify_uri
 from infra.storage import open_storage
@@ -31,7 +30,10 @@ def test_small_synthetic_kimi_converts_publishes_and_verifies(local_ray, tmp_pat
     assert [r.ok for r in reports] == [True]
 
 
-def test_block_fp8_variant_is_refused_in_one_line():
-    refused = r"config\.json\?.*: the source is already quantized \(quant_method 'fp8'\)"
-    with pytest.raises(SourceError, match=refused):
-        plan_conversion(f"synthetic://kimi-k2?{SMALL}", Recipe.preset("W4A16"))
+def test_block_fp8_variant_plans_as_a_dequantized_source():
+    plan = plan_conversion(f"synthetic://kimi-k2?{SMALL}", Recipe.preset("W4A16"))
+    assert plan.source is not None and plan.source.quantized and plan.source.format.startswith("block-FP8")
+    jobs = list(plan.jobs())
+    assert not any(job.name.endswith("weight_scale_inv") for job in jobs)  # scales are parts, not outputs
+    experts = [job for job in jobs if ".mlp.experts." in job.name]
+    assert experts and all(job.source is not None and job.scheme is not None for job in experts)
