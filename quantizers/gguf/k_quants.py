@@ -129,13 +129,15 @@ def _scale_min_k(
     sub = weight.float().reshape(-1, 32)  # (blocks * 8, 32)
     x = sub.t().contiguous()  # (32, blocks * 8): one column per sub-block
     sum_x2 = ordered_sum(x * x)
-    average = torch.sqrt(_div(sum_x2, 32))
+    # torch's float32 sqrt is not always correctly rounded (sqrtf is); via float64 it is.
+    average = torch.sqrt(_div(sum_x2, 32).double()).float()
     weights = average + x.abs()
     scales, mins, codes = _make_qkx2_quants(x, weights, nmax, rmin, 0.1, nstep)
     scales = scales.reshape(-1, 8)
     mins = mins.reshape(-1, 8)
-    max_scale = scales.amax(dim=1).clamp(min=0)
-    max_min = mins.amax(dim=1).clamp(min=0)
+    # C's running max starts at +0.0; `+ 0.0` turns a -0.0 (a min of exactly 0) into it.
+    max_scale = scales.amax(dim=1).clamp(min=0) + 0.0
+    max_min = mins.amax(dim=1).clamp(min=0) + 0.0
     inv_scale = torch.where(max_scale > 0, _div(63.0, torch.where(max_scale > 0, max_scale, 1.0)), 0.0)
     inv_min = torch.where(max_min > 0, _div(63.0, torch.where(max_min > 0, max_min, 1.0)), 0.0)
     # C stores nearest_int(...) in a uint8 before MIN(63, .): wrap first, then cap.
