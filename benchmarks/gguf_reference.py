@@ -5,7 +5,7 @@ only `ggml/src/ggml-quants.c` from a llama.cpp source tree (the llama-cpp-python
 under vendor/llama.cpp) into a small library and calls `quantize_row_*_ref` -- the functions
 `llama_model_quantize` uses when no importance matrix is given -- on the same float input.
 
-    python benchmarks/gguf_reference.py /path/to/llama.cpp
+    python -m benchmarks.gguf_reference /path/to/llama.cpp
 """
 
 from __future__ import annotations
