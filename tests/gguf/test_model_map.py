@@ -1,0 +1,72 @@
+"""Hugging Face -> GGUF names, metadata, Q/K permutation and the Q4_K_M / Q5_K_M rule."""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+import torch
+import transformers
+
+from infra.gguf.model import UnsupportedArchitectureError, family_for, hyper_parameters, map_tensor
+from quantizers.gguf.layout import llama_rope_permute
+from quantizers.gguf.mixes import mix_type, use_more_bits
+
+
+def _llama() -> tuple[dict, transformers.LlamaForCausalLM]:
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    as_dict = config.to_dict()
+    as_dict["architectures"] = ["LlamaForCausalLM"]
+    return as_dict, model
+
+
+def test_every_llama_tensor_gets_a_gguf_name_and_qk_are_permuted() -> None:
+    config, model = _llama()
+    family = family_for(config)
+    targets = {name: map_tensor(name, config, family) for name in model.state_dict()}
+    assert all(t is not None for t in targets.values())
+    names = {t.name for t in targets.values() if t}
+    assert {"token_embd.weight", "output.weight", "output_norm.weight", "blk.7.ffn_down.weight"} <= names
+    q = targets["model.layers.0.self_attn.q_proj.weight"]
+    k = targets["model.layers.0.self_attn.k_proj.weight"]
+    assert q and k and q.name == "blk.0.attn_q.weight" and (q.permute_heads, k.permute_heads) == (4, 2)
+    assert targets["model.layers.0.mlp.up_proj.weight"].permute_heads is None  # type: ignore[union-attr]
+    meta = hyper_parameters(config, family, "tiny")
+    assert meta["llama.attention.head_count_kv"].value == 2
+    assert meta["llama.rope.dimension_count"].value == 64
+    assert meta[gguf.Keys.General.ARCHITECTURE].value == "llama"
+
+
+def test_permutation_interleaves_the_halves_of_each_head() -> None:
+    weight = torch.arange(2 * 8, dtype=torch.float32).reshape(16, 1)  # 2 heads of 8 rows
+    permuted = llama_rope_permute(weight, 2)[:, 0].tolist()
+    assert permuted == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
+
+
+def test_unsupported_architecture_is_refused_in_one_line() -> None:
+    with pytest.raises(UnsupportedArchitectureError) as caught:
+        family_for({"architectures": ["GPTNeoXForCausalLM"]}, "src/config.json")
+    message = str(caught.value)
+    assert "\n" not in message and "GPTNeoXForCausalLM" in message and "Qwen3MoeForCausalLM" in message
+
+
+def test_q4_k_m_follows_llama_cpp_rule() -> None:
+    layers = 32
+    more = [i for i in range(layers) if use_more_bits(i, layers)]
+    assert more == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    assert mix_type("Q4_K_M", "output.weight", 4096, layers=layers) == "Q6_K"
+    assert mix_type("Q4_K_M", "token_embd.weight", 4096, layers=layers) == "Q4_K"
+    assert mix_type("Q4_K_M", "blk.3.attn_v.weight", 4096, layers=layers) == "Q6_K"
+    assert mix_type("Q4_K_M", "blk.4.attn_v.weight", 4096, layers=layers) == "Q4_K"
+    assert mix_type("Q4_K_M", "blk.6.ffn_down.weight", 14336, layers=layers) == "Q6_K"
+    assert mix_type("Q4_K_M", "blk.7.ffn_down.weight", 14336, layers=layers) == "Q4_K"
+    assert mix_type("Q5_K_M", "blk.7.ffn_up.weight", 4096, layers=layers) == "Q5_K"
+    assert mix_type("Q4_K_M", "blk.0.attn_v.weight", 4096, layers=layers, experts=8) == "Q8_0"
+    # SmolLM2's 576-wide rows: k-quants fall back as llama.cpp's do.
+    assert mix_type("Q4_K_M", "blk.5.attn_q.weight", 576, layers=30) == "Q5_0"
+    assert mix_type("Q5_K_M", "blk.5.attn_q.weight", 576, layers=30) == "Q5_1"
+    assert mix_type("Q4_K_M", "output.weight", 576, layers=30) == "Q8_0"
+    assert mix_type("Q6_K", "blk.0.ffn_up.weight", 100, layers=30) == "F16"
