@@ -24,6 +24,7 @@ from infra.safetensors import TensorInfo, TensorReader, TensorSpec, layout
 from infra.storage import Storage, open_storage
 from quantizers import QuantizationError, estimate_output_error, probe_vectors, quantize
 from workers.errors import TensorQualityError, UnitFailed
+from workers.pipeline import ShardSink, run_pipelined
 from workers.records import TensorRecord, UnitContext, UnitResult
 from workers.units import TensorJob, WorkUnit, output_specs
 
@@ -93,17 +94,17 @@ def _scratch_file(
 
 def _convert_job(
     job: TensorJob,
-    reader: TensorReader,
+    reader: TensorReader,  # in a unit, the pipeline's Prefetcher (same read())
     ctx: UnitContext,
     device: torch.device,
     write: dict[str, int],
-    fd: int,
+    sink: ShardSink,
 ) -> TensorRecord:
     info = TensorInfo(name=job.name, dtype=job.dtype, shape=job.shape, begin=job.begin, end=job.end)
     tensor = reader.read(job.file, info)
     bytes_in = job.end - job.begin
     if job.scheme is None:
-        _pwrite_all(fd, _tensor_bytes(tensor), write[job.name])
+        sink.put(tensor, write[job.name])
         return TensorRecord(name=job.name, scheme=None, bytes_in=bytes_in, bytes_out=bytes_in)
     scheme = ctx.schemes[job.scheme]
     weight = tensor.to(device)
@@ -130,9 +131,7 @@ def _convert_job(
         )
     bytes_out = 0
     for suffix, part in result.tensors.items():
-        data = _tensor_bytes(part)
-        _pwrite_all(fd, data, write[f"{job.module}.{suffix}"])
-        bytes_out += len(data)
+        bytes_out += sink.put(part, write[f"{job.module}.{suffix}"])
     return TensorRecord(
         name=job.name, scheme=f"{scheme.name} {scheme.describe()}", note=job.note,
         bytes_in=bytes_in, bytes_out=bytes_out, sqnr_db=error.sqnr_db,
@@ -178,18 +177,21 @@ def convert_unit(unit: WorkUnit, ctx: UnitContext, node: str = "local") -> UnitR
     for spec in ordered:
         offsets[spec.name] = position
         position += spec.nbytes
-    records = []
+    largest = max((job.end - job.begin for job in unit.jobs), default=0)
     with _scratch_file(staging, unit.file_name, ctx.scratch_dir) as (fd, path, adoptable):
         os.ftruncate(fd, position)
-        _pwrite_all(fd, memoryview(header), 0)
-        with TensorReader(source) as reader:
-            for job in unit.jobs:
-                try:
-                    records.append(_convert_job(job, reader, ctx, device, offsets, fd))
-                except (QuantizationError, TensorQualityError) as error:
-                    raise UnitFailed(f"unit {unit.index} ({unit.file_name}): {error}") from error
+        with TensorReader(source, max_concurrent_reads=ctx.read_concurrency) as reader:
+            try:
+                records, sha256 = run_pipelined(
+                    unit.jobs, reader, fd, header, position, device,
+                    lambda job, prefetched, sink: _convert_job(job, prefetched, ctx, device, offsets, sink),
+                    # Peak memory stays a small multiple of the largest tensor (plan's estimate: 4x).
+                    read_budget=largest, write_budget=max(largest, 64 << 20), hold_budget=64 << 20,
+                )
+            except (QuantizationError, TensorQualityError) as error:
+                raise UnitFailed(f"unit {unit.index} ({unit.file_name}): {error}") from error
         if adoptable:
-            adopted = staging.adopt(unit.file_name, path)
+            adopted = staging.adopt(unit.file_name, path, sha256=sha256)
             size, sha256 = adopted.size, adopted.sha256
         else:
             size, sha256 = _upload(fd, position, staging, unit.file_name)
