@@ -1,6 +1,7 @@
 """Where one work unit's time goes: cProfile of `workers.convert_unit.convert_unit`, in one process.
 
-    .venv/bin/python benchmarks/profile_unit.py SOURCE [--scheme W4A16] [--shard-size 2GB] [--runs 2]
+    .venv/bin/python benchmarks/profile_unit.py SOURCE [--scheme W4A16|pass-through] [--shard-size 2GB]
+        [--runs 2] [--no-profile]
 
 Plans SOURCE (a local checkpoint, e.g. one `benchmarks/convert.py` generated), then converts its
 first unit `--runs` times into a fresh temporary staging folder each time, without Ray; the last
@@ -49,8 +50,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--no-profile", action="store_true", help="time the runs only (no cProfile overhead)")
     args = parser.parse_args()
-    plan = plan_conversion(str(args.source), Recipe.preset(args.scheme), shard_size=_size(args.shard_size))
+    if args.scheme == "pass-through":  # every tensor kept: only the data path is measured
+        recipe = Recipe.model_validate({"scheme": "W4A16", "ignore": ["re:.*"]})
+    else:
+        recipe = Recipe.preset(args.scheme)
+    plan = plan_conversion(str(args.source), recipe, shard_size=_size(args.shard_size))
     unit = plan.units[0]
     print(f"unit 0: {len(unit.jobs)} tensors, {unit.bytes_in / 2**30:.2f} GiB in, "
           f"{unit.bytes_out / 2**30:.2f} GiB out", flush=True)
@@ -59,7 +65,7 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix="qf-profile-"))
         try:
             context = _context(plan, open_storage(work), args.device)
-            profiler = cProfile.Profile() if run == args.runs - 1 else None
+            profiler = cProfile.Profile() if run == args.runs - 1 and not args.no_profile else None
             started = time.perf_counter()
             if profiler is not None:
                 profiler.enable()
@@ -72,7 +78,8 @@ def main() -> None:
                   f"on {result.device}", flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    assert stats is not None
+    if stats is None:
+        return
     out = io.StringIO()
     pstats.Stats(stats, stream=out).sort_stats("tottime").print_stats(args.top)
     print(out.getvalue())
