@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install quantfleet with its test tools. Safe to re-run: it only installs what
-# is missing. torch is installed first, pinned, so pip takes the CPU build from the machine's disk
-# instead of downloading a multi-GB CUDA build (GPU machines: install the CUDA torch 2.13.0 first).
+# is missing. torch is installed first, pinned to 2.13.0, so pip takes the CPU build from the machine's
+# disk instead of downloading a multi-GB CUDA build. A torch already in .venv within the supported
+# range (pyproject: >=2.10,<2.14; e.g. a GPU image's CUDA build) is kept.
 # pip's own output goes to .venv/setup.log and is shown only if something fails.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -19,7 +20,7 @@ pip_install() {
     exit 1
   fi
 }
-if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
+if ! .venv/bin/python -c "import torch, sys; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(not (2, 10) <= v < (2, 14))" 2>/dev/null; then
   echo "setup.sh: installing torch 2.13.0"
   pip_install "torch==2.13.0"
 fi

@@ -1,14 +1,17 @@
 """End-to-end conversion of a generated 4-5 GB bf16 Llama-shaped checkpoint, side by side with
 llm-compressor's `model_free_ptq` on the same input in the same run.
 
-    .venv/bin/python benchmarks/convert.py [--workdir /tmp/qf-bench] [--layers 10]
+    .venv/bin/python benchmarks/convert.py [--workdir /tmp/qf-bench] [--layers 10] [--device cuda]
 
 Each tool runs as a user runs it, in its own process: `quantfleet convert` (Prefect local mode,
-local Ray with one worker per core) and `model_free_ptq` (llmcompressor 0.14, which needs older
-transformers/compressed-tensors, so it runs from `benchmarks/.peer-venv`, created on first use).
-Figures: wall time, throughput (bf16 input / conversion time), the fixed start-up quantfleet
-reports separately (Prefect, Ray, planning), and the peak RSS of the largest process of each
-run (sampled over the whole process tree, Ray workers included).
+local Ray; on a GPU node units share the GPU) and `model_free_ptq` (llmcompressor 0.14, which needs
+older transformers/compressed-tensors, so it runs from `benchmarks/.peer-venv`, created on first
+use; on `--device cuda` with 1 and with 4 workers on cuda:0). A pass-through row (a recipe that
+keeps every tensor, so only the data path is measured) runs against plain `cp -r` of the same
+files to the same disk. Figures per run: wall time, converting time, throughput (bf16 input /
+converting time), the fixed start-up quantfleet reports separately (Prefect, Ray, planning), the
+peak RSS of the largest process (sampled over the whole process tree, Ray workers included) and,
+on CUDA, the GPU busy fraction (`nvidia-smi` utilisation sampled every 0.2 s during the run).
 """
 
 from __future__ import annotations
@@ -99,6 +102,21 @@ def generate(path: Path, layers: int) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
+def _gpu_busy(stop: threading.Event, out: dict[str, list[float]]) -> None:
+    """Sample the GPU's utilisation (percent of time a kernel ran) until `stop`."""
+    samples = out.setdefault("gpu", [])
+    while not stop.is_set():
+        try:
+            text = subprocess.run(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
+                capture_output=True, text=True, timeout=5, check=True,
+            ).stdout
+            samples.append(float(text.split()[0]))
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            return
+        time.sleep(0.2)
+
+
 def _peak_tree_rss(process: subprocess.Popen[str], stop: threading.Event, out: dict[str, int]) -> None:
     """Sample RSS of the process and all its descendants; keep the largest single process."""
     try:
@@ -121,8 +139,14 @@ def _peak_tree_rss(process: subprocess.Popen[str], stop: threading.Event, out: d
         time.sleep(0.1)
 
 
-def measure(command: list[str], env: dict[str, str] | None = None) -> dict[str, object]:
+def measure(
+    command: list[str], env: dict[str, str] | None = None, gpu: bool = False
+) -> dict[str, object]:
     stop, peak = threading.Event(), {}
+    busy: dict[str, list[float]] = {}
+    gpu_sampler = threading.Thread(target=_gpu_busy, args=(stop, busy)) if gpu else None
+    if gpu_sampler is not None:
+        gpu_sampler.start()
     start = time.perf_counter()
     process = subprocess.Popen(
         command,
@@ -137,6 +161,8 @@ def measure(command: list[str], env: dict[str, str] | None = None) -> dict[str, 
     wall = time.perf_counter() - start
     stop.set()
     sampler.join()
+    if gpu_sampler is not None:
+        gpu_sampler.join()
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{output[-3000:]}")
     return {
@@ -144,6 +170,7 @@ def measure(command: list[str], env: dict[str, str] | None = None) -> dict[str, 
         "peak": peak.get("peak", 0),
         "peak_process": peak.get("name", "?"),
         "output": output,
+        "gpu_busy": (sum(busy["gpu"]) / len(busy["gpu"]) / 100) if busy.get("gpu") else None,
     }
 
 
@@ -156,20 +183,26 @@ def ensure_peer() -> Path:
     return python
 
 
-def run_quantfleet(source: Path, dest: Path, scheme: str, shard_size: str) -> dict[str, object]:
+PASS_THROUGH_RECIPE = "scheme: W4A16\nignore: ['re:.*']\nuse_default_ignore: true\n"
+
+
+def run_quantfleet(
+    source: Path, dest: Path, scheme: str, shard_size: str, device: str = "cpu"
+) -> dict[str, object]:
     shutil.rmtree(dest, ignore_errors=True)
+    if scheme == "pass-through":
+        recipe = dest.parent / "pass-through.yaml"
+        recipe.write_text(PASS_THROUGH_RECIPE)
+        choice = ["--recipe", str(recipe)]
+    else:
+        choice = ["--scheme", scheme]
+    quantfleet = ROOT / ".venv" / "bin" / "quantfleet"
+    launcher = [str(quantfleet)] if quantfleet.exists() else [sys.executable, "-m", "flows.cli"]
     result = measure(
-        [
-            str(ROOT / ".venv" / "bin" / "quantfleet"),
-            "convert",
-            str(source),
-            str(dest),
-            "--scheme",
-            scheme,
-            "--shard-size",
-            shard_size,
-        ],
+        [*launcher, "convert", str(source), str(dest), *choice, "--shard-size", shard_size,
+         "--device", "cuda" if device == "cuda" else "auto"],
         env={"PREFECT_API_URL": "", "RAY_AUTH_MODE": "disabled"},
+        gpu=device == "cuda",
     )
     match = re.search(
         r"Time: ([0-9.]+) s in all: ([0-9.]+) s converting and publishing", str(result["output"])
@@ -180,20 +213,41 @@ def run_quantfleet(source: Path, dest: Path, scheme: str, shard_size: str) -> di
     return result
 
 
-def run_model_free_ptq(python: Path, source: Path, dest: Path, scheme: str) -> dict[str, object]:
+def run_cp(source: Path, dest: Path) -> dict[str, object]:
+    """Plain `cp -r` of the same files to the same disk, then `sync`: the data path's ceiling."""
     shutil.rmtree(dest, ignore_errors=True)
+    result = measure(["sh", "-c", f"cp -r '{source}' '{dest}' && sync"])
+    result["convert"] = float(result["wall"])
+    result["startup"] = 0.0
+    return result
+
+
+def run_model_free_ptq(
+    python: Path, source: Path, dest: Path, scheme: str, device: str = "cpu", workers: int = 1
+) -> dict[str, object]:
+    shutil.rmtree(dest, ignore_errors=True)
+    target = "cuda:0" if device == "cuda" else "cpu"
     code = (
         "import time; t=time.perf_counter(); from llmcompressor import model_free_ptq; "
         "i=time.perf_counter()-t; t=time.perf_counter(); "
         f"model_free_ptq({str(source)!r}, {str(dest)!r}, scheme={scheme!r}, ignore=['lm_head'], "
-        "max_workers=1, device='cpu'); print('CONVERT', time.perf_counter()-t, 'IMPORT', i)"
+        f"max_workers={workers}, device={target!r}); print('CONVERT', time.perf_counter()-t, 'IMPORT', i)"
     )
-    result = measure([str(python), "-c", code])
+    result = measure([str(python), "-c", code], gpu=device == "cuda")
     match = re.search(r"CONVERT ([0-9.]+) IMPORT ([0-9.]+)", str(result["output"]))
     assert match, result["output"]
     result["convert"] = float(match.group(1))
     result["startup"] = float(result["wall"]) - result["convert"]
     return result
+
+
+def _row(tool: str, scheme: str, mib: float, r: dict[str, object]) -> tuple[object, ...]:
+    busy = r.get("gpu_busy")
+    return (
+        tool, scheme, float(r["wall"]), float(r["convert"]), float(r["startup"]),  # type: ignore[arg-type]
+        mib / float(r["convert"]), int(r["peak"]) / 2**30, str(r["peak_process"]),  # type: ignore[call-overload]
+        "-" if busy is None else f"{float(busy):.0%}",  # type: ignore[arg-type]
+    )
 
 
 def main() -> None:
@@ -202,8 +256,13 @@ def main() -> None:
     )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qf-bench"))
     parser.add_argument("--layers", type=int, default=10, help="decoder layers (10: about 4.7 GB)")
-    parser.add_argument("--schemes", default="W4A16,FP8")
+    parser.add_argument("--schemes", default="W4A16,FP8",
+                        help="comma-separated schemes; 'pass-through' keeps every tensor and runs cp "
+                        "beside it")
     parser.add_argument("--skip-peer", action="store_true", help="measure quantfleet only")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: quantfleet on the GPU node's GPU, model_free_ptq on cuda:0 with 1 and 4 "
+                        "workers, GPU busy fraction sampled with nvidia-smi")
     parser.add_argument(
         "--shard-size",
         default="400MB",
@@ -217,53 +276,55 @@ def main() -> None:
     peer = None if args.skip_peer else ensure_peer()
     rows = []
     for scheme in args.schemes.split(","):
-        ours = run_quantfleet(source, args.workdir / f"qf-{scheme}", scheme, args.shard_size)
+        ours = run_quantfleet(source, args.workdir / f"qf-{scheme}", scheme, args.shard_size, args.device)
         runs = [("quantfleet", ours)]
-        if peer is not None:
-            runs.append(
-                (
-                    "llm-compressor model_free_ptq",
-                    run_model_free_ptq(peer, source, args.workdir / f"mfp-{scheme}", MFP_SCHEMES[scheme]),
+        if scheme == "pass-through":
+            runs.append(("cp -r (same files, same disk)", run_cp(source, args.workdir / "cp")))
+        elif peer is not None:
+            for workers in (1, 4) if args.device == "cuda" else (1,):
+                result = run_model_free_ptq(
+                    peer, source, args.workdir / f"mfp-{scheme}", MFP_SCHEMES[scheme], args.device, workers
                 )
-            )
+                runs.append((f"llm-compressor model_free_ptq, {workers} worker(s)", result))
         for tool, r in runs:
-            row = (
-                tool,
-                scheme,
-                float(r["wall"]),
-                float(r["convert"]),
-                float(r["startup"]),
-                mib / float(r["convert"]),
-                int(r["peak"]) / 2**30,
-                str(r["peak_process"]),
-            )
+            row = _row(tool, scheme, mib, r)
             rows.append(row)
             print(
-                f"{tool:<30} {scheme:<6} wall {row[2]:6.1f} s, converting {row[3]:6.1f} s "
+                f"{tool:<30} {scheme:<12} wall {row[2]:6.1f} s, converting {row[3]:6.1f} s "
                 f"({row[5]:6.0f} MiB/s), start-up {row[4]:5.1f} s, largest process {row[6]:.2f} GiB "
-                f"({row[7]})",
+                f"({row[7]}), GPU busy {row[8]}",
                 flush=True,
             )
+        for _, r in runs:
+            r.pop("output", None)
+        for path in args.workdir.glob("*"):
+            if path.name != "source":
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
     table = [
         "| tool | scheme | wall | converting | MiB/s (converting) | fixed start-up "
-        "| peak RSS, largest process |",
-        "|---|---|---|---|---|---|---|",
+        "| peak RSS, largest process | GPU busy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     table += [
-        f"| {t} | {s} | {w:.1f} s | {c:.1f} s | {tp:,.0f} | {st:.1f} s | {p:.2f} GiB ({n}) |"
-        for t, s, w, c, st, tp, p, n in rows
+        f"| {t} | {s} | {w:.1f} s | {c:.1f} s | {tp:,.0f} | {st:.1f} s | {p:.2f} GiB ({n}) | {g} |"
+        for t, s, w, c, st, tp, p, n, g in rows
     ]
     update_section(
-        "Conversion",
-        f"Measured with `.venv/bin/python benchmarks/convert.py --layers {args.layers}` ({machine_line()}) "
+        "Conversion" if args.device == "cpu" else "Conversion on a GPU node",
+        f"Measured with `.venv/bin/python benchmarks/convert.py --layers {args.layers} "
+        f"--device {args.device} --schemes {args.schemes} --shard-size {args.shard_size}` "
+        f"({machine_line()}, load average "
+        f"{os.getloadavg()[0]:.1f} at the end) "
         f"on a generated Llama-shaped bf16 checkpoint of {mib:,.0f} MiB in 3 shards (hidden 4096, "
         f"MLP 11008), output shards of {args.shard_size} (one work unit each), "
         "converted to local disk. quantfleet runs `quantfleet convert` with Prefect's "
-        "local mode and a local Ray (one worker per core); its fixed start-up (Prefect's temporary "
-        "server, Ray, planning) is reported apart from converting. model_free_ptq runs with "
-        "max_workers=1 on CPU; its start-up is its import time. Peak RSS is the largest single "
-        "process, sampled every 0.1 s over each run's process tree. Targets: 3x model_free_ptq's "
-        "throughput and under 1 GB per worker.\n\n" + "\n".join(table),
+        "local mode and a local Ray; its fixed start-up (Prefect's temporary "
+        "server, Ray, planning) is reported apart from converting. model_free_ptq's start-up is its "
+        "import time. pass-through keeps every tensor (only the data path: read, write, hash, "
+        "publish); `cp -r` + `sync` copies the same files to the same disk. Peak RSS is the largest "
+        "single process, sampled every 0.1 s over each run's process tree. Targets (CPU): whole "
+        "process >= 1.5x faster than model_free_ptq, largest process <= 1.2 GB, pass-through >= 80% "
+        "of cp's throughput.\n\n" + "\n".join(table),
     )
 
 

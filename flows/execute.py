@@ -17,9 +17,18 @@ from workers.evaluation import Evaluation
 from workers.records import UnitContext, UnitResult
 from workers.units import WorkUnit
 
-__all__ = ["ClusterInfo", "ConversionFailed", "start_ray", "run_units", "run_evaluation"]
+__all__ = [
+    "ClusterInfo", "ConversionFailed", "start_ray", "run_units", "run_evaluation", "unit_concurrency",
+]
 
 _log = logging.getLogger(__name__)
+
+# Units sharing one GPU at once (fractional num_gpus). A unit's kernels keep a GPU busy only a
+# fraction of the time (reads, copies, writes and hashing around them), so several share it.
+UNITS_PER_GPU_ENV = "QUANTFLEET_UNITS_PER_GPU"
+_DEFAULT_UNITS_PER_GPU = 4
+# Ranged reads in flight per unit (S3 GETs or local preads); a node runs several units.
+READ_CONCURRENCY_ENV = "QUANTFLEET_READ_CONCURRENCY"
 
 
 class ConversionFailed(Exception):
@@ -39,6 +48,7 @@ class ClusterInfo(BaseModel):
     nodes: int
     cpus: float
     gpus: float
+    memory: float = 0.0  # bytes Ray may schedule for tasks, cluster-wide (0: unknown)
 
 
 def start_ray(address: str | None = None) -> ClusterInfo:
@@ -63,7 +73,37 @@ def start_ray(address: str | None = None) -> ClusterInfo:
         nodes=len([n for n in ray.nodes() if n.get("Alive")]),
         cpus=resources.get("CPU", 0.0),
         gpus=resources.get("GPU", 0.0),
+        memory=resources.get("memory", 0.0),
     )
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected a positive whole number") from None
+    if value < 1:
+        raise ValueError(f"{name}={raw!r}: expected a positive whole number")
+    return value
+
+
+def unit_concurrency(cluster: ClusterInfo, unit_memory: int) -> tuple[int, float]:
+    """(units to keep in flight, GPUs each asks for), sized from what the cluster has.
+
+    GPU nodes: `QUANTFLEET_UNITS_PER_GPU` (default 4) units share each GPU. CPU nodes: one unit
+    per core (each unit's torch uses its one core). Either way no more than the cluster's memory
+    holds at the plan's per-unit estimate; Ray's `memory` resource enforces that per node, this
+    only keeps the queue of submitted work short so a retried unit does not wait behind it.
+    """
+    if cluster.gpus > 0:
+        per_gpu = _env_int(UNITS_PER_GPU_ENV, _DEFAULT_UNITS_PER_GPU)
+        slots, num_gpus = int(cluster.gpus * per_gpu), 1.0 / per_gpu
+    else:
+        slots, num_gpus = int(cluster.cpus), 0.0
+    if cluster.memory > 0 and unit_memory > 0:
+        slots = min(slots, int(cluster.memory // unit_memory))
+    return max(1, slots), num_gpus
 
 
 def _describe(error: BaseException) -> str:
@@ -85,8 +125,11 @@ def run_units(
 
     from workers.ray_task import convert_unit_remote
 
-    limit = max_in_flight or max(2, int(cluster.cpus) * 2)
-    use_gpu = cluster.gpus > 0
+    slots, num_gpus = unit_concurrency(cluster, max((u.memory_bytes for u in units), default=0))
+    # Twice the slots: the next unit is queued on a worker before the previous one finishes.
+    limit = max_in_flight or max(2, slots * 2)
+    if os.environ.get(READ_CONCURRENCY_ENV):
+        context = context.model_copy(update={"read_concurrency": _env_int(READ_CONCURRENCY_ENV, 8)})
     pending = list(units)
     pending.reverse()  # pop() from the end takes units in plan order
     in_flight: dict[ray.ObjectRef, WorkUnit] = {}
@@ -97,7 +140,7 @@ def run_units(
             unit = pending.pop()
             ref = convert_unit_remote.options(
                 num_cpus=1,
-                num_gpus=1 if use_gpu else 0,
+                num_gpus=num_gpus,
                 memory=unit.memory_bytes,
                 name=f"convert {unit.file_name}",
             ).remote(unit, context)

@@ -35,9 +35,10 @@ class BatchedReader(TensorReader):
     """A `TensorReader` that serves the unit's adjacent small tensors from shared span reads."""
 
     def __init__(
-        self, storage: Storage, jobs: Iterable[TensorJob], *, small: int = 1 << 20, max_span: int = 16 << 20
+        self, storage: Storage, jobs: Iterable[TensorJob], *, small: int = 1 << 20, max_span: int = 16 << 20,
+        max_concurrent_reads: int = 4,
     ) -> None:
-        super().__init__(storage)
+        super().__init__(storage, max_concurrent_reads=max_concurrent_reads)
         self._span_of: dict[tuple[str, int], tuple[str, int, int]] = {}
         run: list[tuple[str, int, int]] = []
 
@@ -61,10 +62,12 @@ class BatchedReader(TensorReader):
         self._buffer = torch.empty(0, dtype=torch.uint8)
         self.span_reads = 0
 
-    def read(self, key: str, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        span = self._span_of.get((key, info.begin)) if rows is None else None
+    def read(
+        self, key: str, info: TensorInfo, rows: tuple[int, int] | None = None, *, pin_memory: bool = False
+    ) -> torch.Tensor:
+        span = self._span_of.get((key, info.begin)) if rows is None and not pin_memory else None
         if span is None or info.end > span[2]:
-            return super().read(key, info, rows)
+            return super().read(key, info, rows, pin_memory=pin_memory)
         if span != self._span:
             self._buffer = torch.empty(span[2] - span[1], dtype=torch.uint8)
             self.read_into(key, span[1], self._buffer)

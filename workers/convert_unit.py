@@ -25,6 +25,7 @@ from infra.storage import Storage, open_storage
 from quantizers import QuantizationError, estimate_output_error, probe_vectors, quantize
 from workers.batched_reads import BatchedReader
 from workers.errors import TensorQualityError, UnitFailed
+from workers.pipeline import ShardSink, run_pipelined
 from workers.records import TensorRecord, UnitContext, UnitResult
 from workers.source_read import carry_over, read_dense, shared_absmax, source_label
 from workers.units import TensorJob, WorkUnit, output_specs
@@ -63,17 +64,6 @@ def _finished(staging: Storage, unit: WorkUnit) -> UnitResult | None:
     return record.model_copy(update={"reused": True})
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        written = os.pwrite(fd, data, offset)
-        data, offset = data[written:], offset + written
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().data.cast("B")
-
-
 @contextmanager
 def _scratch_file(
     staging: Storage, key: str, directory: str | None
@@ -95,26 +85,25 @@ def _scratch_file(
 
 def _convert_job(
     job: TensorJob,
-    reader: TensorReader,
+    reader: TensorReader,  # in a unit, the pipeline's Prefetcher (same read())
     ctx: UnitContext,
     device: torch.device,
     write: dict[str, int],
-    fd: int,
+    sink: ShardSink,
     magnitudes: dict[str, torch.Tensor] | None = None,
 ) -> TensorRecord:
     bytes_in = sum(p.end - p.begin for p in job.parts) if job.parts else job.end - job.begin
     source = source_label(job)
     if job.passthrough:
         assert job.scheme is not None
-        copied = carry_over(job, reader, lambda name, part: _pwrite_all(fd, _tensor_bytes(part), write[name]))
+        copied = carry_over(job, reader, lambda name, part: sink.put(part, write[name]))
         return TensorRecord(name=job.name, scheme=f"{ctx.schemes[job.scheme].name} "
                             f"{ctx.schemes[job.scheme].describe()}", bytes_in=bytes_in, bytes_out=copied,
                             source=source)
     tensor = read_dense(job, reader, device)
     if job.scheme is None:
-        data = _tensor_bytes(tensor)
-        _pwrite_all(fd, data, write[job.name])
-        return TensorRecord(name=job.name, scheme=None, bytes_in=bytes_in, bytes_out=len(data), source=source)
+        written = sink.put(tensor, write[job.name])
+        return TensorRecord(name=job.name, scheme=None, bytes_in=bytes_in, bytes_out=written, source=source)
     scheme = ctx.schemes[job.scheme]
     weight = tensor.to(device)
     shared = shared_absmax(job, weight, reader, device, {} if magnitudes is None else magnitudes)
@@ -141,9 +130,7 @@ def _convert_job(
         )
     bytes_out = 0
     for suffix, part in result.tensors.items():
-        data = _tensor_bytes(part)
-        _pwrite_all(fd, data, write[f"{job.module}.{suffix}"])
-        bytes_out += len(data)
+        bytes_out += sink.put(part, write[f"{job.module}.{suffix}"])
     return TensorRecord(
         name=job.name, scheme=f"{scheme.name} {scheme.describe()}", note=job.note,
         bytes_in=bytes_in, bytes_out=bytes_out, sqnr_db=error.sqnr_db,
@@ -189,19 +176,27 @@ def convert_unit(unit: WorkUnit, ctx: UnitContext, node: str = "local") -> UnitR
     for spec in ordered:
         offsets[spec.name] = position
         position += spec.nbytes
-    records = []
+    largest = max((job.end - job.begin for job in unit.jobs), default=0)
     with _scratch_file(staging, unit.file_name, ctx.scratch_dir) as (fd, path, adoptable):
         os.ftruncate(fd, position)
-        _pwrite_all(fd, memoryview(header), 0)
         magnitudes: dict[str, torch.Tensor] = {}  # NVFP4 partners' largest magnitudes, read once
-        with BatchedReader(source, unit.jobs) as reader:
-            for job in unit.jobs:
-                try:
-                    records.append(_convert_job(job, reader, ctx, device, offsets, fd, magnitudes))
-                except (QuantizationError, TensorQualityError) as error:
-                    raise UnitFailed(f"unit {unit.index} ({unit.file_name}): {error}") from error
+        with (
+            BatchedReader(source, unit.jobs, max_concurrent_reads=ctx.read_concurrency) as ahead,
+            TensorReader(source, max_concurrent_reads=ctx.read_concurrency) as direct,
+        ):
+            try:
+                records, sha256 = run_pipelined(
+                    unit.jobs, ahead, fd, header, position, device,
+                    lambda job, prefetched, sink: _convert_job(
+                        job, prefetched, ctx, device, offsets, sink, magnitudes),
+                    # Peak memory stays a small multiple of the largest tensor (plan's estimate: 4x).
+                    read_budget=largest, write_budget=max(largest, 64 << 20), hold_budget=64 << 20,
+                    direct=direct,
+                )
+            except (QuantizationError, TensorQualityError) as error:
+                raise UnitFailed(f"unit {unit.index} ({unit.file_name}): {error}") from error
         if adoptable:
-            adopted = staging.adopt(unit.file_name, path)
+            adopted = staging.adopt(unit.file_name, path, sha256=sha256)
             size, sha256 = adopted.size, adopted.sha256
         else:
             size, sha256 = _upload(fd, position, staging, unit.file_name)

@@ -28,6 +28,10 @@ def _convert_on_node(unit: WorkUnit, context: UnitContext) -> UnitResult:
 
 
 # Ray accepts a list of exception types here; its type stubs only know the bool form.
+# max_calls=0: a worker process serves unit after unit, so CUDA start-up, imports and compiled
+# kernels are paid once per process, not per unit. (Ray recycles the process after every call
+# for functions declared with num_gpus unless told otherwise; ours get num_gpus per call, but
+# say it explicitly so that never changes under us.)
 convert_unit_remote = ray.remote(  # type: ignore[call-overload]
-    max_retries=MAX_RETRIES, retry_exceptions=[TransientStorageError]
+    max_retries=MAX_RETRIES, retry_exceptions=[TransientStorageError], max_calls=0
 )(_convert_on_node)

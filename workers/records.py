@@ -24,6 +24,7 @@ class UnitContext(BaseModel):
     probes: int = 16  # random probe vectors per Linear for the output error (0: not measured)
     device: str = "auto"  # "auto": CUDA when this task was given a GPU, else CPU
     scratch_dir: str | None = None  # local disk for assembling shards (default: system temp)
+    read_concurrency: int = 8  # ranged reads in flight per unit (S3 GETs, local preads)
 
 
 class TensorRecord(BaseModel):

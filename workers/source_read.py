@@ -41,7 +41,7 @@ def read_dense(job: TensorJob, reader: TensorReader, device: torch.device) -> to
                              scheme=job.source.scheme, dtype=TORCH_DTYPE[job.dtype])
 
 
-def carry_over(job: TensorJob, reader: TensorReader, write: Callable[[str, torch.Tensor], None]) -> int:
+def carry_over(job: TensorJob, reader: TensorReader, write: Callable[[str, torch.Tensor], object]) -> int:
     """Copy a carried-over job's parts unchanged under their output names; returns bytes written."""
     written = 0
     for role, tensor in _read_part_tensors(job, reader).items():

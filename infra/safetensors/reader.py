@@ -46,14 +46,20 @@ class TensorReader:
         self.chunk_bytes = chunk_bytes
         self._pool = ThreadPoolExecutor(max_concurrent_reads, thread_name_prefix="qf-read")
 
-    def read(self, key: str, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor `info` of file `key`, or rows [start, stop) of its leading dimension."""
+    def read(
+        self, key: str, info: TensorInfo, rows: tuple[int, int] | None = None, *, pin_memory: bool = False
+    ) -> torch.Tensor:
+        """The tensor `info` of file `key`, or rows [start, stop) of its leading dimension.
+
+        `pin_memory` reads into page-locked memory (CUDA builds only), so the copy to the GPU
+        that follows can run asynchronously at full bus speed.
+        """
         if rows is None:
             offset, length, shape = info.begin, info.nbytes, info.shape
         else:
             offset, length = row_range_bytes(info, rows[0], rows[1], self.storage.uri(key))
             shape = (rows[1] - rows[0], *info.shape[1:])
-        raw = torch.empty(length, dtype=torch.uint8)
+        raw = torch.empty(length, dtype=torch.uint8, pin_memory=pin_memory)
         self.read_into(key, offset, raw)
         return raw.view(TORCH_DTYPE[info.dtype]).reshape(shape)
 

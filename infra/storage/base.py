@@ -242,7 +242,9 @@ class Storage(abc.ABC):
         backend has no such fast path (writers then stream the bytes with `open_writer`)."""
         return None
 
-    def adopt(self, key: str, scratch: Path) -> WriteResult:
+    def adopt(self, key: str, scratch: Path, *, sha256: str | None = None) -> WriteResult:
+        """Make the finished local file `scratch` the object `key`; `sha256`, when the writer
+        computed it while writing, spares hashing the file again."""
         raise NotImplementedError(f"{type(self).__name__} cannot adopt local files")
 
     def hash_object(self, key: str, *, chunk_bytes: int = 8 << 20) -> str:

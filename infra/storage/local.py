@@ -169,19 +169,21 @@ class LocalStorage(Storage):
         final.parent.mkdir(parents=True, exist_ok=True)
         return self._temp_path(final)
 
-    def adopt(self, key: str, scratch: Path, *, chunk_bytes: int = 16 << 20) -> WriteResult:
+    def adopt(
+        self, key: str, scratch: Path, *, sha256: str | None = None, chunk_bytes: int = 16 << 20
+    ) -> WriteResult:
         """Make the finished file at `scratch` (from `scratch_path`) the object `key`, atomically.
 
-        Hashes it on the way (one sequential read, usually from the page cache) instead of the
-        copy an upload would make.
+        Without `sha256` (the writer's own digest of what it wrote), hashes it on the way (one
+        sequential read, usually from the page cache) instead of the copy an upload would make.
         """
         digest = hashlib.sha256()
         with open(scratch, "rb", buffering=0) as handle:
-            while chunk := handle.read(chunk_bytes):
+            while sha256 is None and (chunk := handle.read(chunk_bytes)):
                 digest.update(chunk)
             if self.fsync:
                 os.fsync(handle.fileno())
-        sha256 = digest.hexdigest()
+        sha256 = sha256 or digest.hexdigest()
         _set_sha256(str(scratch), sha256)
         final = self.path(key)
         self._publish_temp(scratch, final, key, if_absent=False)

@@ -523,5 +523,5 @@ class SyntheticStorage(Storage):
     def abort_stale_uploads(self, prefix: str = "", *, older_than_s: float = 0.0) -> int:
         return 0  # nothing is ever written, so nothing is ever left half-written
 
-    def adopt(self, key: str, scratch: Any) -> WriteResult:
+    def adopt(self, key: str, scratch: Any, *, sha256: str | None = None) -> WriteResult:
         raise self._read_only("write", key)

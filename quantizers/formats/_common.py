@@ -6,7 +6,10 @@ import torch
 
 ErrorPartials = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
-__all__ = ["group_view", "eps_of", "signed_absmax", "round_to_dtype", "error_partials", "ErrorPartials"]
+__all__ = [
+    "group_view", "eps_of", "signed_absmax", "round_to_dtype", "error_partials", "ErrorPartials",
+    "exact_quotient", "power_of_two", "exponent_of_power_of_two",
+]
 
 
 def group_view(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -51,6 +54,45 @@ def round_to_dtype(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
         return bits.view(torch.float32)
     return values.to(dtype).float()
+
+
+def exact_quotient(numerator: torch.Tensor, denominator: torch.Tensor | float) -> torch.Tensor:
+    """float32 `numerator / denominator` correctly rounded, the same on every device and compiler.
+
+    Eager CUDA divides by a Python number as a multiply by its reciprocal, and Inductor rewrites
+    division by a constant the same way on every device; in float32 that is off by one ulp now and
+    then, which rounding to bf16 turns into a different stored scale (found on an H200 for
+    8192x3072 W4A16_ASYM). Dividing in float64 instead and rounding once to float32 gives the
+    correctly rounded float32 quotient whichever way the float64 division is done: operands are
+    float32 (24-bit significands), so an exact quotient that is not itself a float32 rounding
+    midpoint lies at least ~2^-49 (relative) away from one, far beyond float64's 2^-52 error.
+    Only for per-group scales: it costs float64 arithmetic.
+    """
+    if isinstance(denominator, torch.Tensor):
+        denominator = denominator.double()
+    return (numerator.double() / denominator).float()
+
+
+def power_of_two(exponent: torch.Tensor) -> torch.Tensor:
+    """float32 2^(e - 127) for integer tensors e in [0, 255], built from bits (exp2 is approximate
+    on GPUs and flushes 2^-127, a subnormal, to zero): e << 23 is exactly that float for e >= 1
+    (255 gives inf, like exp2(128)), and 2^-127 is the subnormal with bit 22 set."""
+    exponent = exponent.to(torch.int32)
+    bits = torch.where(exponent == 0, 1 << 22, exponent << 23)
+    return bits.view(torch.float32)
+
+
+def exponent_of_power_of_two(values: torch.Tensor) -> torch.Tensor:
+    """floor(log2(v)) + 127 as int32, exactly, for float32 v: a power of two, zero, or non-finite.
+
+    The biased exponent field, read from the bits (GPU log2 is approximate). Zero and subnormals
+    give 0 or less; the callers clamp, as they clamped -inf and the tiny logs before.
+    2^-127 (the only subnormal the MXFP4 scales produce) gives 0, as log2 does.
+    """
+    bits = values.view(torch.int32)
+    biased = (bits >> 23) & 0xFF
+    below_normal = torch.where((bits & 0x7FFFFF) == (1 << 22), 0, -1)
+    return torch.where(biased == 0, below_normal, biased)
 
 
 def error_partials(

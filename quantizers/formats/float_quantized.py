@@ -11,7 +11,14 @@ import math
 
 import torch
 
-from quantizers.formats._common import ErrorPartials, eps_of, error_partials, round_to_dtype, signed_absmax
+from quantizers.formats._common import (
+    ErrorPartials,
+    eps_of,
+    error_partials,
+    exact_quotient,
+    round_to_dtype,
+    signed_absmax,
+)
 from quantizers.formats.fp8_bits import from_e4m3, to_e4m3
 from quantizers.kernels import maybe_compiled
 from quantizers.scheme import QuantScheme
@@ -25,7 +32,7 @@ def _fp8_scales(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """tiles (R, tile_rows, C, tile_cols) -> scale (float32, (R, 1, C, 1)) and absmax."""
     dtype = tiles.dtype
     absmax = signed_absmax(tiles, (1, 3))
-    scale = round_to_dtype(absmax.float() / FP8_MAX, dtype)
+    scale = round_to_dtype(exact_quotient(absmax.float(), FP8_MAX), dtype)
     return torch.where(scale == 0, eps_of(dtype), scale), absmax
 
 

@@ -16,7 +16,9 @@ from quantizers.formats._common import (
     ErrorPartials,
     eps_of,
     error_partials,
+    exponent_of_power_of_two,
     group_view,
+    power_of_two,
     round_to_dtype,
     signed_absmax,
 )
@@ -58,12 +60,15 @@ def _mxfp4_scales(
     dtype = grouped.dtype
     absmax = signed_absmax(grouped, -1)
     power = _round_to_power_of_two(absmax)
-    exponent = round_to_dtype(torch.log2(power.float()).floor() + (127 - _ELEMENT_EXPONENT), dtype)
-    exponent = exponent.clamp(0, 255).round()
-    scale = round_to_dtype(torch.exp2(exponent - 127), dtype)
+    # compressed-tensors: floor(log2(power)) + 125, clamped to [0, 255], then 2^(e - 127) and back
+    # through log2. Here on the bits (exact integers; GPU log2/exp2 are approximate and flush
+    # subnormals): the same values wherever torch's log2/exp2 are exact, which CPUs are.
+    biased = exponent_of_power_of_two(power.float())
+    exponent = torch.where(biased == 255, 255, biased - _ELEMENT_EXPONENT).clamp(0, 255)
+    scale = round_to_dtype(power_of_two(exponent), dtype)
     scale = torch.where(scale == 0, eps_of(torch.uint8), scale)
-    stored_exponent = (torch.log2(scale).floor() + 127).to(torch.int32).to(torch.uint8)
-    decoded_scale = round_to_dtype(torch.exp2(stored_exponent.float() - 127), torch.bfloat16)
+    stored_exponent = exponent_of_power_of_two(scale).clamp(0, 255).to(torch.uint8)
+    decoded_scale = round_to_dtype(power_of_two(stored_exponent), torch.bfloat16)
     return scale, decoded_scale, stored_exponent, absmax
 
 
@@ -80,7 +85,7 @@ def _mxfp4_codes(
 
 def _mxfp4_dequant_kernel(nibbles: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
     """As compressed-tensors decompresses: bf16 scale 2^(e-127) times bf16 E2M1 values."""
-    scale = round_to_dtype(torch.exp2(exponent.float() - 127), torch.bfloat16)
+    scale = round_to_dtype(power_of_two(exponent), torch.bfloat16)
     return round_to_dtype(nibble_values(nibbles) * scale, torch.bfloat16).to(torch.bfloat16)
 
 

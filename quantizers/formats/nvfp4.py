@@ -16,6 +16,7 @@ from quantizers.formats._common import (
     ErrorPartials,
     eps_of,
     error_partials,
+    exact_quotient,
     group_view,
     round_to_dtype,
     signed_absmax,
@@ -49,7 +50,7 @@ def _nvfp4_scales(
     """grouped (rows, groups, 16) -> block scale (float32), its E4M3 code (uint8), absmax."""
     dtype = grouped.dtype
     absmax = signed_absmax(grouped, -1)
-    local = round_to_dtype(absmax.float() / FP4_MAX, dtype)
+    local = round_to_dtype(exact_quotient(absmax.float(), FP4_MAX), dtype)
     scale = (global_scale * local).clamp(-FP8_MAX, FP8_MAX)
     codes, scale = to_e4m3(scale)  # round to FP8 (the stored dtype) on the bits
     eps = eps_of(torch.float8_e4m3fn)

@@ -16,7 +16,14 @@ from typing import NamedTuple
 
 import torch
 
-from quantizers.formats._common import ErrorPartials, eps_of, error_partials, group_view, round_to_dtype
+from quantizers.formats._common import (
+    ErrorPartials,
+    eps_of,
+    error_partials,
+    exact_quotient,
+    group_view,
+    round_to_dtype,
+)
 from quantizers.kernels import maybe_compiled
 from quantizers.packing import (
     pack_codes,
@@ -56,12 +63,12 @@ def _int_kernels(num_bits: int) -> _IntKernels:
         high = grouped.amax(dim=-1, keepdim=True).clamp(min=0)
         absmax = torch.maximum(-low, high)
         if symmetric:
-            scale = round_to_dtype(absmax.float() / half_range, dtype)
+            scale = round_to_dtype(exact_quotient(absmax.float(), half_range), dtype)
             return torch.where(scale == 0, eps_of(dtype), scale), torch.zeros_like(scale), absmax
         spread = round_to_dtype(high.float() - low.float(), dtype)
-        raw_scale = round_to_dtype(spread / (q_max - q_min), dtype)
+        raw_scale = round_to_dtype(exact_quotient(spread, q_max - q_min), dtype)
         # The zero point comes from the scale before zeros are replaced (all-zero groups: 0/0).
-        zero = round_to_dtype(q_min - round_to_dtype(low.float() / raw_scale, dtype), dtype)
+        zero = round_to_dtype(q_min - round_to_dtype(exact_quotient(low.float(), raw_scale), dtype), dtype)
         zero = torch.nan_to_num(zero, nan=0.0).clamp(q_min, q_max).round()
         return torch.where(raw_scale == 0, eps_of(dtype), raw_scale), zero, absmax
 

@@ -1,0 +1,52 @@
+"""The device-independent scale arithmetic equals the float formulas it replaces, on the CPU.
+
+The CPU's float32 division, log2 and exp2 are exact or correctly rounded where the kernels use
+them, so the replacements (float64 quotients, exponent bits) must give the very same values
+there; on GPUs, where those float ops are not, they are what keeps the bytes the CPU's.
+Exhaustive over every finite bf16 value, and over random float32 values.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantizers.formats._common import exact_quotient, exponent_of_power_of_two, power_of_two
+
+
+def _every_bf16() -> torch.Tensor:
+    values = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    return values[torch.isfinite(values)]
+
+
+@pytest.mark.parametrize("divisor", [7.5, 15.0, 127.5, 255.0, 448.0, 6.0, 3.0])
+def test_exact_quotient_equals_float32_division(divisor: float) -> None:
+    for values in (_every_bf16(), torch.randn(1 << 18, generator=torch.Generator().manual_seed(0))):
+        expected = values / divisor
+        assert torch.equal(exact_quotient(values, divisor).view(torch.int32), expected.view(torch.int32))
+        tensor_divisor = torch.full_like(values, divisor)
+        quotient = exact_quotient(values, tensor_divisor)
+        assert torch.equal(quotient.view(torch.int32), expected.view(torch.int32))
+
+
+def test_tensor_quotients_equal_float32_division() -> None:
+    generator = torch.Generator().manual_seed(1)
+    a = torch.randn(1 << 18, generator=generator)
+    b = torch.randn(1 << 18, generator=generator).abs() * 1e-2
+    assert torch.equal(exact_quotient(a, b).view(torch.int32), (a / b).view(torch.int32))
+
+
+def test_power_of_two_equals_exp2() -> None:
+    exponent = torch.arange(0, 256, dtype=torch.int32)
+    assert torch.equal(power_of_two(exponent), torch.exp2(exponent.float() - 127))
+
+
+def test_exponent_bits_equal_log2_of_powers_of_two() -> None:
+    exponent = torch.arange(0, 255, dtype=torch.int32)  # 2^-127 .. 2^127
+    powers = torch.exp2(exponent.float() - 127)
+    assert torch.equal(exponent_of_power_of_two(powers), (torch.log2(powers).floor() + 127).to(torch.int32))
+    # Zero and the bf16-rounded powers below float32's normal range: log2 gives < -126 there, and
+    # the callers clamp; the bits give 0 or -1, which clamp to the same 0.
+    tiny = torch.tensor([0.0, 2.0**-130, 2.0**-140, 2.0**-127])
+    clamped = (torch.log2(tiny).floor() + 127 - 2).clamp(0, 255).to(torch.int32)
+    assert torch.equal((exponent_of_power_of_two(tiny) - 2).clamp(0, 255), clamped)
