@@ -22,7 +22,7 @@ import torch
 from infra.errors import StorageError
 from infra.safetensors import TensorReader, TensorSpec, layout
 from infra.storage import Storage, open_storage
-from quantizers import QuantizationError, estimate_output_error, probe_vectors, quantize
+from quantizers import QuantizationError, estimate_output_error, method_passes, probe_vectors, quantize
 from workers.batched_reads import BatchedReader
 from workers.errors import TensorQualityError, UnitFailed
 from workers.records import TensorRecord, UnitContext, UnitResult
@@ -118,7 +118,9 @@ def _convert_job(
     scheme = ctx.schemes[job.scheme]
     weight = tensor.to(device)
     shared = shared_absmax(job, weight, reader, device, {} if magnitudes is None else magnitudes)
-    result = quantize(weight, scheme, name=f"{job.name} (in {job.file})", global_absmax=shared)
+    method = ctx.methods[job.scheme] if ctx.methods else "rtn"
+    result = quantize(weight, scheme, name=f"{job.name} (in {job.file})", global_absmax=shared,
+                      method=method)
     error = result.error  # measured inside the quantization kernel
     probed = None
     if ctx.probes > 0:
@@ -149,6 +151,8 @@ def _convert_job(
         bytes_in=bytes_in, bytes_out=bytes_out, sqnr_db=error.sqnr_db,
         relative_error=error.relative_error, cosine=error.cosine, max_abs_error=error.max_abs_error,
         output_error=probed, source=source,
+        **({"method": result.method, "method_passes": method_passes(result.method)}
+           if result.method != "rtn" else {}),
     )
 
 
