@@ -151,8 +151,8 @@ def _convert_job(
         bytes_in=bytes_in, bytes_out=bytes_out, sqnr_db=error.sqnr_db,
         relative_error=error.relative_error, cosine=error.cosine, max_abs_error=error.max_abs_error,
         output_error=probed, source=source,
-        **({"method": result.method, "method_passes": method_passes(result.method)}
-           if result.method != "rtn" else {}),
+        method=None if result.method == "rtn" else result.method,
+        method_passes=None if result.method == "rtn" else method_passes(result.method),
     )
 
 
