@@ -25,9 +25,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from workers.evaluation.default_text import TEXT  # noqa: E402
+
 from benchmarks._doc import machine_line, update_section  # noqa: E402
 from quantizers import get_scheme, quantize, resolve_scheme  # noqa: E402
-from workers.evaluation.default_text import TEXT  # noqa: E402
 
 METHODS = ("rtn", "search", "hqq")
 GROUPS = (64, 128)

@@ -133,12 +133,14 @@ def _held(job: TensorJob) -> int:
     return dense_bytes(SourceTensor(job.name, job.file, job.begin, job.end, job.dtype, job.shape, job.source))
 
 
-def _carried_over(tensor: SourceTensor, index: int | None, schemes: list[QuantScheme]) -> bool:
+def _carried_over(
+    tensor: SourceTensor, index: int | None, schemes: list[tuple[QuantScheme, str]]
+) -> bool:
     """Whether the target stores exactly what the source holds: block-FP8 -> FP8 with the same tiles
     (the fp8 bytes and float32 scales are then copied, only renamed)."""
     if index is None or tensor.source is None or tensor.source.kind != "block-fp8":
         return False
-    scheme = schemes[index]
+    scheme = schemes[index][0]  # (scheme, method): an exact copy has no scales to choose
     return scheme.format == "float-quantized" and scheme.block_structure == tensor.source.block
 
 
