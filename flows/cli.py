@@ -58,6 +58,10 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
                      help="asymmetric int quantization with zero points")
     group.add_argument("--per-channel", action="store_true",
                        help="one scale per output channel instead of groups (int schemes)")
+    group.add_argument("--method", choices=("rtn", "search", "hqq"),
+                       help="how scales are chosen, without data: rtn (round to nearest, the default; "
+                       "compressed-tensors' bytes), search (per-group scale search, llama.cpp k-quant "
+                       "style) or hqq (half-quadratic, lp loss); the stored format is the same")
     group.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                        help="also keep these modules unquantized: a module name or `re:REGEX` "
                        "(repeatable; embeddings, lm_head, norms and MoE routers are always kept)")
@@ -236,7 +240,7 @@ def _recipe(args: argparse.Namespace):  # noqa: ANN202 - imported lazily for a f
     if getattr(args, "recipe", None):
         return Recipe.from_yaml(args.recipe)
     options: dict[str, object] = {}
-    for field in ("group_size", "symmetric"):
+    for field in ("group_size", "symmetric", "method"):
         if getattr(args, field, None) is not None:
             options[field] = getattr(args, field)
     if getattr(args, "per_channel", False):
@@ -280,7 +284,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(plan.model_dump_json(indent=2))
         return 0
     print(f"plan {plan.plan_id} for {plan.source_uri}")
-    print(f"recipe: {plan.recipe.label}; schemes: {', '.join(s.describe() for s in plan.schemes) or 'none'}")
+    described = [s.describe() + ("" if plan.method_of(i) == "rtn" else f" ({plan.method_of(i)})")
+                 for i, s in enumerate(plan.schemes)]
+    print(f"recipe: {plan.recipe.label}; schemes: {', '.join(described) or 'none'}")
     from flows.source_report import plan_source_lines
 
     for line in plan_source_lines(plan):

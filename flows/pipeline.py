@@ -94,6 +94,7 @@ def _context(plan: Plan, dest: Storage, device: str) -> UnitContext:
         source_uri=plan.source_uri,
         staging_uri=dest.uri(publisher.staging),
         schemes=plan.schemes,
+        methods=plan.methods,
         min_sqnr_db=tuple(plan.recipe.gates.min_sqnr_for(s) for s in plan.schemes),
         min_cosine=plan.recipe.gates.min_cosine,
         max_output_error=plan.recipe.gates.max_output_error,

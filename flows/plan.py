@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable
 from functools import lru_cache
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from flows.partners import link_nvfp4_partners
 from flows.recipe import Recipe
@@ -44,6 +44,11 @@ class Plan(BaseModel):
     units: tuple[WorkUnit, ...]
     side_files: tuple[str, ...]
     source: SourceSummary | None = None  # set when the source itself is quantized or re-laid out
+    # The method (rtn, search, hqq) of each entry of `schemes`; empty means all RTN.
+    methods: tuple[str, ...] = Field(default=(), exclude_if=lambda v: not v)
+
+    def method_of(self, scheme_index: int) -> str:
+        return self.methods[scheme_index] if self.methods else "rtn"
 
     @property
     def bytes_in(self) -> int:
@@ -100,19 +105,21 @@ def _source_identity(catalog: Catalog, sizes: dict[str, tuple[int, str | None]])
 
 def _decide(
     wanted: QuantScheme,
+    method: str,
     shape: tuple[int, ...],
-    schemes: list[QuantScheme],
-    scheme_index: dict[QuantScheme, int],
+    schemes: list[tuple[QuantScheme, str]],
+    scheme_index: dict[tuple[QuantScheme, str], int],
 ) -> tuple[int | None, str | None]:
     """(index into the plan's scheme table, shape note) for a weight; (None, None) if refused."""
     try:
         used, note = _resolve(wanted, shape)
     except QuantizationError:
         return None, None  # refused shapes stay as they are
-    if used not in scheme_index:
-        scheme_index[used] = len(schemes)
-        schemes.append(used)
-    return scheme_index[used], note
+    entry = (used, method)
+    if entry not in scheme_index:
+        scheme_index[entry] = len(schemes)
+        schemes.append(entry)
+    return scheme_index[entry], note
 
 
 def job_bytes_in(job: TensorJob) -> int:
@@ -126,12 +133,14 @@ def _held(job: TensorJob) -> int:
     return dense_bytes(SourceTensor(job.name, job.file, job.begin, job.end, job.dtype, job.shape, job.source))
 
 
-def _carried_over(tensor: SourceTensor, index: int | None, schemes: list[QuantScheme]) -> bool:
+def _carried_over(
+    tensor: SourceTensor, index: int | None, schemes: list[tuple[QuantScheme, str]]
+) -> bool:
     """Whether the target stores exactly what the source holds: block-FP8 -> FP8 with the same tiles
     (the fp8 bytes and float32 scales are then copied, only renamed)."""
     if index is None or tensor.source is None or tensor.source.kind != "block-fp8":
         return False
-    scheme = schemes[index]
+    scheme = schemes[index][0]  # (scheme, method): an exact copy has no scales to choose
     return scheme.format == "float-quantized" and scheme.block_structure == tensor.source.block
 
 
@@ -149,26 +158,28 @@ def build_plan(
     `config` is the source's config.json: a quantized source is recognised from it (see
     `flows.sources`), and its weights are dequantized on the workers.
     """
-    schemes: list[QuantScheme] = []
-    scheme_index: dict[QuantScheme, int] = {}
-    decisions: dict[tuple[int, tuple[int, ...]], tuple[int | None, str | None]] = {}
+    schemes: list[tuple[QuantScheme, str]] = []
+    scheme_index: dict[tuple[QuantScheme, str], int] = {}
+    decisions: dict[tuple[int, str, tuple[int, ...]], tuple[int | None, str | None]] = {}
     jobs: list[TensorJob] = []
     # File order, then offset order: each worker reads its files front to back.
     summary, entries = read_source(config, catalog)
     for info in entries:
-        wanted = recipe.scheme_for(info.name, info.shape) if info.dtype in SAFETENSORS_TO_TORCH else None
+        choice = recipe.choice_for(info.name, info.shape) if info.dtype in SAFETENSORS_TO_TORCH else None
         index = note = None
-        if wanted is not None and info.dtype in ("BF16", "F16", "F32"):
+        if choice is not None and info.dtype in ("BF16", "F16", "F32"):
+            wanted, method = choice
             # Schemes come from the recipe's few objects: key by identity, not by hashing a model.
-            key = (id(wanted), info.shape)
+            key = (id(wanted), method, info.shape)
             decided = decisions.get(key)
             if decided is None:
-                decided = decisions[key] = _decide(wanted, info.shape, schemes, scheme_index)
+                decided = decisions[key] = _decide(wanted, method, info.shape, schemes, scheme_index)
             index, note = decided
         job = TensorJob(info.name, info.file, info.begin, info.end, info.dtype, info.shape, index, note,
                         info.source, info.parts, _carried_over(info, index, schemes))
         jobs.append(job)
-    scheme_table = tuple(schemes)
+    scheme_table = tuple(scheme for scheme, _ in schemes)
+    methods = tuple(method for _, method in schemes)
     jobs = link_nvfp4_partners(jobs, scheme_table)
     groups: list[list[TensorJob]] = [[]]
     sizes_out: list[int] = [0]
@@ -214,4 +225,6 @@ def build_plan(
         units=units,
         side_files=catalog.side_files,
         source=summary if summary.quantized or summary.fused_experts_split else None,
+        # Empty when all RTN, so an RTN plan serialises exactly as it always did.
+        methods=methods if any(m != "rtn" for m in methods) else (),
     )

@@ -7,10 +7,12 @@ name without its `.weight` suffix. `overrides` give other schemes to some module
 wins), so a plan can hold any scheme per tensor.
 
     scheme: W4A16
+    method: search          # rtn (default) | search | hqq: how scales are chosen (quantizers.methods)
     ignore: ["re:.*layers\\.0\\..*"]
     overrides:
       - targets: ["re:.*down_proj$"]
         scheme: W8A16
+        method: hqq
     gates: {min_sqnr_db: 12, max_output_error: 0.2, max_mean_kl: 0.05, min_top1: 0.9}
     evaluate: true          # or {text: notes.txt, max_tokens: 8192, context: 512}
 
@@ -30,7 +32,7 @@ from typing import ClassVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from quantizers import QuantScheme, get_scheme
+from quantizers import QuantScheme, check_method, get_scheme
 
 __all__ = ["Recipe", "SchemeChoice", "Override", "Gates", "Evaluate", "DEFAULT_IGNORE", "RecipeError"]
 
@@ -61,6 +63,12 @@ class SchemeChoice(BaseModel):
     group_size: int | None = None
     symmetric: bool | None = None
     per_channel: bool = False
+    method: str = "rtn"  # rtn | search | hqq; the stored format is the same (quantizers.methods)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        return check_method(method)
 
     def resolve(self) -> QuantScheme:
         return get_scheme(
@@ -142,6 +150,10 @@ class Recipe(SchemeChoice):
         evaluation and its gates, so relaxing a model gate resumes from the staged shards."""
         data = self.model_dump(mode="json", exclude={"evaluate"})
         data["gates"] = {k: v for k, v in data["gates"].items() if k not in Gates.MODEL_GATES}
+        # The default method adds nothing to the key, so RTN plans keep the ids they always had.
+        for entry in (data, *data["overrides"]):
+            if entry.get("method") == "rtn":
+                del entry["method"]
         return data
 
     @field_validator("targets", "ignore")
@@ -165,23 +177,28 @@ class Recipe(SchemeChoice):
         return self.resolve()
 
     @cached_property
-    def _matchers(self) -> tuple[_Matcher, _Matcher, list[tuple[_Matcher, QuantScheme]]]:
+    def _matchers(self) -> tuple[_Matcher, _Matcher, list[tuple[_Matcher, QuantScheme, str]]]:
         ignore = self.ignore + (DEFAULT_IGNORE if self.use_default_ignore else ())
-        overrides = [(_Matcher(o.targets), o.resolve()) for o in self.overrides]
+        overrides = [(_Matcher(o.targets), o.resolve(), o.method) for o in self.overrides]
         return _Matcher(self.targets), _Matcher(ignore), overrides
 
     def scheme_for(self, tensor_name: str, shape: tuple[int, ...]) -> QuantScheme | None:
         """The scheme for a tensor, or None to keep it as it is (not a targeted 2-D weight)."""
+        choice = self.choice_for(tensor_name, shape)
+        return None if choice is None else choice[0]
+
+    def choice_for(self, tensor_name: str, shape: tuple[int, ...]) -> tuple[QuantScheme, str] | None:
+        """(scheme, method) for a tensor, or None to keep it as it is."""
         if not tensor_name.endswith(".weight") or len(shape) != 2 or 0 in shape:
             return None
         module = tensor_name.removesuffix(".weight")
         targets, ignore, overrides = self._matchers
-        for matcher, scheme in overrides:
+        for matcher, scheme, method in overrides:
             if matcher.matches(module):
-                return scheme
+                return scheme, method
         if ignore.matches(module) or not targets.matches(module):
             return None
-        return self._base_scheme
+        return self._base_scheme, self.method
 
     def ignore_list(self) -> list[str]:
         """The `ignore` entries written to config.json."""

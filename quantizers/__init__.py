@@ -12,9 +12,11 @@ from quantizers.errors import (
     InvalidSourceError,
     InvalidWeightError,
     QuantizationError,
+    UnknownMethodError,
     UnknownSchemeError,
     UnsupportedSchemeError,
 )
+from quantizers.methods import METHODS, check_method, method_passes
 from quantizers.metrics import WeightError, weight_error
 from quantizers.presets import PRESETS, get_scheme, scheme_names
 from quantizers.probes import DEFAULT_PROBES, estimate_output_error, output_error, probe_vectors
@@ -25,6 +27,10 @@ from quantizers.shapes import Resolution, StoredTensorSpec, resolve_scheme, stor
 __all__ = [
     "ConfigGroup",
     "DEFAULT_PROBES",
+    "METHODS",
+    "UnknownMethodError",
+    "check_method",
+    "method_passes",
     "PRESETS",
     "InvalidSourceError",
     "InvalidWeightError",

@@ -7,6 +7,7 @@ failure without matching message text.
 __all__ = [
     "QuantizationError",
     "UnknownSchemeError",
+    "UnknownMethodError",
     "InvalidWeightError",
     "UnsupportedSchemeError",
     "InvalidSourceError",
@@ -22,6 +23,10 @@ class UnknownSchemeError(QuantizationError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class UnknownMethodError(QuantizationError, ValueError):
+    """A method name (rtn, search, hqq) that is not registered; the message lists the valid ones."""
 
 
 class InvalidWeightError(QuantizationError, ValueError):

@@ -107,8 +107,9 @@ def estimate_output_error(
     probes: torch.Tensor,
     *,
     budget: int = SAMPLE_ROWS,
+    method: str = "rtn",
 ) -> float:
-    """`output_error` of quantizing `weight` with `scheme`, measured on sampled rows.
+    """`output_error` of quantizing `weight` with `scheme` (and `method`), measured on sampled rows.
 
     Every scheme quantizes rows independently given the tensor-wide NVFP4 global scale and whole
     FP8 tiles, so re-quantizing a sample of whole 128-row blocks (with the full tensor's absmax)
@@ -122,5 +123,5 @@ def estimate_output_error(
     else:
         sample = torch.cat([weight[s] for s in picks])
     absmax = torch.maximum(-weight.amin(), weight.amax())
-    result = quantize(sample, scheme, global_absmax=absmax)
+    result = quantize(sample, scheme, global_absmax=absmax, method=method)
     return output_error(sample, result.dequantized, probes)

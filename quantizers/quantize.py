@@ -13,6 +13,7 @@ import torch
 
 from quantizers.errors import InvalidWeightError
 from quantizers.formats import format_module, nvfp4
+from quantizers.methods import check_method
 from quantizers.metrics import WeightError, error_from_partials
 from quantizers.scheme import QuantScheme
 from quantizers.shapes import Resolution, resolve_scheme
@@ -33,6 +34,7 @@ class QuantizedTensors:
     resolution: Resolution
     tensors: dict[str, torch.Tensor]
     error: WeightError  # measured in the kernel against the exact dequantized values
+    method: str = "rtn"  # how the scales were chosen (see quantizers.methods)
     _dequantized: list[torch.Tensor] = field(default_factory=list, repr=False, compare=False)
 
     @property
@@ -84,27 +86,37 @@ def quantize(
     name: str = "weight",
     compile: bool | None = None,
     global_absmax: torch.Tensor | None = None,
+    method: str = "rtn",
 ) -> QuantizedTensors:
     """Quantize `weight` (2-D, bf16/fp16/fp32) with `scheme`, on the weight's device.
 
     `name` appears in every error. `compile` forces (True) or forbids (False) the compiled kernel;
     by default large weights use it. `global_absmax` is for NVFP4 partners that share one global
-    scale (see `quantizers.formats.nvfp4`).
+    scale (see `quantizers.formats.nvfp4`). `method` chooses the scales: `rtn` (absmax/min-max,
+    compressed-tensors' bytes), `search` or `hqq` (see `quantizers.methods`); the stored format is
+    the same. MXFP4's power-of-two scales are always RTN's (the result's `method` says so).
     """
     _check_dtype(weight, name)
+    method = check_method(method)
     resolution = resolve_scheme(scheme, tuple(weight.shape), name)
     used = resolution.scheme
     module = format_module(used.format)
+    if used.format == "mxfp4-pack-quantized":
+        method = "rtn"
     with torch.no_grad():
         if used.format == "nvfp4-pack-quantized":
-            stored, absmax, partials = nvfp4.quantize(weight, used, compile, global_absmax)
+            stored, absmax, partials = nvfp4.quantize(weight, used, compile, global_absmax, method)
+        elif method != "rtn":
+            stored, absmax, partials = module.quantize(weight, used, compile, method)
         else:
             stored, absmax, partials = module.quantize(weight, used, compile)
     # A NaN or Inf anywhere makes its group's absmax non-finite: checking the small absmax
     # tensor costs nothing, and only the error path scans the weight.
     if not bool(torch.isfinite(absmax).all()):
         _raise_non_finite(weight, name)
-    return QuantizedTensors(resolution=resolution, tensors=stored, error=error_from_partials(*partials))
+    return QuantizedTensors(
+        resolution=resolution, tensors=stored, error=error_from_partials(*partials), method=method
+    )
 
 
 def dequantize(

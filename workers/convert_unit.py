@@ -22,7 +22,7 @@ import torch
 from infra.errors import StorageError
 from infra.safetensors import TensorReader, TensorSpec, layout
 from infra.storage import Storage, open_storage
-from quantizers import QuantizationError, estimate_output_error, probe_vectors, quantize
+from quantizers import QuantizationError, estimate_output_error, method_passes, probe_vectors, quantize
 from workers.batched_reads import BatchedReader
 from workers.errors import TensorQualityError, UnitFailed
 from workers.pipeline import ShardSink, run_pipelined
@@ -107,13 +107,15 @@ def _convert_job(
     scheme = ctx.schemes[job.scheme]
     weight = tensor.to(device)
     shared = shared_absmax(job, weight, reader, device, {} if magnitudes is None else magnitudes)
-    result = quantize(weight, scheme, name=f"{job.name} (in {job.file})", global_absmax=shared)
+    method = ctx.methods[job.scheme] if ctx.methods else "rtn"
+    result = quantize(weight, scheme, name=f"{job.name} (in {job.file})", global_absmax=shared,
+                      method=method)
     error = result.error  # measured inside the quantization kernel
     probed = None
     if ctx.probes > 0:
         probes = probe_vectors(weight.shape[1], ctx.probes, device=weight.device)
         # On at most ~1024 sampled rows: exact for those rows, a fraction of the full cost.
-        probed = estimate_output_error(weight, result.scheme, probes)
+        probed = estimate_output_error(weight, result.scheme, probes, method=result.method)
     result.release()
     gate = ctx.min_sqnr_db[job.scheme]
     if not (error.sqnr_db >= gate and error.cosine >= ctx.min_cosine):
@@ -136,6 +138,8 @@ def _convert_job(
         bytes_in=bytes_in, bytes_out=bytes_out, sqnr_db=error.sqnr_db,
         relative_error=error.relative_error, cosine=error.cosine, max_abs_error=error.max_abs_error,
         output_error=probed, source=source,
+        method=None if result.method == "rtn" else result.method,
+        method_passes=None if result.method == "rtn" else method_passes(result.method),
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from quantizers import QuantScheme
 
@@ -18,6 +18,7 @@ class UnitContext(BaseModel):
     source_uri: str
     staging_uri: str  # storage URI of this plan's staging prefix
     schemes: tuple[QuantScheme, ...]
+    methods: tuple[str, ...] = ()  # method per scheme index (rtn, search, hqq); empty: all RTN
     min_sqnr_db: tuple[float, ...]  # gate per scheme index
     min_cosine: float = 0.9
     max_output_error: float | None = None  # gate on the probe output error (None: not gated)
@@ -45,6 +46,11 @@ class TensorRecord(BaseModel):
     # For a quantized source: its format and whether it was dequantized (metrics then compare
     # against the dequantized source) or carried over exactly.
     source: str | None = None
+    # Methods other than RTN: the method and its cost in passes over the weight (RTN: 1). A pass
+    # count rather than seconds, so a resumed run's manifest equals an uninterrupted one's.
+    # Left out of the JSON when unset, so RTN manifests stay byte-identical to earlier ones.
+    method: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    method_passes: int | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class UnitResult(BaseModel):

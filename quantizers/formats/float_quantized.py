@@ -21,9 +21,10 @@ from quantizers.formats._common import (
 )
 from quantizers.formats.fp8_bits import from_e4m3, to_e4m3
 from quantizers.kernels import maybe_compiled
+from quantizers.methods import Grid, refine_scale
 from quantizers.scheme import QuantScheme
 
-__all__ = ["quantize", "dequantize", "FP8_MAX"]
+__all__ = ["quantize", "dequantize", "fp8_grid", "FP8_MAX"]
 
 FP8_MAX = 448.0
 
@@ -74,14 +75,28 @@ def _from_tiles(tiles: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
     return tiles.reshape(r, c)[:rows, :columns]
 
 
+def fp8_grid(dtype: torch.dtype) -> Grid:
+    """E4M3 values; scales stored in the weight's dtype."""
+    return Grid(
+        values=lambda y: to_e4m3(y.clamp(-FP8_MAX, FP8_MAX))[1],
+        store=lambda s: round_to_dtype(s, dtype),
+    )
+
+
 def quantize(
-    weight: torch.Tensor, scheme: QuantScheme, compile: bool | None = None
+    weight: torch.Tensor, scheme: QuantScheme, compile: bool | None = None, method: str = "rtn"
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials]:
     rows, columns = weight.shape
     tile_rows, tile_cols = _tile_shape(scheme, columns)
     tiles = _as_tiles(weight, tile_rows, tile_cols)
     # Two kernels, so each tile's scale is computed once, not again for every element.
     scale, absmax = maybe_compiled(_fp8_scales, weight.numel(), compile)(tiles)
+    if method != "rtn":
+        # (R, th, C, tw) -> (R, C, th*tw): one group per tile; padding zeros add no error.
+        r, th, c, tw = tiles.shape
+        grouped = tiles.permute(0, 2, 1, 3).reshape(r, c, th * tw)
+        refined = refine_scale(method, grouped, scale.reshape(r, c, 1), fp8_grid(weight.dtype))
+        scale = refined.reshape(r, 1, c, 1)
     q, error = maybe_compiled(_fp8_codes, weight.numel(), compile)(tiles, scale)
     stored = {
         "weight": _from_tiles(q, rows, columns).contiguous().view(torch.float8_e4m3fn),

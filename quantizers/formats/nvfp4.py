@@ -23,10 +23,13 @@ from quantizers.formats._common import (
 )
 from quantizers.formats.fp8_bits import to_e4m3
 from quantizers.kernels import maybe_compiled
+from quantizers.methods import Grid, refine_scale
 from quantizers.packing import fp4_codes, pack_nibbles, unpack_nibbles
 from quantizers.scheme import QuantScheme
 
-__all__ = ["quantize", "dequantize", "global_scale_for", "nibble_values", "FP4_MAX", "FP8_MAX"]
+__all__ = [
+    "quantize", "dequantize", "global_scale_for", "nibble_values", "nvfp4_grid", "FP4_MAX", "FP8_MAX",
+]
 
 FP4_MAX = 6.0
 FP8_MAX = 448.0
@@ -90,11 +93,23 @@ def nibble_values(nibbles: torch.Tensor) -> torch.Tensor:
     return torch.where((nibbles & 0x8) != 0, -magnitude, magnitude)
 
 
+def nvfp4_grid(global_scale: torch.Tensor) -> Grid:
+    """E2M1 values; effective block scales (block scale / global) whose block scale is an E4M3 value.
+
+    The global scale stays RTN's: fused partners must share it, and it only sets FP8's range.
+    """
+    return Grid(
+        values=lambda y: fp4_codes(y.clamp(-FP4_MAX, FP4_MAX))[1],
+        store=lambda s: to_e4m3((s * global_scale).clamp(max=FP8_MAX))[1] / global_scale,
+    )
+
+
 def quantize(
     weight: torch.Tensor,
     scheme: QuantScheme,
     compile: bool | None = None,
     global_absmax: torch.Tensor | None = None,
+    method: str = "rtn",
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials]:
     rows, columns = weight.shape
     if global_absmax is None:
@@ -103,6 +118,9 @@ def quantize(
     grouped = group_view(weight, scheme.group_size)
     # Two kernels, so each block's scale is computed once, not again for every element.
     scale, scale_codes, absmax = maybe_compiled(_nvfp4_scales, weight.numel(), compile)(grouped, global_scale)
+    if method != "rtn":
+        effective = refine_scale(method, grouped, scale / global_scale, nvfp4_grid(global_scale))
+        scale_codes, scale = to_e4m3((effective * global_scale).clamp(max=FP8_MAX))
     nibbles, error = maybe_compiled(_nvfp4_codes, weight.numel(), compile)(grouped, scale, global_scale)
     stored = {
         "weight_packed": pack_nibbles(nibbles.reshape(rows, columns)),

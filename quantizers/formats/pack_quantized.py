@@ -25,6 +25,7 @@ from quantizers.formats._common import (
     round_to_dtype,
 )
 from quantizers.kernels import maybe_compiled
+from quantizers.methods import Grid, refine_asymmetric, refine_scale
 from quantizers.packing import (
     pack_codes,
     pack_int_along_rows,
@@ -33,7 +34,7 @@ from quantizers.packing import (
 )
 from quantizers.scheme import QuantScheme
 
-__all__ = ["quantize", "dequantize"]
+__all__ = ["quantize", "dequantize", "int_grid"]
 
 
 class _IntKernels(NamedTuple):
@@ -94,8 +95,18 @@ def _int_kernels(num_bits: int) -> _IntKernels:
     return _IntKernels(_int_scales, _int_codes, _int_dequant_kernel)
 
 
+def int_grid(num_bits: int, dtype: torch.dtype) -> Grid:
+    """Integer codes in [-2^(b-1), 2^(b-1)-1]; scales stored in the weight's dtype."""
+    q_min, q_max = -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
+    return Grid(
+        values=lambda y: y.round().clamp(q_min, q_max),
+        store=lambda s: round_to_dtype(s, dtype),
+        q_min=q_min, q_max=q_max,
+    )
+
+
 def quantize(
-    weight: torch.Tensor, scheme: QuantScheme, compile: bool | None = None
+    weight: torch.Tensor, scheme: QuantScheme, compile: bool | None = None, method: str = "rtn"
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials]:
     rows, columns = weight.shape
     grouped = group_view(weight, scheme.group_size)
@@ -103,6 +114,12 @@ def quantize(
     kernels = _int_kernels(scheme.num_bits)
     scales = maybe_compiled(kernels.scales, weight.numel(), compile)
     scale, zero, absmax = scales(grouped, scheme.symmetric)
+    if method != "rtn":  # RTN's parameters are the starting point (see quantizers.methods)
+        grid = int_grid(scheme.num_bits, weight.dtype)
+        if scheme.symmetric:
+            scale = refine_scale(method, grouped, scale, grid)
+        else:
+            scale, zero = refine_asymmetric(method, grouped, scale, zero, grid)
     codes_of = maybe_compiled(kernels.codes, weight.numel(), compile)
     codes, error = codes_of(grouped, scale, zero, scheme.symmetric)
     stored = {

