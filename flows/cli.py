@@ -463,7 +463,9 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
 
     for spec in args.recipes:
         load_recipe(spec)
-    check_destination(args.source, args.dest, source_kind="tree")  # every run would refuse it
+    # Every run would refuse an overlap; what the destination holds is checked by each run, with the
+    # credentials of the machine that runs it (a work pool's workers may not be this one).
+    check_destination(args.source, args.dest, source_kind="tree", contents=False)
     if not os.environ.get("PREFECT_API_URL"):
         from prefect.settings import PREFECT_API_URL
 

@@ -264,13 +264,16 @@ def _open_without_creating(parsed: StorageURI) -> Storage:
     return open_storage(str(parsed))
 
 
-def check_destination(source_uri: str, dest_uri: str, *, source_kind: SourceKind = "checkpoint") -> None:
+def check_destination(
+    source_uri: str, dest_uri: str, *, source_kind: SourceKind = "checkpoint", contents: bool = True
+) -> None:
     """Raise DestinationRefused (one line) when publishing `source_uri`'s conversion at `dest_uri`
     is unsafe: the two overlap, or the destination holds files quantfleet did not write.
 
     `source_kind` is "checkpoint" for one checkpoint folder (`convert`, `demo`, `sweep`) and
     "tree" for a folder scanned for checkpoints (`sync`). Reads listings and a few small files;
-    creates nothing.
+    creates nothing. `contents=False` checks the overlap alone (no I/O): for a schedule registered
+    here and run by workers elsewhere, with their own credentials, each run checks the contents.
     """
     dest = parse_uri(dest_uri)
     # A synthetic source (benchmarks, tests) is made up on read and stores nothing to overlap.
@@ -281,6 +284,8 @@ def check_destination(source_uri: str, dest_uri: str, *, source_kind: SourceKind
             message = _overlap_message(found[0], found[1], str(source), str(dest), source_kind)
             if message is not None:
                 raise DestinationRefused(message)
+    if not contents:
+        return
     if dest.scheme == "file" and os.path.lexists(dest.path) and not os.path.isdir(dest.path):
         raise DestinationRefused(f"{dest}: is a file, not a folder: choose a folder to publish into")
     foreign = foreign_files(_open_without_creating(dest))
