@@ -11,9 +11,12 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 
 __all__ = ["main", "build_parser", "bundled_model_path"]
@@ -306,6 +309,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM exits in order (atexit: Ray shuts down its processes), as Ray's own handler does;
+    Ray installs that only when started on the main thread, and WarmStart starts it on another."""
+    if threading.current_thread() is threading.main_thread() and (
+        signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    ):
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_prefect: bool) -> int:  # noqa: ANN001
     from tqdm import tqdm
 
@@ -313,11 +325,16 @@ def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_p
 
     started = time.perf_counter()
     check_destination(source, dest)  # before importing the conversion: a refusal comes fast
-    from flows.pipeline import check_not_published, plan_conversion
+    from flows.execute import WarmStart
+    from flows.pipeline import check_not_published, plan_conversion, warm_workers
     from flows.progress import reporting_progress
 
     check_not_published(dest)
+    _exit_on_sigterm()
+    # Ray starts, and its workers import and compile, while this process plans and starts Prefect.
+    warm_start = WarmStart(getattr(args, "ray_address", None))
     plan = plan_conversion(source, recipe, shard_size=args.shard_size)
+    warm_workers(warm_start, plan, getattr(args, "device", "auto"))
     bar = tqdm(total=plan.bytes_in, unit="B", unit_scale=True, unit_divisor=1024,
                desc=f"converting {len(plan.units)} units", dynamic_ncols=True)
     done = {"units": 0, "reused": 0}
@@ -329,7 +346,7 @@ def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_p
         bar.update(unit.bytes_in)
 
     # The bar is closed (its line ended) even when the run fails, so the error starts a line.
-    with bar, reporting_progress(on_done):
+    with bar, reporting_progress(on_done), closing(warm_start):
         if use_prefect:
             from flows.console import hide_run_failures_on_console
             from flows.convert import convert_flow

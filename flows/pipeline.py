@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pydantic import BaseModel, ConfigDict
 
 from flows.destination import check_destination
-from flows.execute import ClusterInfo, run_evaluation, run_units, start_ray
+from flows.execute import ClusterInfo, WarmStart, run_evaluation, run_units, start_ray
 from flows.finalize import REPORT_NAME, stage_model_files, stage_report_files, worst_tensors
 from flows.gates import GateResult, QualityGateFailed, describe_failures, failed_gates, gate_results
 from flows.plan import Plan, build_plan
@@ -32,6 +32,7 @@ __all__ = [
     "ConversionSummary",
     "SourceError",
     "plan_conversion",
+    "warm_workers",
     "convert_units",
     "Publication",
     "QualityGateFailed",
@@ -101,6 +102,20 @@ def _context(plan: Plan, dest: Storage, device: str) -> UnitContext:
         probes=plan.recipe.probes,
         device=device,
     )
+
+
+def warm_workers(warm_start: WarmStart, plan: Plan, device: str) -> None:
+    """Have `warm_start` warm the workers for `plan`: each scheme with its largest tensor's size
+    (elements), from which a worker knows which kernels the units will compile."""
+    largest = [0] * len(plan.schemes)
+    for job in plan.jobs():
+        if job.scheme is not None and not job.passthrough:
+            numel = 1
+            for extent in job.shape:
+                numel *= extent
+            largest[job.scheme] = max(largest[job.scheme], numel)
+    memory = max((unit.memory_bytes for unit in plan.units), default=0)
+    warm_start.warm(plan.schemes, largest, memory, device)
 
 
 def check_not_published(dest_uri: str) -> Storage:

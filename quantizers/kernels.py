@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["COMPILE_MIN_ELEMENTS", "maybe_compiled", "compile_seconds"]
+__all__ = ["COMPILE_MIN_ELEMENTS", "maybe_compiled", "compile_seconds", "compiles"]
 
 _log = logging.getLogger(__name__)
 
@@ -52,6 +52,11 @@ def _wants_compile(numel: int, force: bool | None) -> bool:
     if setting in ("1", "true", "yes", "on"):
         return True
     return numel >= COMPILE_MIN_ELEMENTS
+
+
+def compiles(numel: int) -> bool:
+    """Whether a tensor of `numel` elements runs the compiled kernels (QUANTFLEET_COMPILE honoured)."""
+    return _wants_compile(numel, None)
 
 
 def _report_fallback(name: str, exc: Exception) -> None:

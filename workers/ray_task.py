@@ -12,8 +12,9 @@ from infra.errors import TransientStorageError
 from workers.convert_unit import convert_unit
 from workers.records import UnitContext, UnitResult
 from workers.units import WorkUnit
+from workers.warmup import warm_up
 
-__all__ = ["convert_unit_remote", "node_name", "MAX_RETRIES"]
+__all__ = ["convert_unit_remote", "warm_up_remote", "node_name", "MAX_RETRIES"]
 
 MAX_RETRIES = 3
 
@@ -35,3 +36,7 @@ def _convert_on_node(unit: WorkUnit, context: UnitContext) -> UnitResult:
 convert_unit_remote = ray.remote(  # type: ignore[call-overload]
     max_retries=MAX_RETRIES, retry_exceptions=[TransientStorageError], max_calls=0
 )(_convert_on_node)
+
+# Same process reuse (max_calls=0), so the process it warms is the one that then takes units.
+# Not retried: a failed warm-up costs nothing but the time it would have saved.
+warm_up_remote = ray.remote(max_retries=0, max_calls=0)(warm_up)  # type: ignore[call-overload]
