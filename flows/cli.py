@@ -331,7 +331,13 @@ def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_p
 
     check_not_published(dest)
     _exit_on_sigterm()
-    # Ray starts, and its workers import and compile, while this process plans and starts Prefect.
+    # Prefect's temporary server and Ray start, and Ray's workers import and compile, while this
+    # process plans: each waits on its own thread instead of one after another.
+    prefect_starting = None
+    if use_prefect:
+        from flows.convert import start_temporary_server
+
+        prefect_starting = start_temporary_server()
     warm_start = WarmStart(getattr(args, "ray_address", None))
     plan = plan_conversion(source, recipe, shard_size=args.shard_size)
     warm_workers(warm_start, plan, getattr(args, "device", "auto"))
@@ -352,6 +358,8 @@ def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_p
             from flows.convert import convert_flow
 
             hide_run_failures_on_console(args.verbose)
+            if prefect_starting is not None:
+                prefect_starting.result()
             summary = convert_flow(
                 source, dest, recipe, shard_size=args.shard_size,
                 ray_address=getattr(args, "ray_address", None), device=getattr(args, "device", "auto"),
