@@ -201,7 +201,7 @@ def run_quantfleet(
     result = measure(
         [*launcher, "convert", str(source), str(dest), *choice, "--shard-size", shard_size,
          "--device", "cuda" if device == "cuda" else "auto"],
-        env={"PREFECT_API_URL": "", "RAY_AUTH_MODE": "disabled"},
+        env={"PREFECT_API_URL": "", "RAY_AUTH_MODE": "disabled"},  # empty: a temporary server
         gpu=device == "cuda",
     )
     match = re.search(

@@ -547,6 +547,10 @@ def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, single-user cluster
+    # An empty PREFECT_API_URL means no server (a temporary one), but Prefect's events worker takes
+    # any string for a server's address and fails on every event it emits, each with a traceback.
+    if not os.environ.get("PREFECT_API_URL", "x").strip():
+        del os.environ["PREFECT_API_URL"]
     # The machines this runs on often have no internet: don't try to send usage statistics.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect's local mode starts a temporary server; on a busy 2-core machine (Ray starting
