@@ -255,7 +255,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qf-bench"))
-    parser.add_argument("--layers", type=int, default=10, help="decoder layers (10: about 4.7 GB)")
+    parser.add_argument("--layers", type=int, default=12, help="decoder layers (12: 4.45 GiB)")
     parser.add_argument("--schemes", default="W4A16,FP8",
                         help="comma-separated schemes; 'pass-through' keeps every tensor and runs cp "
                         "beside it")

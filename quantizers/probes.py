@@ -122,6 +122,9 @@ def estimate_output_error(
         sample = weight
     else:
         sample = torch.cat([weight[s] for s in picks])
-    absmax = torch.maximum(-weight.amin(), weight.amax())
+    # Only NVFP4 has a tensor-wide scale; for the others the two passes over the weight are waste.
+    absmax = None
+    if scheme.format == "nvfp4-pack-quantized":
+        absmax = torch.maximum(-weight.amin(), weight.amax())
     result = quantize(sample, scheme, global_absmax=absmax, method=method)
     return output_error(sample, result.dequantized, probes)
