@@ -21,7 +21,7 @@ from workers.units import WorkUnit
 
 __all__ = [
     "ClusterInfo", "ConversionFailed", "start_ray", "run_units", "run_evaluation", "unit_concurrency",
-    "WarmStart",
+    "WarmStart", "unit_threads",
 ]
 
 _log = logging.getLogger(__name__)
@@ -113,13 +113,14 @@ class WarmStart:
         self._warming: list[Any] = []  # the warm-up tasks' refs, kept until the run ends
 
     def warm(
-        self, schemes: Sequence[Any], largest: Sequence[int], unit_memory: int, device: str
+        self, schemes: Sequence[Any], largest: Sequence[int], units: int, unit_memory: int, device: str
     ) -> None:
-        """Send one warm-up task per worker slot (as sized for the units), once Ray is up."""
-        self._thread.submit(self._warm, tuple(schemes), tuple(largest), unit_memory, device)
+        """Send one warm-up task per worker slot (as `run_units` sizes them), once Ray is up."""
+        self._thread.submit(self._warm, tuple(schemes), tuple(largest), units, unit_memory, device)
 
     def _warm(
-        self, schemes: tuple[Any, ...], largest: tuple[int, ...], unit_memory: int, device: str
+        self, schemes: tuple[Any, ...], largest: tuple[int, ...], units: int, unit_memory: int,
+        device: str,
     ) -> None:
         from workers.ray_task import warm_up_remote
 
@@ -128,10 +129,11 @@ class WarmStart:
         except Exception:  # noqa: BLE001 - the foreground start_ray reports it
             return
         slots, num_gpus = unit_concurrency(cluster, unit_memory)
+        threads = unit_threads(cluster, units)
         self._warming = [
-            warm_up_remote.options(num_cpus=1, num_gpus=num_gpus, name="warm up").remote(  # type: ignore[call-arg]
-                schemes, largest, device)
-            for _ in range(slots)
+            warm_up_remote.options(  # type: ignore[call-arg]
+                num_cpus=threads, num_gpus=num_gpus, name="warm up").remote(schemes, largest, device)
+            for _ in range(min(units, max(1, slots // threads)))
         ]
 
     def close(self) -> None:
@@ -167,6 +169,21 @@ def unit_concurrency(cluster: ClusterInfo, unit_memory: int) -> tuple[int, float
     return max(1, slots), num_gpus
 
 
+def unit_threads(cluster: ClusterInfo, units: int) -> int:
+    """CPU threads (Ray `num_cpus`) each unit's task gets: on CPU nodes, cores left idle when
+    there are fewer units than cores go to the units (a 1.5 GiB output in one shard would
+    otherwise convert on one core of many), up to one node's cores. One on GPU nodes.
+
+    Depends on the cluster and the plan's unit count only, never on how many units an earlier run
+    already finished: float sums over many elements (the error figures) depend on the thread
+    count, and a resumed run must record the figures an uninterrupted one would.
+    """
+    if cluster.gpus > 0 or units < 1:
+        return 1
+    per_node = max(1, int(cluster.cpus // max(1, cluster.nodes)))
+    return max(1, min(per_node, int(cluster.cpus // units)))
+
+
 def _describe(error: BaseException) -> str:
     # Ray wraps task errors; the cause carries our message (unit, file, tensor, figures).
     cause = getattr(error, "cause", None)
@@ -187,6 +204,8 @@ def run_units(
     from workers.ray_task import convert_unit_remote
 
     slots, num_gpus = unit_concurrency(cluster, max((u.memory_bytes for u in units), default=0))
+    threads = unit_threads(cluster, len(units))
+    slots = max(1, slots // threads)
     # Twice the slots: the next unit is queued on a worker before the previous one finishes.
     limit = max_in_flight or max(2, slots * 2)
     if os.environ.get(READ_CONCURRENCY_ENV):
@@ -200,7 +219,7 @@ def run_units(
         while pending and len(in_flight) < limit:
             unit = pending.pop()
             ref = convert_unit_remote.options(
-                num_cpus=1,
+                num_cpus=threads,
                 num_gpus=num_gpus,
                 memory=unit.memory_bytes,
                 name=f"convert {unit.file_name}",

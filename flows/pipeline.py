@@ -115,7 +115,7 @@ def warm_workers(warm_start: WarmStart, plan: Plan, device: str) -> None:
                 numel *= extent
             largest[job.scheme] = max(largest[job.scheme], numel)
     memory = max((unit.memory_bytes for unit in plan.units), default=0)
-    warm_start.warm(plan.schemes, largest, memory, device)
+    warm_start.warm(plan.schemes, largest, len(plan.units), memory, device)
 
 
 def check_not_published(dest_uri: str) -> Storage:

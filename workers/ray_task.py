@@ -7,8 +7,10 @@ retried too. A deterministic failure (bad tensor, failed gate) is not retried: i
 from __future__ import annotations
 
 import ray
+import torch
 
 from infra.errors import TransientStorageError
+from quantizers.scheme import QuantScheme
 from workers.convert_unit import convert_unit
 from workers.records import UnitContext, UnitResult
 from workers.units import WorkUnit
@@ -24,8 +26,22 @@ def node_name() -> str:
     return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
 
+def _use_assigned_cores() -> None:
+    """torch's threads = the CPUs Ray gave this task. Ray passes num_cpus as OMP_NUM_THREADS in
+    the environment it starts a worker with, which torch reads once: a reused process would keep
+    the count of whatever task started it."""
+    cores = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+    torch.set_num_threads(max(1, cores))
+
+
 def _convert_on_node(unit: WorkUnit, context: UnitContext) -> UnitResult:
+    _use_assigned_cores()
     return convert_unit(unit, context, node=node_name())
+
+
+def _warm_up(schemes: tuple[QuantScheme, ...], largest: tuple[int, ...], device: str) -> float:
+    _use_assigned_cores()
+    return warm_up(schemes, largest, device)
 
 
 # Ray accepts a list of exception types here; its type stubs only know the bool form.
@@ -39,4 +55,4 @@ convert_unit_remote = ray.remote(  # type: ignore[call-overload]
 
 # Same process reuse (max_calls=0), so the process it warms is the one that then takes units.
 # Not retried: a failed warm-up costs nothing but the time it would have saved.
-warm_up_remote = ray.remote(max_retries=0, max_calls=0)(warm_up)  # type: ignore[call-overload]
+warm_up_remote = ray.remote(max_retries=0, max_calls=0)(_warm_up)  # type: ignore[call-overload]

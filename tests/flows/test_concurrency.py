@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from flows.execute import UNITS_PER_GPU_ENV, ClusterInfo, unit_concurrency
+from flows.execute import UNITS_PER_GPU_ENV, ClusterInfo, unit_concurrency, unit_threads
 
 
-def _cluster(cpus: float, gpus: float, memory: float = 0.0) -> ClusterInfo:
-    return ClusterInfo(address="local", nodes=1, cpus=cpus, gpus=gpus, memory=memory)
+def _cluster(cpus: float, gpus: float, memory: float = 0.0, nodes: int = 1) -> ClusterInfo:
+    return ClusterInfo(address="local", nodes=nodes, cpus=cpus, gpus=gpus, memory=memory)
 
 
 def test_cpu_nodes_run_one_unit_per_core() -> None:
@@ -31,3 +31,11 @@ def test_a_bad_setting_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv(UNITS_PER_GPU_ENV, "lots")
     with pytest.raises(ValueError, match=f"{UNITS_PER_GPU_ENV}='lots': expected a positive whole number"):
         unit_concurrency(_cluster(16, 1), 1 << 30)
+
+
+def test_cores_left_idle_by_few_units_go_to_the_units() -> None:
+    assert unit_threads(_cluster(2, 0), 1) == 2  # one 1.5 GiB shard on a 2-core machine: both cores
+    assert unit_threads(_cluster(16, 0), 3) == 5
+    assert unit_threads(_cluster(16, 0), 40) == 1
+    assert unit_threads(_cluster(64, 0, nodes=4), 1) == 16  # never more than one node's cores
+    assert unit_threads(_cluster(16, 2), 1) == 1  # GPU units share the GPU, not the cores
