@@ -11,12 +11,9 @@ import argparse
 import logging
 import os
 import re
-import signal
 import sys
-import threading
 import time
 from collections.abc import Sequence
-from contextlib import closing
 from pathlib import Path
 
 __all__ = ["main", "build_parser", "bundled_model_path"]
@@ -309,15 +306,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exit_on_sigterm() -> None:
-    """SIGTERM exits in order (atexit: Ray shuts down its processes), as Ray's own handler does;
-    Ray installs that only when started on the main thread, and WarmStart starts it on another."""
-    if threading.current_thread() is threading.main_thread() and (
-        signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    ):
-        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
-
-
 def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_prefect: bool) -> int:  # noqa: ANN001
     from tqdm import tqdm
 
@@ -325,22 +313,22 @@ def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_p
 
     started = time.perf_counter()
     check_destination(source, dest)  # before importing the conversion: a refusal comes fast
-    from flows.execute import WarmStart
-    from flows.pipeline import check_not_published, plan_conversion, warm_workers
+    from flows.execute import start_ray
+    from flows.pipeline import check_not_published, plan_conversion, warm_workers_for
     from flows.progress import reporting_progress
 
     check_not_published(dest)
-    _exit_on_sigterm()
-    # Prefect's temporary server and Ray start, and Ray's workers import and compile, while this
-    # process plans: each waits on its own thread instead of one after another.
+    # Planned first: a source that cannot be converted is refused before anything starts.
+    plan = plan_conversion(source, recipe, shard_size=args.shard_size)
+    # Prefect's temporary server starts on a thread (its own process does the work) while Ray
+    # starts here, and Ray's workers import and compile while the flow waits for that server.
     prefect_starting = None
     if use_prefect:
         from flows.convert import start_temporary_server
 
         prefect_starting = start_temporary_server()
-    warm_start = WarmStart(getattr(args, "ray_address", None))
-    plan = plan_conversion(source, recipe, shard_size=args.shard_size)
-    warm_workers(warm_start, plan, getattr(args, "device", "auto"))
+    cluster = start_ray(getattr(args, "ray_address", None))
+    warm_workers_for(plan, cluster, getattr(args, "device", "auto"))
     bar = tqdm(total=plan.bytes_in, unit="B", unit_scale=True, unit_divisor=1024,
                desc=f"converting {len(plan.units)} units", dynamic_ncols=True)
     done = {"units": 0, "reused": 0}
@@ -352,7 +340,7 @@ def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_p
         bar.update(unit.bytes_in)
 
     # The bar is closed (its line ended) even when the run fails, so the error starts a line.
-    with bar, reporting_progress(on_done), closing(warm_start):
+    with bar, reporting_progress(on_done):
         if use_prefect:
             from flows.console import hide_run_failures_on_console
             from flows.convert import convert_flow

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -21,7 +19,7 @@ from workers.units import WorkUnit
 
 __all__ = [
     "ClusterInfo", "ConversionFailed", "start_ray", "run_units", "run_evaluation", "unit_concurrency",
-    "WarmStart", "unit_threads",
+    "warm_workers", "unit_threads",
 ]
 
 _log = logging.getLogger(__name__)
@@ -54,25 +52,8 @@ class ClusterInfo(BaseModel):
     memory: float = 0.0  # bytes Ray may schedule for tasks, cluster-wide (0: unknown)
 
 
-# start_ray may run in a WarmStart's thread while the flow calls it too: one of them starts Ray.
-_ray_start_lock = threading.Lock()
-
-
-class _NoThreadSignalWarning(logging.Filter):
-    """Ray warns that it set no SIGTERM handler when started off the main thread; the CLI installs
-    its own (an orderly exit, so Ray shuts down), so the warning would only confuse a user."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("SIGTERM handler is not set")
-
-
 def start_ray(address: str | None = None) -> ClusterInfo:
     """Connect to `address` (or RAY_ADDRESS); with neither, start a local Ray (the default)."""
-    with _ray_start_lock:
-        return _start_ray(address)
-
-
-def _start_ray(address: str | None) -> ClusterInfo:
     import ray
 
     if not ray.is_initialized():
@@ -97,47 +78,31 @@ def _start_ray(address: str | None) -> ClusterInfo:
     )
 
 
-class WarmStart:
-    """Start Ray and warm its workers in a background thread while the driver does other things.
+def warm_workers(
+    cluster: ClusterInfo,
+    schemes: Sequence[Any],
+    largest: Sequence[int],
+    units: int,
+    unit_memory: int,
+    device: str,
+) -> list[Any]:
+    """Send one warm-up task per worker slot, sized as `run_units` sizes the units' tasks, and
+    return at once (the refs: nobody needs to wait on them).
 
-    The CLI starts one before planning and before Prefect's temporary server: Ray's start, the
-    workers' imports and their kernel compiles (`workers.warmup`) then overlap with those instead
-    of following them. Failures are left for the foreground: `start_ray` is called again there and
-    raises as usual; a failed warm-up only loses the time it would have saved.
+    The CLI calls this right after planning, before Prefect's temporary server is up: the
+    workers' imports and kernel compiles (`workers.warmup`) then overlap with that wait instead of
+    stalling the first units. A failed warm-up only loses the time it would have saved.
     """
+    from workers.ray_task import warm_up_remote
 
-    def __init__(self, address: str | None) -> None:
-        logging.getLogger("ray._private.worker").addFilter(_NoThreadSignalWarning())
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="quantfleet-ray-start")
-        self._cluster: Future[ClusterInfo] = self._thread.submit(start_ray, address)
-        self._warming: list[Any] = []  # the warm-up tasks' refs, kept until the run ends
-
-    def warm(
-        self, schemes: Sequence[Any], largest: Sequence[int], units: int, unit_memory: int, device: str
-    ) -> None:
-        """Send one warm-up task per worker slot (as `run_units` sizes them), once Ray is up."""
-        self._thread.submit(self._warm, tuple(schemes), tuple(largest), units, unit_memory, device)
-
-    def _warm(
-        self, schemes: tuple[Any, ...], largest: tuple[int, ...], units: int, unit_memory: int,
-        device: str,
-    ) -> None:
-        from workers.ray_task import warm_up_remote
-
-        try:
-            cluster = self._cluster.result()
-        except Exception:  # noqa: BLE001 - the foreground start_ray reports it
-            return
-        slots, num_gpus = unit_concurrency(cluster, unit_memory)
-        threads = unit_threads(cluster, units)
-        self._warming = [
-            warm_up_remote.options(  # type: ignore[call-arg]
-                num_cpus=threads, num_gpus=num_gpus, name="warm up").remote(schemes, largest, device)
-            for _ in range(min(units, max(1, slots // threads)))
-        ]
-
-    def close(self) -> None:
-        self._thread.shutdown(wait=True)
+    slots, num_gpus = unit_concurrency(cluster, unit_memory)
+    threads = unit_threads(cluster, units)
+    return [
+        warm_up_remote.options(  # type: ignore[call-arg]
+            num_cpus=threads, num_gpus=num_gpus, name="warm up",
+        ).remote(tuple(schemes), tuple(largest), device)
+        for _ in range(min(units, max(1, slots // threads)))
+    ]
 
 
 def _env_int(name: str, default: int) -> int:

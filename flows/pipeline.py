@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pydantic import BaseModel, ConfigDict
 
 from flows.destination import check_destination
-from flows.execute import ClusterInfo, WarmStart, run_evaluation, run_units, start_ray
+from flows.execute import ClusterInfo, run_evaluation, run_units, start_ray, warm_workers
 from flows.finalize import REPORT_NAME, stage_model_files, stage_report_files, worst_tensors
 from flows.gates import GateResult, QualityGateFailed, describe_failures, failed_gates, gate_results
 from flows.plan import Plan, build_plan
@@ -32,7 +32,7 @@ __all__ = [
     "ConversionSummary",
     "SourceError",
     "plan_conversion",
-    "warm_workers",
+    "warm_workers_for",
     "convert_units",
     "Publication",
     "QualityGateFailed",
@@ -104,9 +104,9 @@ def _context(plan: Plan, dest: Storage, device: str) -> UnitContext:
     )
 
 
-def warm_workers(warm_start: WarmStart, plan: Plan, device: str) -> None:
-    """Have `warm_start` warm the workers for `plan`: each scheme with its largest tensor's size
-    (elements), from which a worker knows which kernels the units will compile."""
+def warm_workers_for(plan: Plan, cluster: ClusterInfo, device: str) -> None:
+    """Warm `cluster`'s workers for `plan`: each scheme with its largest tensor's size (elements),
+    from which a worker knows which kernels the units will compile (see `workers.warmup`)."""
     largest = [0] * len(plan.schemes)
     for job in plan.jobs():
         if job.scheme is not None and not job.passthrough:
@@ -115,7 +115,7 @@ def warm_workers(warm_start: WarmStart, plan: Plan, device: str) -> None:
                 numel *= extent
             largest[job.scheme] = max(largest[job.scheme], numel)
     memory = max((unit.memory_bytes for unit in plan.units), default=0)
-    warm_start.warm(plan.schemes, largest, len(plan.units), memory, device)
+    warm_workers(cluster, plan.schemes, largest, len(plan.units), memory, device)
 
 
 def check_not_published(dest_uri: str) -> Storage:
