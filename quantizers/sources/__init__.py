@@ -47,5 +47,8 @@ def dequantize_source(
                 raise InvalidSourceError(f"{name}: compressed-tensors source without a scheme")
             return compressed.dequantize(parts, scheme, name=name).to(dtype)
         if kind == "mxfp4-blocks":
-            return mxfp4_blocks.dequantize(parts["blocks"], parts["scales"], name=name).to(dtype)
+            dense = mxfp4_blocks.dequantize(parts["blocks"], parts["scales"], name=name)
+            if dense.dim() == 3:  # fused experts: transformers' parameter layout [E, in, out]
+                return dense.transpose(1, 2).to(dtype).contiguous()
+            return dense.to(dtype)
     raise InvalidSourceError(f"{name}: unknown source format {kind!r}; known: {', '.join(SOURCE_KINDS)}")
