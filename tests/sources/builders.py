@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["tiny_deepseek", "add_mtp_layer", "save_block_fp8", "fp8_block_quantize", "QUANTIZED_LINEAR", "run_plain"]
+__all__ = ["tiny_deepseek", "add_mtp_layer", "save_block_fp8", "fp8_block_quantize", "QUANTIZED_LINEAR",
+           "run_plain"]
 
 # The Linears DeepSeek-V3 stores in FP8 (not embeddings, norms, the router or the head).
 QUANTIZED_LINEAR = re.compile(r".*(proj|proj_with_mqa)\.weight$")
@@ -51,8 +52,9 @@ def add_mtp_layer(path: Path, seed: int = 1) -> list[str]:
     config = json.loads((path / "config.json").read_text())
     layers = config["num_hidden_layers"]
     torch.manual_seed(seed)
+    dense_layers = min(config["first_k_dense_replace"], layers)
     wider = DeepseekV3Config.from_dict({**config, "num_hidden_layers": layers + 1,
-                                        "first_k_dense_replace": min(config["first_k_dense_replace"], layers)})
+                                        "first_k_dense_replace": dense_layers})
     donor = DeepseekV3ForCausalLM(wider).to(torch.bfloat16).state_dict()
     prefix = f"model.layers.{layers}."
     hidden, vocab = config["hidden_size"], config["vocab_size"]

@@ -79,7 +79,8 @@ def save_gpt_oss_mxfp4(root: Path) -> tuple[Path, Path]:
     save_file(scales, source / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
     weight_map = {n: "model-00001-of-00002.safetensors" for n in weights}
     weight_map.update({n: "model-00002-of-00002.safetensors" for n in scales})
-    (source / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (source / "model.safetensors.index.json").write_text(json.dumps(index))
     config_json = json.loads((twin / "config.json").read_text())
     config_json["quantization_config"] = {
         "quant_method": "mxfp4",
