@@ -155,8 +155,10 @@ def test_a_bad_source_is_refused_with_one_line_and_nothing_published(sources, tm
     broken = _broken_copy(sources[0], tmp_path / "broken", edit)
     with pytest.raises(SourceError, match="quantfleet|expected"):
         plan_conversion(str(broken), Recipe.preset("W4A16"))
-    dest = tmp_path / "dest"
-    assert main(["convert", str(broken), str(dest), "--scheme", "W4A16", "--no-prefect"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("quantfleet: error: ") and expected in err[0], err
-    assert not dest.exists() or not any(dest.rglob("_QUANTFLEET_PUBLISHED.json"))
+    # --no-prefect and the default Prefect mode alike: the plan refuses it before any flow starts.
+    for mode in (["--no-prefect"], []):
+        dest = tmp_path / f"dest{len(mode)}"
+        assert main(["convert", str(broken), str(dest), "--scheme", "W4A16", *mode]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("quantfleet: error: ") and expected in err[0], (mode, err)
+        assert not dest.exists() or not [p for p in dest.rglob("*") if p.is_file()]  # nothing written

@@ -200,8 +200,9 @@ def test_a_bad_mxfp4_source_is_refused_with_one_line(gpt_oss, tmp_path, capsys, 
     broken = _broken(gpt_oss[0], tmp_path / "broken", edit)
     with pytest.raises(SourceError):
         plan_conversion(str(broken), Recipe.preset("W4A16"))
-    dest = tmp_path / "dest"
-    assert main(["convert", str(broken), str(dest), "--scheme", "W4A16", "--no-prefect"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("quantfleet: error: ") and expected in err[0], err
-    assert not dest.exists() or not [p for p in dest.rglob("*") if p.is_file()]  # nothing written
+    for mode in (["--no-prefect"], []):  # the default Prefect mode too
+        dest = tmp_path / f"dest{len(mode)}"
+        assert main(["convert", str(broken), str(dest), "--scheme", "W4A16", *mode]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("quantfleet: error: ") and expected in err[0], (mode, err)
+        assert not dest.exists() or not [p for p in dest.rglob("*") if p.is_file()]  # nothing written
