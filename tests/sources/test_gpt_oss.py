@@ -206,3 +206,20 @@ def test_a_bad_mxfp4_source_is_refused_with_one_line(gpt_oss, tmp_path, capsys, 
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("quantfleet: error: ") and expected in err[0], (mode, err)
         assert not dest.exists() or not [p for p in dest.rglob("*") if p.is_file()]  # nothing written
+
+
+def test_evaluate_loads_the_mxfp4_source_as_its_dequantized_twin(gpt_oss) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from flows.source_eval import source_model
+    from workers.evaluation.source_model import load_source_dequantized
+
+    source, twin = gpt_oss
+    reading = source_model(str(source))
+    assert reading is not None
+    assert reading.reference() == "dequantized quantized source (MXFP4 blocks (gpt-oss))"
+    model = load_source_dequantized(source, reading, causal=True, dtype=torch.float32).eval()
+    dense = AutoModelForCausalLM.from_pretrained(twin, dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense(ids).logits)
