@@ -334,15 +334,17 @@ def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_p
 
     check_not_published(dest)
     _exit_on_sigterm()
-    # Prefect's temporary server and Ray start, and Ray's workers import and compile, while this
-    # process plans: each waits on its own thread instead of one after another.
+    # Planned first, so a refused source (a missing scale, an unknown format) fails in a moment,
+    # starting neither Prefect nor Ray (left starting on their threads, they held the exit for a
+    # minute, or Ray killed the process later). Then Prefect's temporary server and Ray start, and
+    # Ray's workers import and compile, each on its own thread instead of one after another.
+    plan = plan_conversion(source, recipe, shard_size=args.shard_size)
     prefect_starting = None
     if use_prefect:
         from flows.convert import start_temporary_server
 
         prefect_starting = start_temporary_server()
     warm_start = WarmStart(getattr(args, "ray_address", None))
-    plan = plan_conversion(source, recipe, shard_size=args.shard_size)
     warm_workers(warm_start, plan, getattr(args, "device", "auto"))
     bar = tqdm(total=plan.bytes_in, unit="B", unit_scale=True, unit_divisor=1024,
                desc=f"converting {len(plan.units)} units", dynamic_ncols=True)

@@ -155,7 +155,8 @@ def test_a_bad_source_is_refused_with_one_line_and_nothing_published(sources, tm
     broken = _broken_copy(sources[0], tmp_path / "broken", edit)
     with pytest.raises(SourceError, match="quantfleet|expected"):
         plan_conversion(str(broken), Recipe.preset("W4A16"))
-    # --no-prefect and the default Prefect mode alike: the plan refuses it before any flow starts.
+    # --no-prefect and the default Prefect mode alike: the plan refuses it before Ray or any flow
+    # starts.
     for mode in (["--no-prefect"], []):
         dest = tmp_path / f"dest{len(mode)}"
         assert main(["convert", str(broken), str(dest), "--scheme", "W4A16", *mode]) == 2

@@ -206,6 +206,10 @@ def test_a_bad_mxfp4_source_is_refused_with_one_line(gpt_oss, tmp_path, capsys, 
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("quantfleet: error: ") and expected in err[0], (mode, err)
         assert not dest.exists() or not [p for p in dest.rglob("*") if p.is_file()]  # nothing written
+    import sys
+
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized()  # a refusal starts no Ray
 
 
 def test_evaluate_loads_the_mxfp4_source_as_its_dequantized_twin(gpt_oss) -> None:
