@@ -134,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
         "of pooled embeddings and hidden states. Loads with transformers (the quantized one dequantized "
         "by quantfleet, module by module), on the GPU when there is one, else in float32 on CPU.",
     )
-    evaluate.add_argument("original", metavar="ORIGINAL", help="the original checkpoint: folder or s3:// URI")
+    evaluate.add_argument("original", metavar="ORIGINAL",
+                          help="the original checkpoint: folder or s3:// URI; a quantized source (block-FP8, "
+                          "gpt-oss MXFP4, compressed-tensors) is run as the dense model it means, "
+                          "dequantized as convert dequantizes it")
     evaluate.add_argument("quantized", metavar="QUANTIZED",
                           help="the quantized checkpoint: folder or s3:// URI")
     _add_eval_options(evaluate)
@@ -387,11 +390,13 @@ def _quiet_transformers() -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
+    from flows.source_eval import source_model
     from workers.evaluation.evaluate import evaluate
 
     _quiet_transformers()
     result = evaluate(args.original, args.quantized, text=args.text, max_tokens=args.max_tokens,
-                      context=args.context, device=args.device, dtype=args.dtype)
+                      context=args.context, device=args.device, dtype=args.dtype,
+                      original_source=source_model(args.original))
     print(result.table())
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -171,6 +171,9 @@ def evaluate_staged(
         "text": settings.text, "max_tokens": settings.max_tokens, "context": settings.context,
         "device": device,
     }
+    from flows.source_eval import plan_source_model
+
+    options["original_source"] = plan_source_model(plan)  # a quantized source: its dense meaning
     staged = staged_uri(plan, dest_uri)
     _log.info("evaluating the staged result %s against %s", staged, plan.source_uri)
     if cluster is not None:

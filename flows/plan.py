@@ -14,6 +14,7 @@ from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.mtp import mtp_choice, mtp_prefixes
 from flows.partners import link_nvfp4_partners
 from flows.recipe import Recipe
 from flows.sources import SourceSummary, SourceTensor, dense_bytes, read_source
@@ -164,8 +165,11 @@ def build_plan(
     jobs: list[TensorJob] = []
     # File order, then offset order: each worker reads its files front to back.
     summary, entries = read_source(config, catalog)
+    mtp = mtp_prefixes(config)
     for info in entries:
         choice = recipe.choice_for(info.name, info.shape) if info.dtype in SAFETENSORS_TO_TORCH else None
+        if mtp and info.name.startswith(mtp):
+            choice = mtp_choice(info)  # DeepSeek's draft layers: as the source holds them
         index = note = None
         if choice is not None and info.dtype in ("BF16", "F16", "F32"):
             wanted, method = choice

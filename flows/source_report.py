@@ -51,6 +51,10 @@ def plan_source_lines(plan: Plan) -> list[str]:
     if plan.source.fused_experts_split:
         split = plan.source.fused_experts_split
         lines.append(f"fused experts: {split} 3-D tensors split into per-expert weights")
+    fused = sum(1 for j in jobs if len(j.shape) == 3)
+    if fused:
+        lines.append(f"fused experts: {fused} fused expert tensors kept fused, dense "
+                     f"{plan.source.dense_dtype} (transformers loads this architecture's experts only fused)")
     return lines
 
 

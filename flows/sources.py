@@ -7,6 +7,8 @@ Planning reads headers only, so the source's format comes from `config.json`'s
   `M.weight` and its float32 `M.weight_scale_inv`, one scale per tile.
 * compressed-tensors (what quantfleet and llm-compressor write): `M.weight_packed`/`M.weight`,
   `M.weight_scale`, ... described by the config group that targets `M`.
+* gpt-oss MXFP4 (`quant_method: mxfp4`): uint8 `P_blocks` (E, rows, G, 16) and E8M0 `P_scales`
+  (E, rows, G) for each fused expert parameter `P` (`experts.gate_up_proj`, `experts.down_proj`).
 
 Every quantized weight becomes one dense `SourceTensor` that names all its parts, wherever they
 are (an index may put a weight and its scale in different files); a scale that is missing,
@@ -15,6 +17,12 @@ work starts. Fused 3-D expert tensors (`experts.gate_up_proj` [E, 2I, H], `exper
 [E, H, I]) are split into per-expert 2-D weights under the per-expert names transformers and
 vLLM load (`experts.{e}.gate_proj.weight`, ...): each expert is its own matrix, and each slice is
 a contiguous byte range, so workers read experts like any other weight.
+
+gpt-oss is the exception: transformers (5.x) loads its experts only fused, in its own layout
+([E, H, 2I] with gate and up interleaved, [E, I, H]), and has no per-expert names for them, so a
+gpt-oss source's fused experts stay fused: an MXFP4 source's are dequantized into that layout
+(the model's dtype, as transformers' own MXFP4 loader does) and a bf16 source's are copied; the
+target scheme applies to the 2-D Linears (attention). See README "Quantized sources".
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ DENSE_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _FLOAT_SCALES = ("F32", "BF16", "F16")
 _CT_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_global_scale")
 _FUSED = re.compile(r"(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
+# Architectures whose fused experts transformers loads only fused (no per-expert checkpoint names).
+KEEP_FUSED = frozenset({"gpt_oss"})
 
 
 class SourceError(ValueError):
@@ -133,6 +143,41 @@ def _block_fp8(catalog: Catalog, qconfig: dict[str, Any], dense: str) -> Found:
             name, entry.file, info.begin, info.end, dense, info.shape, fmt,
             (_part("weight", entry), _part("weight_scale_inv", scale_entry)),
         )
+        used.update((name, scale.name))
+    return found, used
+
+
+def _mxfp4_blocks(catalog: Catalog, dense: str) -> Found:
+    """gpt-oss's `P_blocks`/`P_scales` pairs, as the fused parameter `P` in transformers' layout."""
+    fmt = SourceFormat("mxfp4-blocks")
+    found: dict[str, SourceTensor] = {}
+    used: set[str] = set()
+    for name, entry in catalog.tensors.items():
+        if name.endswith("_scales") and f"{name.removesuffix('_scales')}_blocks" not in catalog.tensors:
+            raise SourceError(f"{_where(catalog, entry)}: MXFP4 scales without their blocks "
+                              f"{name.removesuffix('_scales')}_blocks")
+        if not name.endswith("_blocks"):
+            continue
+        info = entry.info
+        base = name.removesuffix("_blocks")
+        if info.dtype != "U8" or len(info.shape) not in (3, 4) or info.shape[-1] != 16:
+            raise SourceError(f"{_where(catalog, entry)}: {info.dtype} of shape {list(info.shape)}, expected "
+                              "MXFP4 blocks: uint8 ([experts,] rows, groups, 16), two E2M1 values a byte")
+        expected = list(info.shape[:-1])
+        scale_entry = catalog.tensors.get(f"{base}_scales")
+        if scale_entry is None:
+            raise SourceError(f"{_where(catalog, entry)}: MXFP4 blocks without their scales {base}_scales "
+                              f"(expected uint8 of shape {expected}, one E8M0 exponent per 32 values)")
+        scale = scale_entry.info
+        if scale.dtype != "U8" or list(scale.shape) != expected:
+            raise SourceError(f"{_where(catalog, scale_entry)}: {scale.dtype} of shape {list(scale.shape)}, "
+                              f"expected uint8 of shape {expected} (one E8M0 exponent per 32 values of "
+                              f"{name})")
+        *lead, rows, groups, _ = info.shape
+        # 3-D experts come out transposed, as transformers holds them ([E, in, out]); 2-D stay (out, in).
+        shape = (*lead, groups * 32, rows) if lead else (rows, groups * 32)
+        found[name] = SourceTensor(base, entry.file, info.begin, info.end, dense, tuple(shape), fmt,
+                                   (_part("blocks", entry), _part("scales", scale_entry)))
         used.update((name, scale.name))
     return found, used
 
@@ -251,14 +296,18 @@ def read_source(config: dict[str, Any] | None, catalog: Catalog) -> tuple[Source
         elif method == "compressed-tensors":
             quantized, used = _compressed(catalog, qconfig, dense)
             label = f"compressed-tensors ({qconfig.get('format', 'mixed')})"
+        elif method == "mxfp4":
+            quantized, used = _mxfp4_blocks(catalog, dense)
+            label = "MXFP4 blocks (gpt-oss)"
         else:
             raise SourceError(
                 f"{catalog.uri}/config.json: the source is quantized with quant_method {method!r}, which "
-                "quantfleet does not read (it reads block-FP8 'fp8' with weight_block_size and "
-                "'compressed-tensors' sources)"
+                "quantfleet does not read (it reads block-FP8 'fp8' with weight_block_size, "
+                "'compressed-tensors' and gpt-oss 'mxfp4' sources)"
             )
     tensors: list[SourceTensor] = []
     split = 0
+    keep_fused = config.get("model_type") in KEEP_FUSED
     for entry in sorted(catalog.tensors.values(), key=lambda e: (e.file, e.info.begin)):
         name = entry.info.name
         if name in quantized:
@@ -266,7 +315,7 @@ def read_source(config: dict[str, Any] | None, catalog: Catalog) -> tuple[Source
             continue
         if name in used:
             continue  # a scale or other part, consumed by its weight above
-        experts = _split_fused(entry)
+        experts = None if keep_fused else _split_fused(entry)
         if experts is not None:
             tensors.extend(experts)
             split += 1

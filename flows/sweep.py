@@ -22,6 +22,7 @@ from flows.charts import scatter_chart
 from flows.destination import check_destination
 from flows.finalize import MANIFEST_NAME
 from flows.recipe import Recipe
+from flows.source_eval import source_model
 from infra.publish import is_published
 from infra.storage import open_storage
 from workers.evaluation import Evaluation
@@ -147,6 +148,7 @@ def run_sweep(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points = []
+    original_source = source_model(model)  # a quantized MODEL is compared as the dense model it means
     for scheme, recipe in zip(schemes, recipes, strict=True):
         dest = out / scheme.upper()
         if is_published(open_storage(dest), ""):
@@ -155,7 +157,7 @@ def run_sweep(
             run_conversion(model, str(dest), recipe, shard_size=shard_size, ray_address=ray_address,
                            device=device)
         evaluation = evaluate(model, str(dest), text=text, max_tokens=max_tokens, context=context,
-                              device=device, dtype=dtype)
+                              device=device, dtype=dtype, original_source=original_source)
         point = _point(scheme.upper(), open_storage(dest).uri(), evaluation)
         points.append(point)
         if on_point is not None:

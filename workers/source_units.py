@@ -28,6 +28,8 @@ class SourceFormat:
     def describe(self) -> str:
         if self.kind == "block-fp8" and self.block is not None:
             return f"block-FP8 {self.block[0]}x{self.block[1]}"
+        if self.kind == "mxfp4-blocks":
+            return "MXFP4 blocks (gpt-oss)"
         if self.scheme is not None:
             return f"compressed-tensors {self.scheme.describe()}"
         return self.kind

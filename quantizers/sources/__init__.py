@@ -47,5 +47,18 @@ def dequantize_source(
                 raise InvalidSourceError(f"{name}: compressed-tensors source without a scheme")
             return compressed.dequantize(parts, scheme, name=name).to(dtype)
         if kind == "mxfp4-blocks":
-            return mxfp4_blocks.dequantize(parts["blocks"], parts["scales"], name=name).to(dtype)
+            blocks, scales = parts["blocks"], parts["scales"]
+            if blocks.dim() != 4:
+                return mxfp4_blocks.dequantize(blocks, scales, name=name).to(dtype)
+            # Fused experts, in transformers' parameter layout [E, in, out]: one expert at a time
+            # into the output, so float32 temporaries stay one expert's (gpt-oss-120b's fused
+            # gate_up_proj alone is 2.1G values).
+            if (blocks.dtype != torch.uint8 or blocks.shape[-1] != 16 or scales.dtype != torch.uint8
+                    or tuple(scales.shape) != tuple(blocks.shape[:-1])):
+                mxfp4_blocks.dequantize(blocks, scales, name=name)  # raises, naming the tensor
+            experts, rows, groups, _ = blocks.shape
+            out = torch.empty(experts, groups * 32, rows, dtype=dtype, device=blocks.device)
+            for e in range(experts):
+                out[e] = mxfp4_blocks.dequantize(blocks[e], scales[e], name=name).t()
+            return out
     raise InvalidSourceError(f"{name}: unknown source format {kind!r}; known: {', '.join(SOURCE_KINDS)}")

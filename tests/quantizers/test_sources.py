@@ -44,3 +44,26 @@ def test_gpt_oss_mxfp4_blocks_low_nibble_first() -> None:
     scales = torch.tensor([[128], [127]], dtype=torch.uint8)  # 2^1, 2^0
     got = dequantize_source("mxfp4-blocks", {"blocks": blocks, "scales": scales}, name="w")
     assert got.shape == (2, 32) and got[0, 0] == -12.0 and got[0, 1] == 2.0 and got[1].abs().sum() == 0
+
+
+@pytest.mark.parametrize(("compile_mode", "dtypes"), [
+    ("0", (torch.bfloat16, torch.float16, torch.float32)),
+    # Compiling costs seconds per kernel on 2 cores: both kernels (bf16 on the bits, the others) once.
+    pytest.param("1", (torch.bfloat16, torch.float32), marks=pytest.mark.slow),
+])
+def test_block_fp8_every_code_and_wide_scales_match_torch(compile_mode, dtypes, monkeypatch) -> None:
+    # The table lookup and the rounding on the bits (eager, and compiled as large weights are)
+    # against torch's own fp8 -> float32 conversion, for every non-NaN code and scales over 12 decades.
+    monkeypatch.setenv("QUANTFLEET_COMPILE", compile_mode)
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]
+    generator = torch.Generator().manual_seed(5)
+    weight = codes[torch.randint(0, len(codes), (256, 384), generator=generator)].view(torch.float8_e4m3fn)
+    weight[0, :254] = codes.view(torch.float8_e4m3fn)
+    scale = torch.rand(2, 3, generator=generator) * 10.0 ** torch.randint(-8, 4, (2, 3), generator=generator)
+    expanded = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)
+    for dtype in dtypes:
+        got = dequantize_source("block-fp8", {"weight": weight, "weight_scale_inv": scale}, name="w",
+                                block=(128, 128), dtype=dtype)
+        want = (weight.float() * expanded).to(dtype)
+        assert got.dtype == dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8)), dtype

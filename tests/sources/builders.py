@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["tiny_deepseek", "save_block_fp8", "fp8_block_quantize", "QUANTIZED_LINEAR", "run_plain"]
+__all__ = ["tiny_deepseek", "add_mtp_layer", "save_block_fp8", "fp8_block_quantize", "QUANTIZED_LINEAR",
+           "run_plain"]
 
 # The Linears DeepSeek-V3 stores in FP8 (not embeddings, norms, the router or the head).
 QUANTIZED_LINEAR = re.compile(r".*(proj|proj_with_mqa)\.weight$")
@@ -38,6 +39,60 @@ def tiny_deepseek(path: Path, seed: int = 0) -> Path:
     model = DeepseekV3ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(path)
     return path
+
+
+def add_mtp_layer(path: Path, seed: int = 1) -> list[str]:
+    """Append a DeepSeek multi-token-prediction layer to the tiny model saved in `path`, as
+    DeepSeek-V3 publishes one: `model.layers.{num_hidden_layers}.*`, a decoder layer (MoE, one 2-D
+    weight per expert) plus
+    `eh_proj`, `enorm`, `hnorm`, `shared_head.{norm,head}` and its own `embed_tokens`, declared by
+    `num_nextn_predict_layers: 1`. Returns the layer's tensor names."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = json.loads((path / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    torch.manual_seed(seed)
+    dense_layers = min(config["first_k_dense_replace"], layers)
+    wider = DeepseekV3Config.from_dict({**config, "num_hidden_layers": layers + 1,
+                                        "first_k_dense_replace": dense_layers})
+    donor = DeepseekV3ForCausalLM(wider).to(torch.bfloat16).state_dict()
+    prefix = f"model.layers.{layers}."
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    mtp: dict[str, torch.Tensor] = {}
+    for name, tensor in donor.items():
+        if not name.startswith(prefix):
+            continue
+        fused = re.fullmatch(r"(.*\.experts)\.(gate_up_proj|down_proj)", name)
+        if fused is None:
+            mtp[name] = tensor.contiguous()
+            continue
+        # Per-expert 2-D weights, as DeepSeek publishes every layer (transformers fuses on load).
+        for e, expert in enumerate(tensor):
+            if fused[2] == "down_proj":
+                mtp[f"{fused[1]}.{e}.down_proj.weight"] = expert.contiguous()
+            else:
+                gate, up = expert.chunk(2)
+                mtp[f"{fused[1]}.{e}.gate_proj.weight"] = gate.contiguous()
+                mtp[f"{fused[1]}.{e}.up_proj.weight"] = up.contiguous()
+    mtp.update({
+        f"{prefix}eh_proj.weight": (torch.randn(hidden, 2 * hidden) * 0.02).to(torch.bfloat16),
+        f"{prefix}enorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+        f"{prefix}hnorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+        f"{prefix}shared_head.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+        f"{prefix}shared_head.head.weight": (torch.randn(vocab, hidden) * 0.02).to(torch.bfloat16),
+        f"{prefix}embed_tokens.weight": (torch.randn(vocab, hidden) * 0.02).to(torch.bfloat16),
+    })
+    files = sorted(path.glob("*.safetensors"))
+    tensors = load_file(files[0])
+    tensors.update(mtp)
+    save_file(tensors, files[0], metadata={"format": "pt"})
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"].update({name: files[0].name for name in mtp})
+        index.write_text(json.dumps(data))
+    (path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}, indent=2))
+    return sorted(mtp)
 
 
 def fp8_block_quantize(weight: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

@@ -155,8 +155,38 @@ def test_a_bad_source_is_refused_with_one_line_and_nothing_published(sources, tm
     broken = _broken_copy(sources[0], tmp_path / "broken", edit)
     with pytest.raises(SourceError, match="quantfleet|expected"):
         plan_conversion(str(broken), Recipe.preset("W4A16"))
-    dest = tmp_path / "dest"
-    assert main(["convert", str(broken), str(dest), "--scheme", "W4A16", "--no-prefect"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("quantfleet: error: ") and expected in err[0], err
-    assert not dest.exists() or not any(dest.rglob("_QUANTFLEET_PUBLISHED.json"))
+    # --no-prefect and the default Prefect mode alike: the plan refuses it before Ray or any flow
+    # starts.
+    for mode in (["--no-prefect"], []):
+        dest = tmp_path / f"dest{len(mode)}"
+        assert main(["convert", str(broken), str(dest), "--scheme", "W4A16", *mode]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("quantfleet: error: ") and expected in err[0], (mode, err)
+        assert not dest.exists() or not [p for p in dest.rglob("*") if p.is_file()]  # nothing written
+
+
+# (target, bound on the mean |logit difference| relative to the dequantized source's mean |logit|;
+# None: transformers 5.23 cannot load NVFP4 experts of a fused-experts model, see README).
+# Measured on this model: W8A16 0.023, FP8 (one scale per row of random weights) 0.087.
+OTHER_TARGETS = [("W8A16", 0.05), ("FP8", 0.15), ("NVFP4A16", None)]
+
+
+def test_block_fp8_converts_to_the_other_targets(sources, tmp_path) -> None:
+    fp8, reference = sources
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    want = _logits(reference, ids)
+    for target, bound in OTHER_TARGETS:
+        out = tmp_path / target
+        run_plain(str(fp8), str(out), target)
+        manifest = json.loads((out / "quantfleet.json").read_text())
+        assert manifest["source"]["reference"] == "dequantized quantized source"
+        # Every re-quantized weight against the dequantized source, measured on the workers.
+        cosines = [t["cosine"] for t in manifest["tensors"] if t["scheme"] is not None]
+        assert len(cosines) > 20 and min(cosines) >= 0.97, target
+        assert not [n for n in _tensors(out) if n.endswith("_scale_inv")]
+        if bound is None:
+            continue
+        got = _logits(out, ids)
+        error = float((got - want).abs().mean() / want.abs().mean())
+        print(f"{target}: mean relative logit difference {error:.4f}")
+        assert torch.isfinite(got).all() and error <= bound, (target, error)

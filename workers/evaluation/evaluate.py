@@ -30,6 +30,7 @@ from workers.evaluation.dequantized import is_compressed, load_dequantized
 from workers.evaluation.errors import EvaluationError
 from workers.evaluation.measures import CausalAccumulator, EncoderAccumulator
 from workers.evaluation.records import Evaluation, Kind
+from workers.evaluation.source_model import SourceModel, load_source_dequantized
 from workers.evaluation.text import load_text
 
 __all__ = ["Evaluation", "EvaluationError", "evaluate", "model_kind", "local_copy"]
@@ -159,8 +160,12 @@ def evaluate(
     batch_size: int | None = None,
     scratch_dir: str | None = None,
     threads: int | None = None,
+    original_source: SourceModel | None = None,
 ) -> Evaluation:
     """Compare the quantized checkpoint at `quantized` with `original` (folders or URIs).
+
+    `original_source`: `original` is itself quantized (block-FP8, MXFP4, ...); it is then loaded
+    as the dense model it means, dequantized as the conversion's workers do (see `source_model`).
 
     `threads`: CPU threads for torch (None: torch's default; 0: every core of this machine, for a
     Ray task that Ray started with one thread).
@@ -183,7 +188,11 @@ def evaluate(
         if model_kind(quantized_dir) != kind:
             raise EvaluationError(f"{original} is a {kind} but {quantized} is not")
         tokenizer = _tokenizer(original_dir, quantized_dir)
-        reference = _load(original_dir, kind, target, torch_dtype)
+        if original_source is not None:
+            reference = load_source_dequantized(original_dir, original_source, causal=kind == "causal-lm",
+                                                dtype=torch_dtype).to(device=target, dtype=torch_dtype).eval()
+        else:
+            reference = _load(original_dir, kind, target, torch_dtype)
         other = _load(quantized_dir, kind, target, torch_dtype)
         ids = tokenizer(source.text, add_special_tokens=False, verbose=False)["input_ids"][:max_tokens]
         limit = getattr(reference.config, "max_position_embeddings", None) or context
@@ -229,5 +238,6 @@ def evaluate(
     return Evaluation(
         kind=kind, original=original, quantized=quantized, text=source.name, text_sha256=source.sha256,
         tokens=tokens, windows=len(windows), context=window, device=str(target), dtype=dtype,
-        seconds=seconds, tokens_per_s=tokens / running if running > 0 else 0.0, **figures,
+        seconds=seconds, tokens_per_s=tokens / running if running > 0 else 0.0,
+        reference=original_source.reference() if original_source is not None else None, **figures,
     )

@@ -53,6 +53,9 @@ class Evaluation(BaseModel):
     embedding_cosine_min: float | None = None
     hidden_cosine: float | None = None
     hidden_cosine_p1: float | None = None
+    # Set when the original was itself quantized: what the figures compare against, e.g.
+    # "dequantized quantized source (block-FP8 128x128)".
+    reference: str | None = None
 
     def figures(self) -> dict[str, float]:
         """The measured figures that are set, by name (for tables and gates)."""
@@ -64,6 +67,8 @@ class Evaluation(BaseModel):
                 f"{self.windows} windows of <= {self.context})")]
         for name, value in self.figures().items():
             rows.append((FIGURE_LABELS[name], f"{value:.4%}" if name == "top1" else f"{value:.6g}"))
+        if self.reference is not None:
+            rows.append(("original", self.reference))
         rows.append(("device", f"{self.device}, {self.dtype}; {self.seconds:.1f} s, "
                      f"{self.tokens_per_s:,.0f} tokens/s"))
         width = max(len(r[0]) for r in rows)
