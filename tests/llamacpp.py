@@ -62,7 +62,8 @@ def _weaken_version_needs(path: Path, version: bytes = b"GLIBC_2.38") -> int:
     data = bytearray(path.read_bytes())
     (section_offset,) = struct.unpack_from("<Q", data, 0x28)
     entry_size, count = struct.unpack_from("<HH", data, 0x3A)
-    sections = [struct.unpack_from("<IIQQQQIIQQ", data, section_offset + i * entry_size) for i in range(count)]
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, section_offset + i * entry_size)
+                for i in range(count)]
     marked = 0
     for section in sections:
         if section[1] != _SHT_GNU_VERNEED:
