@@ -52,6 +52,10 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--recipe", type=Path, help="a YAML recipe (targets, ignore, overrides, gates); "
                        "overrides --scheme and its options")
+    group.add_argument("--format", choices=("compressed-tensors", "gguf"), dest="output_format",
+                       help="output format: compressed-tensors (default; vLLM, transformers) or gguf "
+                       "(llama.cpp, Ollama; --scheme is then a GGUF type or mix: F16, BF16, Q8_0, Q6_K, "
+                       "Q5_K, Q4_K, Q4_K_M, Q5_K_M; written as one split per work unit)")
     group.add_argument("--group-size", type=int,
                        help="group size for int schemes (default: the preset's, 128)")
     sym = group.add_mutually_exclusive_group()
@@ -250,6 +254,8 @@ def _recipe(args: argparse.Namespace):  # noqa: ANN202 - imported lazily for a f
         options["per_channel"] = True
     if getattr(args, "ignore", None):
         options["ignore"] = tuple(args.ignore)
+    if getattr(args, "output_format", None):
+        options["format"] = args.output_format
     return Recipe.preset(args.scheme, **options)
 
 

@@ -309,6 +309,8 @@ def stage_model_files(
     """Record the staged shards and stage what makes them a loadable checkpoint."""
     for result in results:
         publisher.records[result.file_name] = Expected(size=result.size, sha256=result.sha256)
+    if plan.recipe.format == "gguf":
+        return  # the splits are the whole model: metadata and tokenizer are in the first one
     for key in side_file_keys(source):
         if key == "config.json":
             continue
