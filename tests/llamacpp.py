@@ -174,12 +174,16 @@ def _lib() -> tuple[Any, Any]:
     return get_lib(), get_ffi()
 
 
-def quantize_with_llama_cpp(source: Path, target: Path, ftype: str, *, threads: int = 2) -> None:
-    """llama.cpp's own quantizer (`llama-quantize` without an importance matrix)."""
+def quantize_with_llama_cpp(
+    source: Path, target: Path, ftype: str, *, threads: int = 2, pure: bool = False
+) -> None:
+    """llama.cpp's own quantizer (`llama-quantize` without an importance matrix); `pure` gives every
+    weight the ftype's base type (`--pure`) instead of the mix's rules."""
     lib, ffi = _lib()
     params = ffi.new("llama_model_quantize_params *", lib.llama_model_quantize_default_params())
     params.ftype = FTYPES[ftype]
     params.nthread = threads
+    params.pure = pure
     status = lib.llama_model_quantize(str(source).encode(), str(target).encode(), params)
     if status != 0:
         raise RuntimeError(f"llama_model_quantize({source}, {ftype}) failed with {status}")
