@@ -102,14 +102,17 @@ def _write_gguf(source: Path, scheme: str, staging: Path) -> Path:
     return folder / result.file_name
 
 
-def test_f16_gguf_gives_the_original_logits(llama_f16, tmp_path) -> None:
-    """Names, Q/K row order, RoPE and norm settings: with f16 weights llama.cpp must compute what
-    transformers computes, up to float rounding (a wrong permutation moves logits by ~their size)."""
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_f16_gguf_gives_the_original_logits(kind, llama_f16, tmp_path) -> None:
+    """Names, Q/K row order (Llama), Q/K norms (Qwen3), RoPE and norm settings: with f16 weights
+    llama.cpp must compute what transformers computes, up to float rounding (a wrong permutation
+    or a missing norm moves logits by about their own size)."""
     from transformers import AutoTokenizer
 
-    tokens = AutoTokenizer.from_pretrained(llama_f16)(PROMPT)["input_ids"]
-    ours = logits(_write_gguf(llama_f16, "F16", tmp_path), tokens, context=128)
-    reference = _reference_logits(llama_f16, tokens)
+    source = llama_f16 if kind == "llama" else save_gguf_source(kind, tmp_path / kind, dtype=torch.float16)
+    tokens = AutoTokenizer.from_pretrained(source)(PROMPT)["input_ids"]
+    ours = logits(_write_gguf(source, "F16", tmp_path), tokens, context=128)
+    reference = _reference_logits(source, tokens)
     assert np.abs(ours - reference).max() < 0.02 * reference.std()
 
 
