@@ -49,7 +49,8 @@ def test_plan_follows_llama_cpp_q4_k_m_rules(llama) -> None:
 def test_split_is_written_at_planned_size_and_a_rerun_reuses_it(llama, tmp_path) -> None:
     plan = plan_conversion(str(llama), Recipe.preset("Q8_0", format="gguf"), shard_size=1_000_000)
     assert len(plan.units) >= 3
-    assert [u.file_name for u in plan.units][-1] == f"model-{len(plan.units):05d}-of-{len(plan.units):05d}.gguf"
+    count = len(plan.units)
+    assert plan.units[-1].file_name == f"model-{count:05d}-of-{count:05d}.gguf"
     context = gguf_context(plan, open_storage(str(tmp_path)).uri(), "cpu")
     unit = plan.units[1]
     first = convert_gguf_unit(unit, context)
