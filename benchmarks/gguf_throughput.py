@@ -48,8 +48,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeat", type=int, default=2)
+    # Ray runs one unit per CPU core with OMP_NUM_THREADS=1; torch's small per-block ops also lose
+    # badly to thread hand-offs when the cores are shared (46 s instead of 2 s for one Q4_K tensor).
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, as a Ray worker)")
     parser.add_argument("--no-doc", action="store_true", help="print only, do not update docs/benchmarks.md")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     checkpoint = smollm2_checkpoint()
     recipes = {"GGUF Q4_K_M": Recipe.preset("Q4_K_M", format="gguf"),
                "GGUF Q8_0": Recipe.preset("Q8_0", format="gguf"),
@@ -69,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"{machine_line()}, device {args.device}. "
         f"`python -m benchmarks.gguf_throughput --device {args.device}`: "
-        "SmolLM2-135M-Instruct bf16 (270 MB, 30 layers) as one work unit, in-process, best of "
-        f"{args.repeat}; includes reading, quantizing, the read-back check of every tensor and hashing.",
+        "SmolLM2-135M-Instruct bf16 (270 MB, 30 layers) as one work unit, in-process, "
+        f"{args.threads} torch thread(s), best of {args.repeat}; includes reading, quantizing, the "
+        "read-back check of every tensor and hashing.",
         "",
         "| output | seconds | source MiB/s per worker | output size |",
         "|---|---|---|---|",
