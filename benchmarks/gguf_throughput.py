@@ -12,6 +12,7 @@ runs is kept (the machine is shared).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -83,6 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     for label, seconds, read, written in rows:
         rate = read / 2**20 / seconds
         lines.append(f"| {label} | {seconds:.2f} | {rate:.1f} | {written / 2**20:.1f} MiB |")
+    ratio = rows[0][1] / rows[-1][1]
+    lines += [
+        "",
+        f"Q4_K_M costs {ratio:.1f}x W4A16's time per worker. Its time is the k-quant searches "
+        "(`quantizers/gguf/k_quants.py`: 21 candidate scales per sub-block, sums added in ggml-quants.c's "
+        "order so the bytes equal llama.cpp's); SmolLM2's 576-wide rows are not a multiple of 256, so most "
+        "of its weights fall back to Q5_0/Q8_0 and only down_proj takes Q4_K/Q6_K. The machine's load "
+        f"average when this ran: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.",
+    ]
     body = "\n".join(lines)
     print(body)
     if not args.no_doc:
