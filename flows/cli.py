@@ -49,6 +49,10 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--recipe", type=Path, help="a YAML recipe (targets, ignore, overrides, gates); "
                        "overrides --scheme and its options")
+    group.add_argument("--format", choices=("compressed-tensors", "gguf"), dest="output_format",
+                       help="output format: compressed-tensors (default; vLLM, transformers) or gguf "
+                       "(llama.cpp, Ollama; --scheme is then a GGUF type or mix: F16, BF16, Q8_0, Q6_K, "
+                       "Q5_K, Q4_K, Q4_K_M, Q5_K_M; written as one split per work unit)")
     group.add_argument("--group-size", type=int,
                        help="group size for int schemes (default: the preset's, 128)")
     sym = group.add_mutually_exclusive_group()
@@ -250,6 +254,8 @@ def _recipe(args: argparse.Namespace):  # noqa: ANN202 - imported lazily for a f
         options["per_channel"] = True
     if getattr(args, "ignore", None):
         options["ignore"] = tuple(args.ignore)
+    if getattr(args, "output_format", None):
+        options["format"] = args.output_format
     return Recipe.preset(args.scheme, **options)
 
 
@@ -289,6 +295,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     print(f"plan {plan.plan_id} for {plan.source_uri}")
     described = [s.describe() + ("" if plan.method_of(i) == "rtn" else f" ({plan.method_of(i)})")
                  for i, s in enumerate(plan.schemes)]
+    if plan.recipe.format == "gguf":
+        described = [f"GGUF {plan.recipe.scheme.upper()}"]
     print(f"recipe: {plan.recipe.label}; schemes: {', '.join(described) or 'none'}")
     from flows.source_report import plan_source_lines
 
@@ -296,10 +304,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(line)
     print(f"{'shard':<36} {'tensors':>8} {'quantized':>9} {'in':>12} {'out':>12} {'memory':>10}")
     for unit in plan.units:
-        quantized = sum(1 for j in unit.jobs if j.scheme is not None)
+        quantized = sum(1 for j in unit.jobs
+                        if j.scheme is not None or (j.gguf is not None and j.gguf.type_name != "F32"))
         print(f"{unit.file_name:<36} {len(unit.jobs):>8} {quantized:>9} {_size(unit.bytes_in):>12} "
               f"{_size(unit.bytes_out):>12} {_size(unit.memory_bytes):>10}")
-    print(f"{'total':<36} {sum(len(u.jobs) for u in plan.units):>8} {len(plan.quantized_modules()):>9} "
+    total_quantized = sum(1 for j in plan.jobs()
+                          if j.scheme is not None or (j.gguf is not None and j.gguf.type_name != "F32"))
+    print(f"{'total':<36} {sum(len(u.jobs) for u in plan.units):>8} {total_quantized:>9} "
           f"{_size(plan.bytes_in):>12} {_size(plan.bytes_out):>12}")
     notes = [j for j in plan.jobs() if j.note]
     for job in notes[:20]:

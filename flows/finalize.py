@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from flows.charts import per_layer_chart
 from flows.gates import GateResult, failed_gates
+from flows.gguf_report import gguf_lines
 from flows.plan import Plan
 from flows.source_report import source_fields, source_lines
 from infra.publish import DEFAULT_MARKER, Expected, Publisher
@@ -245,6 +246,8 @@ def report_markdown(
     bpw_before_q = 8 * q_in / q_elements if q_elements else None
     bpw_before = 8 * bytes_in / all_elements if all_elements else None
     schemes = ", ".join(s.describe() for s in plan.schemes) or "nothing quantized"
+    if plan.recipe.format == "gguf":
+        schemes = f"GGUF {plan.recipe.scheme.upper()}"
     lines = [
         f"# quantfleet conversion {plan.plan_id}",
         "",
@@ -264,6 +267,7 @@ def report_markdown(
         "",
     ]
     lines += source_lines(plan, tensors)
+    lines += gguf_lines(plan, tensors)
     lines += _metrics_lines(quantized)
     if evaluation is not None:
         lines += _evaluation_lines(evaluation)
@@ -309,6 +313,8 @@ def stage_model_files(
     """Record the staged shards and stage what makes them a loadable checkpoint."""
     for result in results:
         publisher.records[result.file_name] = Expected(size=result.size, sha256=result.sha256)
+    if plan.recipe.format == "gguf":
+        return  # the splits are the whole model: metadata and tokenizer are in the first one
     for key in side_file_keys(source):
         if key == "config.json":
             continue

@@ -90,6 +90,10 @@ def plan_conversion(source_uri: str, recipe: Recipe, *, shard_size: int = 5_000_
 
 def _context(plan: Plan, dest: Storage, device: str) -> UnitContext:
     publisher = Publisher(dest, "", plan.plan_id)
+    if plan.recipe.format == "gguf":
+        from flows.gguf_plan import gguf_context
+
+        return gguf_context(plan, dest.uri(publisher.staging), device)
     return UnitContext(
         plan_id=plan.plan_id,
         source_uri=plan.source_uri,

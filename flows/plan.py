@@ -159,6 +159,10 @@ def build_plan(
     `config` is the source's config.json: a quantized source is recognised from it (see
     `flows.sources`), and its weights are dequantized on the workers.
     """
+    if recipe.format == "gguf":
+        from flows.gguf_plan import build_gguf_plan
+
+        return build_gguf_plan(catalog, recipe, shard_size=shard_size, file_tags=file_tags, config=config)
     schemes: list[tuple[QuantScheme, str]] = []
     scheme_index: dict[tuple[QuantScheme, str], int] = {}
     decisions: dict[tuple[int, str, tuple[int, ...]], tuple[int | None, str | None]] = {}

@@ -16,6 +16,10 @@ wins), so a plan can hold any scheme per tensor.
     gates: {min_sqnr_db: 12, max_output_error: 0.2, max_mean_kl: 0.05, min_top1: 0.9}
     evaluate: true          # or {text: notes.txt, max_tokens: 8192, context: 512}
 
+`format: gguf` writes llama.cpp's GGUF instead of compressed-tensors (`flows.gguf_plan`); the
+scheme is then a GGUF type or mix (F16, BF16, Q8_0, Q6_K, Q5_K, Q4_K, Q4_K_M, Q5_K_M), applied to
+every 2-D weight by llama.cpp's rules: targets, ignore, overrides and methods do not apply.
+
 Tensor gates (`min_sqnr_db`, `min_cosine`, `max_output_error`) are checked on the workers, for
 every quantized tensor. Model gates (`max_mean_kl`, `min_top1`, `min_embedding_cosine`) need the
 model-level evaluation, which runs on the staged copy before it is published; setting one turns
@@ -27,7 +31,7 @@ from __future__ import annotations
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -139,6 +143,35 @@ class Recipe(SchemeChoice):
     evaluate: Evaluate = Evaluate()
     # Random probe vectors per quantized Linear for the data-free output error (0: not measured).
     probes: int = Field(default=16, ge=0, le=256)
+    # Output format; left out of the JSON when it is the default, so existing plan ids stay.
+    format: Literal["compressed-tensors", "gguf"] = Field(
+        default="compressed-tensors", exclude_if=lambda v: v == "compressed-tensors")
+
+    @model_validator(mode="after")
+    def _gguf_scheme(self) -> Recipe:
+        if self.format != "gguf":
+            return self
+        from quantizers.gguf.mixes import GGUF_SCHEMES
+
+        if self.scheme.upper() not in GGUF_SCHEMES:
+            raise ValueError(
+                f"scheme {self.scheme!r} is not a GGUF type; GGUF schemes: {', '.join(GGUF_SCHEMES)}")
+        if (self.overrides or self.ignore or self.method != "rtn" or self.group_size is not None
+                or self.per_channel):
+            raise ValueError("GGUF output takes a type or mix for the whole model (llama.cpp's rules); "
+                             "overrides, ignore, method, group_size and per_channel do not apply")
+        if self.evaluates:
+            raise ValueError("the model-level evaluation cannot read GGUF output yet; "
+                             "leave evaluate and the model gates out for format: gguf")
+        return self
+
+    def check_schemes(self) -> None:
+        """Fail now, not on a worker, on a scheme that does not exist."""
+        if self.format == "gguf":
+            return  # checked when the recipe was built
+        self.resolve()
+        for override in self.overrides:
+            override.resolve()
 
     @property
     def evaluates(self) -> bool:
@@ -206,8 +239,11 @@ class Recipe(SchemeChoice):
 
     @classmethod
     def preset(cls, scheme: str, **options: object) -> Recipe:
-        recipe = cls.model_validate({"scheme": scheme, **options})
-        recipe.resolve()  # fail now on an unknown scheme, not on a worker
+        try:
+            recipe = cls.model_validate({"scheme": scheme, **options})
+        except ValidationError as error:
+            raise RecipeError(str(error.errors()[0]["msg"]).removeprefix("Value error, ")) from error
+        recipe.check_schemes()  # fail now on an unknown scheme, not on a worker
         return recipe
 
     @classmethod
@@ -219,9 +255,7 @@ class Recipe(SchemeChoice):
             raise RecipeError(f"{location}: cannot read recipe: {error}") from error
         try:
             recipe = cls.model_validate(data)
-            recipe.resolve()
-            for override in recipe.overrides:
-                override.resolve()
+            recipe.check_schemes()
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "recipe"

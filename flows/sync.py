@@ -164,20 +164,29 @@ def model_card(
     chart = CHART_NAME if per_layer_series(tensors) else None  # staged by stage_report_files
     report = report_markdown(plan, results, evaluation, gates, chart)
     body = report.split("\n", 1)[1] if report.startswith("# ") else report
-    schemes = sorted({s.format for s in plan.schemes})
-    tags = "\n".join(f"- {t}" for t in ["quantfleet", "compressed-tensors", *schemes])
+    schemes: list[str] = sorted({s.format for s in plan.schemes})
+    library, what = "transformers", [
+        f"A compressed-tensors checkpoint of `{checkpoint.uri}` made by quantfleet {plan.tool_version}.",
+        f"It loads in transformers (with `compressed-tensors` installed) and vLLM: copy `{version_uri}` "
+        "and point `from_pretrained` or `vllm serve` at the folder."]
+    if plan.recipe.format == "gguf":
+        first = plan.units[0].file_name if plan.units else "model.gguf"
+        library, schemes = "gguf", [plan.recipe.scheme.upper()]
+        what = [f"A GGUF ({plan.recipe.scheme.upper()}) of `{checkpoint.uri}` made by quantfleet "
+                f"{plan.tool_version}, in {len(plan.units)} split(s). It loads in llama.cpp, Ollama and "
+                f"LM Studio: copy `{version_uri}` and open `{first}` (the other splits load with it)."]
+    tags = "\n".join(f"- {t}" for t in ["quantfleet", library if library == "gguf" else "compressed-tensors",
+                                         *schemes])
     return "\n".join([
         "---",
-        "library_name: transformers",
+        f"library_name: {library}",
         "tags:",
         tags,
         "---",
         "",
         f"# {checkpoint.name}: {plan.recipe.label} (version {plan.plan_id})",
         "",
-        f"A compressed-tensors checkpoint of `{checkpoint.uri}` made by quantfleet {plan.tool_version}.",
-        f"It loads in transformers (with `compressed-tensors` installed) and vLLM: copy `{version_uri}` "
-        "and point `from_pretrained` or `vllm serve` at the folder.",
+        *what,
         "",
         f"- source identity (file keys, sizes, ETags): `{plan.source_identity}`",
         f"- plan id: `{plan.plan_id}`; provenance, per-tensor metrics and checksums: `quantfleet.json`",

@@ -162,6 +162,10 @@ def convert_unit(unit: WorkUnit, ctx: UnitContext, node: str = "local") -> UnitR
     `node` names the machine for the record (the Ray wrapper passes its node), so a resumed run
     reports where and how fast each unit really ran.
     """
+    if ctx.output_format == "gguf":
+        from workers.gguf_unit import convert_gguf_unit
+
+        return convert_gguf_unit(unit, ctx, node)
     started = time.perf_counter()
     staging = open_storage(ctx.staging_uri)
     done = _finished(staging, unit)

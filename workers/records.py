@@ -26,6 +26,12 @@ class UnitContext(BaseModel):
     device: str = "auto"  # "auto": CUDA when this task was given a GPU, else CPU
     scratch_dir: str | None = None  # local disk for assembling shards (default: system temp)
     read_concurrency: int = 8  # ranged reads in flight per unit (S3 GETs, local preads)
+    # GGUF output (workers.gguf_unit): the type or mix asked for, the model's tensor count over
+    # all splits (llama.cpp's split.tensors.count) and the name written as general.name.
+    output_format: str = "compressed-tensors"
+    gguf_scheme: str = ""
+    gguf_tensors: int = 0
+    model_name: str = ""
 
 
 class TensorRecord(BaseModel):

@@ -12,6 +12,7 @@ from functools import lru_cache
 from pydantic import BaseModel, ConfigDict
 
 from quantizers import QuantScheme, stored_specs
+from workers.gguf_units import GGUFTarget
 from workers.source_units import SourceFormat, SourcePart
 
 __all__ = ["TensorJob", "WorkUnit", "output_specs", "SAFETENSORS_TO_TORCH"]
@@ -47,6 +48,8 @@ class TensorJob:
     # NVFP4 partners fused at inference (q/k/v, gate/up): their global scale comes from the
     # largest magnitude of all of them, so the worker reads these too (in whichever unit they are).
     partners: tuple[TensorJob, ...] = ()
+    # GGUF output: the GGUF tensor this job writes (scheme is then None; see workers.gguf_units).
+    gguf: GGUFTarget | None = None
 
     @property
     def module(self) -> str:

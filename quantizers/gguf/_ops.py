@@ -45,9 +45,10 @@ def ordered_sum(terms: torch.Tensor) -> torch.Tensor:
     The terms are computed beforehand as whole-tensor products (each element rounded exactly as
     the C expression rounds it); only the additions have to follow the C order.
     """
-    total = terms[0] + 0.0
-    for i in range(1, terms.shape[0]):
-        total += terms[i]
+    rows = terms.unbind(0)  # one call for every row's view, not one indexing per row
+    total = rows[0] + 0.0
+    for row in rows[1:]:
+        total += row
     return total
 
 

@@ -26,9 +26,11 @@ import re
 
 from quantizers.gguf import GGUF_TYPES
 
-__all__ = ["MIXES", "mix_type", "use_more_bits", "fallback_type"]
+__all__ = ["MIXES", "GGUF_SCHEMES", "mix_type", "use_more_bits", "fallback_type"]
 
 MIXES = {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K"}
+# What `--format gguf` accepts as a scheme: a type for every 2-D weight, or a mix.
+GGUF_SCHEMES = ("F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_K_M", "Q5_K_M")
 _FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 

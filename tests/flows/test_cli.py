@@ -26,7 +26,7 @@ def test_help_explains_every_option(capsys) -> None:
         main(["convert", "--help"])
     text = capsys.readouterr().out
     for option in ("--scheme", "--recipe", "--group-size", "--symmetric", "--asymmetric", "--per-channel",
-                   "--ignore", "--shard-size", "--ray-address", "--device", "--no-prefect"):
+                   "--ignore", "--shard-size", "--ray-address", "--device", "--no-prefect", "--format"):
         assert option in text
 
 
