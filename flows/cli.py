@@ -8,6 +8,7 @@ conversion lists every failed unit. Set QUANTFLEET_DEBUG=1 for tracebacks.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import re
@@ -588,5 +589,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The `quantfleet` command: `main`, the exit handlers (Ray's shutdown, Prefect's temporary
+    server stop, log flushing), then exit without tearing the interpreter down module by module:
+    after a conversion has loaded torch, Ray and Prefect that takes seconds and saves nothing
+    (every output is written, synced and published before `main` returns). An unexpected error
+    still propagates as usual, with its traceback."""
+    code = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
