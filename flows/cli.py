@@ -65,6 +65,15 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
                        help="how scales are chosen, without data: rtn (round to nearest, the default; "
                        "compressed-tensors' bytes), search (per-group scale search, llama.cpp k-quant "
                        "style) or hqq (half-quadratic, lp loss); the stored format is the same")
+    budget = group.add_mutually_exclusive_group()
+    budget.add_argument("--target-bits", type=float, metavar="BITS",
+                        help="mixed precision: choose per tensor among the candidate schemes "
+                        "(W4A16 g128/g64, NVFP4A16, W8A16, FP8; `candidates:` in a "
+                        "recipe) to least estimated damage at this average of stored bits per "
+                        "quantized weight, scales included (measures every candidate on the workers first)")
+    budget.add_argument("--target-size", metavar="SIZE",
+                        help="mixed precision as --target-bits, under a total size of the stored tensors "
+                        "(e.g. 120GB, 500MiB)")
     group.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                        help="also keep these modules unquantized: a module name or `re:REGEX` "
                        "(repeatable; embeddings, lm_head, norms and MoE routers are always kept)")
@@ -126,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("source", metavar="SRC", help="checkpoint directory or s3:// URI")
     _add_recipe_options(plan)
     plan.add_argument("--json", action="store_true", help="print the whole plan as JSON")
+    plan.add_argument("--ray-address", default=None,
+                      help="Ray cluster for the measure pass of --target-bits/--target-size (default: "
+                      "$RAY_ADDRESS, else a local Ray is started)")
 
     commands.add_parser("schemes", help="list the quantization schemes")
 
@@ -240,9 +252,26 @@ def _add_sync_commands(commands: argparse._SubParsersAction) -> None:  # type: i
 def _recipe(args: argparse.Namespace):  # noqa: ANN202 - imported lazily for a fast --help
     from flows.recipe import Recipe
 
+    budget: dict[str, object] = {}
+    if getattr(args, "target_bits", None) is not None:
+        if not 0 < args.target_bits <= 32:
+            raise argparse.ArgumentTypeError(
+                f"--target-bits must be above 0 and at most 32, got {args.target_bits:g}")
+        budget["target_bits"] = args.target_bits
+    if getattr(args, "target_size", None) is not None:
+        from flows.mixed.budget import parse_size
+
+        try:
+            budget["target_size"] = parse_size(args.target_size)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"--target-size: {error}") from error
     if getattr(args, "recipe", None):
-        return Recipe.from_yaml(args.recipe)
-    options: dict[str, object] = {}
+        recipe = Recipe.from_yaml(args.recipe)
+        if budget:
+            update = {"target_bits": None, "target_size": None, **budget}
+            recipe = Recipe.model_validate({**recipe.model_dump(), **update})
+        return recipe
+    options: dict[str, object] = dict(budget)
     for field in ("group_size", "symmetric", "method"):
         if getattr(args, field, None) is not None:
             options[field] = getattr(args, field)
@@ -282,7 +311,8 @@ def _cmd_schemes() -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from flows.pipeline import plan_conversion
 
-    plan = plan_conversion(args.source, _recipe(args), shard_size=args.shard_size)
+    plan = plan_conversion(args.source, _recipe(args), shard_size=args.shard_size,
+                           ray_address=args.ray_address)
     if args.json:
         print(plan.model_dump_json(indent=2))
         return 0
@@ -294,6 +324,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     for line in plan_source_lines(plan):
         print(line)
+    if plan.mixed is not None:
+        from flows.mixed.report import plan_lines
+
+        print("\n".join(plan_lines(plan.mixed)))
     print(f"{'shard':<36} {'tensors':>8} {'quantized':>9} {'in':>12} {'out':>12} {'memory':>10}")
     for unit in plan.units:
         quantized = sum(1 for j in unit.jobs if j.scheme is not None)
@@ -339,7 +373,9 @@ def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_p
 
         prefect_starting = start_temporary_server()
     warm_start = WarmStart(getattr(args, "ray_address", None))
-    plan = plan_conversion(source, recipe, shard_size=args.shard_size)
+    plan = plan_conversion(source, recipe, shard_size=args.shard_size,
+                           ray_address=getattr(args, "ray_address", None),
+                           device=getattr(args, "device", "auto"), cluster=warm_start.cluster)
     warm_workers(warm_start, plan, getattr(args, "device", "auto"))
     bar = tqdm(total=plan.bytes_in, unit="B", unit_scale=True, unit_divisor=1024,
                desc=f"converting {len(plan.units)} units", dynamic_ncols=True)

@@ -108,6 +108,7 @@ class WarmStart:
 
     def __init__(self, address: str | None) -> None:
         logging.getLogger("ray._private.worker").addFilter(_NoThreadSignalWarning())
+        self._address = address
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="quantfleet-ray-start")
         self._cluster: Future[ClusterInfo] = self._thread.submit(start_ray, address)
         self._warming: list[Any] = []  # the warm-up tasks' refs, kept until the run ends
@@ -135,6 +136,14 @@ class WarmStart:
                 num_cpus=threads, num_gpus=num_gpus, name="warm up").remote(schemes, largest, device)
             for _ in range(min(units, max(1, slots // threads)))
         ]
+
+    def cluster(self) -> ClusterInfo:
+        """The cluster, once the background start is done (for work before the units, such as
+        mixed precision's measure pass); a failed start is retried here so it raises as usual."""
+        try:
+            return self._cluster.result()
+        except Exception:  # noqa: BLE001 - start_ray raises the real error below
+            return start_ray(self._address)
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)

@@ -15,6 +15,8 @@ wins), so a plan can hold any scheme per tensor.
         method: hqq
     gates: {min_sqnr_db: 12, max_output_error: 0.2, max_mean_kl: 0.05, min_top1: 0.9}
     evaluate: true          # or {text: notes.txt, max_tokens: 8192, context: 512}
+    target_bits: 4.5        # mixed precision under a budget (or target_size: 120GB); see flows.mixed
+    candidates: [{scheme: W4A16, group_size: 64}, {scheme: W8A16}]   # default: flows.mixed.budget
 
 Tensor gates (`min_sqnr_db`, `min_cosine`, `max_output_error`) are checked on the workers, for
 every quantized tensor. Model gates (`max_mean_kl`, `min_top1`, `min_embedding_cosine`) need the
@@ -139,6 +141,37 @@ class Recipe(SchemeChoice):
     evaluate: Evaluate = Evaluate()
     # Random probe vectors per quantized Linear for the data-free output error (0: not measured).
     probes: int = Field(default=16, ge=0, le=256)
+    # Mixed precision (flows.mixed): a budget picks one candidate scheme per tensor. Left out of
+    # dumps when unset, so other recipes keep their plan ids and manifests.
+    target_bits: float | None = Field(default=None, gt=0, le=32, exclude_if=lambda v: v is None)
+    target_size: int | None = Field(default=None, gt=0, exclude_if=lambda v: v is None)
+    candidates: tuple[SchemeChoice, ...] = Field(default=(), exclude_if=lambda v: not v)
+
+    @field_validator("target_size", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> object:
+        from flows.mixed.budget import parse_size
+
+        return None if value is None else parse_size(value)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> Recipe:
+        if self.target_bits is not None and self.target_size is not None:
+            raise ValueError("target_bits and target_size: give one budget, not both")
+        return self
+
+    @property
+    def mixed(self) -> bool:
+        """Whether a budget asks for mixed precision (one candidate scheme chosen per tensor)."""
+        return self.target_bits is not None or self.target_size is not None
+
+    def candidate_choices(self) -> tuple[SchemeChoice, ...]:
+        """The candidates of the mixed-precision solve; by default the recipe's method for each."""
+        if self.candidates:
+            return self.candidates
+        from flows.mixed.budget import DEFAULT_CANDIDATES
+
+        return tuple(SchemeChoice.model_validate({**c, "method": self.method}) for c in DEFAULT_CANDIDATES)
 
     @property
     def evaluates(self) -> bool:
@@ -220,7 +253,7 @@ class Recipe(SchemeChoice):
         try:
             recipe = cls.model_validate(data)
             recipe.resolve()
-            for override in recipe.overrides:
+            for override in (*recipe.overrides, *recipe.candidates):
                 override.resolve()
         except ValidationError as error:
             first = error.errors()[0]
