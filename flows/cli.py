@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("model", metavar="MODEL", help="the original checkpoint: folder or s3:// URI")
     sweep.add_argument("--schemes", default="W8A16,W4A16,FP8,NVFP4A16",
                        help="comma-separated schemes (default: %(default)s; see `quantfleet schemes`)")
+    sweep.add_argument("--methods", default="rtn",
+                       help="comma-separated methods, each scheme converted with each (rtn, search, hqq; "
+                       "default: %(default)s): points SCHEME, SCHEME-SEARCH, SCHEME-HQQ")
+    sweep.add_argument("--budgets", default="", metavar="BITS,...",
+                       help="also a mixed-precision point at each of these bits per quantized weight "
+                       "(e.g. 4.5,5,6; see convert --target-bits), with the first method")
     sweep.add_argument("--out", default=None, metavar="DIR",
                        help="output folder (default: out/sweep-<model folder name>)")
     sweep.add_argument("--shard-size", type=parse_size, default=5_000_000_000,
@@ -463,9 +469,22 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
               f"{'mean KL' if point.evaluation.kind == 'causal-lm' else '1 - embedding cosine'} "
               f"{figure:.4g}", flush=True)
 
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] or ["rtn"]
+    try:
+        budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"--budgets: expected numbers of bits like 4.5,5: {error}") from error
+    if any(not 0 < b <= 32 for b in budgets):
+        raise argparse.ArgumentTypeError(
+            f"--budgets: each must be above 0 and at most 32, got {args.budgets}")
+    from flows.sweep import sweep_recipes
+
+    sweep_recipes(schemes, methods, budgets)  # a bad scheme or method is one line before any work
     result = run_sweep(args.model, schemes, out, text=args.text, max_tokens=args.max_tokens,
                        context=args.context, shard_size=args.shard_size, ray_address=args.ray_address,
-                       device=args.device, dtype=args.dtype, on_point=show)
+                       device=args.device, dtype=args.dtype, on_point=show, methods=methods,
+                       budgets=budgets)
     from flows.sweep import sweep_markdown
 
     print()

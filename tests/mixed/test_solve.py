@@ -95,3 +95,14 @@ def test_recipe_budget_fields(tmp_path) -> None:
     assert [(c.scheme, c.method) for c in recipe.candidate_choices()] == [("W4A16", "rtn"), ("FP8", "search")]
     defaults = Recipe.preset("W4A16", method="hqq", target_bits=5).candidate_choices()
     assert {c.method for c in defaults} == {"hqq"} and len(defaults) == 5
+
+
+def test_sweep_points_cover_methods_and_budgets() -> None:
+    from flows.sweep import sweep_recipes
+
+    points = sweep_recipes(["W4A16", "FP8"], ["rtn", "hqq"], [4.5, 6])
+    assert [label for label, _ in points] == ["W4A16", "W4A16-HQQ", "FP8", "FP8-HQQ", "MIXED-4.5BITS",
+                                              "MIXED-6BITS"]
+    assert points[1][1].method == "hqq" and points[-1][1].target_bits == 6 and points[-1][1].mixed
+    with pytest.raises(ValueError, match="unknown method 'gptq'"):
+        sweep_recipes(["W4A16"], ["gptq"])
