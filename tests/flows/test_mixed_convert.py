@@ -133,6 +133,7 @@ def test_a_resumed_run_measures_again_and_publishes_the_same_bytes(mixed, tiny_l
     assert file_digests(open_storage(dest)) == file_digests(open_storage(mixed[0]))
 
 
+@pytest.mark.slow  # a Prefect server per CLI process (CI runs slow tests too)
 @pytest.mark.parametrize(("option", "value", "message"), [
     ("--target-bits", "2", "quantfleet: error: budget of 2 bits per quantized weight is below the smallest "
                            "the candidates can store: 4.1"),
