@@ -120,7 +120,8 @@ def plan_mixed(
     if floor > budget:
         raise _refuse(recipe, budget, floor, elements)
 
-    cache_key = json.dumps([base.plan_id, labels, max_rows, device])
+    # What decides the measurements: the source, the tensors measured, the candidates (not the budget).
+    cache_key = json.dumps([base.source_identity, base.source_uri, sorted(names), labels, max_rows, device])
     measured = _MEASURED.get(cache_key)
     if measured is None:
         context = MeasureContext(source_uri=base.source_uri, candidates=candidates, methods=methods,
