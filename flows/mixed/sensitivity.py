@@ -6,7 +6,9 @@ sensitivity and minimises the sum. The sensitivity is the product of two factors
 practitioners' hand-made mixes do (llama.cpp's per-tensor rules for its _M/_L mixes, and the MoE
 practice of keeping attention and shared experts wider than routed experts) rather than fitted:
 fitting on the one small model we can evaluate would over-fit it. `benchmarks/mixed.py
---ablation` measures it against no prior (every factor 1) on SmolLM2; see docs/benchmarks.md.
+--ablation` compares it with no prior (every factor 1) on SmolLM2; that run is still to be done
+(docs/benchmarks.md, "Mixed precision on SmolLM2"), so the factors are a documented prior, not a
+measured optimum.
 
 - Role. Attention projections (q/k/v/o, and MLA's q_a/q_b/kv_a/kv_b) and shared experts: 2, since
   every token goes through them and an error in them moves every later token's attention;
