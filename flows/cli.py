@@ -67,6 +67,15 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
                        help="how scales are chosen, without data: rtn (round to nearest, the default; "
                        "compressed-tensors' bytes), search (per-group scale search, llama.cpp k-quant "
                        "style) or hqq (half-quadratic, lp loss); the stored format is the same")
+    budget = group.add_mutually_exclusive_group()
+    budget.add_argument("--target-bits", type=float, metavar="BITS",
+                        help="mixed precision: choose per tensor among the candidate schemes "
+                        "(W4A16 g128/g64, NVFP4A16, W8A16, FP8; `candidates:` in a "
+                        "recipe) to least estimated damage at this average of stored bits per "
+                        "quantized weight, scales included (measures every candidate on the workers first)")
+    budget.add_argument("--target-size", metavar="SIZE",
+                        help="mixed precision as --target-bits, under a total size of the stored tensors "
+                        "(e.g. 120GB, 500MiB)")
     group.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                        help="also keep these modules unquantized: a module name or `re:REGEX` "
                        "(repeatable; embeddings, lm_head, norms and MoE routers are always kept)")
@@ -128,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("source", metavar="SRC", help="checkpoint directory or s3:// URI")
     _add_recipe_options(plan)
     plan.add_argument("--json", action="store_true", help="print the whole plan as JSON")
+    plan.add_argument("--ray-address", default=None,
+                      help="Ray cluster for the measure pass of --target-bits/--target-size (default: "
+                      "$RAY_ADDRESS, else a local Ray is started)")
 
     commands.add_parser("schemes", help="list the quantization schemes")
 
@@ -159,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("model", metavar="MODEL", help="the original checkpoint: folder or s3:// URI")
     sweep.add_argument("--schemes", default="W8A16,W4A16,FP8,NVFP4A16",
                        help="comma-separated schemes (default: %(default)s; see `quantfleet schemes`)")
+    sweep.add_argument("--methods", default="rtn",
+                       help="comma-separated methods, each scheme converted with each (rtn, search, hqq; "
+                       "default: %(default)s): points SCHEME, SCHEME-SEARCH, SCHEME-HQQ")
+    sweep.add_argument("--budgets", default="", metavar="BITS,...",
+                       help="also a mixed-precision point at each of these bits per quantized weight "
+                       "(e.g. 4.5,5,6; see convert --target-bits), with the first method")
     sweep.add_argument("--out", default=None, metavar="DIR",
                        help="output folder (default: out/sweep-<model folder name>)")
     sweep.add_argument("--shard-size", type=parse_size, default=5_000_000_000,
@@ -245,9 +263,26 @@ def _add_sync_commands(commands: argparse._SubParsersAction) -> None:  # type: i
 def _recipe(args: argparse.Namespace):  # noqa: ANN202 - imported lazily for a fast --help
     from flows.recipe import Recipe
 
+    budget: dict[str, object] = {}
+    if getattr(args, "target_bits", None) is not None:
+        if not 0 < args.target_bits <= 32:
+            raise argparse.ArgumentTypeError(
+                f"--target-bits must be above 0 and at most 32, got {args.target_bits:g}")
+        budget["target_bits"] = args.target_bits
+    if getattr(args, "target_size", None) is not None:
+        from flows.mixed.budget import parse_size
+
+        try:
+            budget["target_size"] = parse_size(args.target_size)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"--target-size: {error}") from error
     if getattr(args, "recipe", None):
-        return Recipe.from_yaml(args.recipe)
-    options: dict[str, object] = {}
+        recipe = Recipe.from_yaml(args.recipe)
+        if budget:
+            update = {"target_bits": None, "target_size": None, **budget}
+            recipe = Recipe.model_validate({**recipe.model_dump(), **update})
+        return recipe
+    options: dict[str, object] = dict(budget)
     for field in ("group_size", "symmetric", "method"):
         if getattr(args, field, None) is not None:
             options[field] = getattr(args, field)
@@ -289,7 +324,8 @@ def _cmd_schemes() -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from flows.pipeline import plan_conversion
 
-    plan = plan_conversion(args.source, _recipe(args), shard_size=args.shard_size)
+    plan = plan_conversion(args.source, _recipe(args), shard_size=args.shard_size,
+                           ray_address=args.ray_address)
     if args.json:
         print(plan.model_dump_json(indent=2))
         return 0
@@ -303,6 +339,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     for line in plan_source_lines(plan):
         print(line)
+    if plan.mixed is not None:
+        from flows.mixed.report import plan_lines
+
+        print("\n".join(plan_lines(plan.mixed)))
     print(f"{'shard':<36} {'tensors':>8} {'quantized':>9} {'in':>12} {'out':>12} {'memory':>10}")
     for unit in plan.units:
         quantized = sum(1 for j in unit.jobs
@@ -333,8 +373,11 @@ def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_p
     from flows.progress import reporting_progress
 
     check_not_published(dest)
-    # Planned first: a source that cannot be converted is refused before anything starts.
-    plan = plan_conversion(source, recipe, shard_size=args.shard_size)
+    # Planned first: a source that cannot be converted is refused before anything starts (a
+    # budget's measure pass starts Ray itself).
+    plan = plan_conversion(source, recipe, shard_size=args.shard_size,
+                           ray_address=getattr(args, "ray_address", None),
+                           device=getattr(args, "device", "auto"))
     # Prefect's temporary server starts on a thread (its own process does the work) while Ray
     # starts here, and Ray's workers import and compile while the flow waits for that server.
     prefect_starting = None
@@ -342,7 +385,7 @@ def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_p
         from flows.convert import start_temporary_server
 
         prefect_starting = start_temporary_server()
-    cluster = start_ray(getattr(args, "ray_address", None))
+    cluster = start_ray(getattr(args, "ray_address", None))  # at once if the measure pass started it
     warm_workers_for(plan, cluster, getattr(args, "device", "auto"))
     bar = tqdm(total=plan.bytes_in, unit="B", unit_scale=True, unit_divisor=1024,
                desc=f"converting {len(plan.units)} units", dynamic_ncols=True)
@@ -432,9 +475,22 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
               f"{'mean KL' if point.evaluation.kind == 'causal-lm' else '1 - embedding cosine'} "
               f"{figure:.4g}", flush=True)
 
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] or ["rtn"]
+    try:
+        budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"--budgets: expected numbers of bits like 4.5,5: {error}") from error
+    if any(not 0 < b <= 32 for b in budgets):
+        raise argparse.ArgumentTypeError(
+            f"--budgets: each must be above 0 and at most 32, got {args.budgets}")
+    from flows.sweep import sweep_recipes
+
+    sweep_recipes(schemes, methods, budgets)  # a bad scheme or method is one line before any work
     result = run_sweep(args.model, schemes, out, text=args.text, max_tokens=args.max_tokens,
                        context=args.context, shard_size=args.shard_size, ray_address=args.ray_address,
-                       device=args.device, dtype=args.dtype, on_point=show)
+                       device=args.device, dtype=args.dtype, on_point=show, methods=methods,
+                       budgets=budgets)
     from flows.sweep import sweep_markdown
 
     print()

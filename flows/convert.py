@@ -63,8 +63,9 @@ def start_temporary_server() -> Future[None] | None:
 
 
 @task(name="plan", cache_policy=NO_CACHE, persist_result=False)
-def plan_task(source: str, recipe: Recipe, shard_size: int) -> Plan:
-    plan = plan_conversion(source, recipe, shard_size=shard_size)
+def plan_task(source: str, recipe: Recipe, shard_size: int, ray_address: str | None = None,
+              device: str = "auto") -> Plan:
+    plan = plan_conversion(source, recipe, shard_size=shard_size, ray_address=ray_address, device=device)
     get_run_logger().info(
         "plan %s: %d tensors in %d units, %.1f MiB in -> %.1f MiB out",
         plan.plan_id, sum(len(u.jobs) for u in plan.units), len(plan.units),
@@ -136,7 +137,7 @@ def convert_flow(
     started = time.perf_counter()
     check_destination(source, dest)
     check_not_published(dest)
-    plan = plan_task(source, recipe, shard_size)
+    plan = plan_task(source, recipe, shard_size, ray_address, device)
     startup = time.perf_counter() - started
     results = convert_task(plan, dest, ray_address, device)
     records = stage_task(plan, dest, results)

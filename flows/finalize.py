@@ -47,7 +47,7 @@ CHART_NAME = "per_layer_error.png"
 # Figures of an evaluation that depend on the run, not on the artifact: kept out of the manifest.
 _RUN_SPECIFIC = {"seconds", "tokens_per_s", "quantized"}
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_OWN_ARTIFACTS = frozenset({MANIFEST_NAME, REPORT_NAME, CHART_NAME, DEFAULT_MARKER})
+_OWN_ARTIFACTS = frozenset({MANIFEST_NAME, REPORT_NAME, CHART_NAME, DEFAULT_MARKER, "mixed_precision.png"})
 
 
 def _dumps(data: object) -> bytes:
@@ -109,6 +109,7 @@ def manifest(
         "source": {"uri": plan.source_uri, "identity": plan.source_identity, **source_fields(plan)},
         "recipe": plan.recipe.model_dump(mode="json"),
         "schemes": [s.model_dump(mode="json") for s in plan.schemes],
+        **({"mixed": plan.mixed.model_dump(mode="json")} if plan.mixed is not None else {}),
         "shards": [{"file": r.file_name, "size": r.size, "sha256": r.sha256} for r in results],
         "units": [_unit_entry(r) for r in sorted(results, key=lambda r: r.index)],
         "totals": {
@@ -272,6 +273,11 @@ def report_markdown(
     if evaluation is not None:
         lines += _evaluation_lines(evaluation)
     lines += _gate_lines(gates)
+    if plan.mixed is not None:
+        from flows.mixed.report import CHART_NAME as MIXED_CHART
+        from flows.mixed.report import report_lines
+
+        lines += report_lines(plan.mixed, tensors, MIXED_CHART)
     if chart:
         lines += [
             "## Per-layer error",
@@ -341,6 +347,13 @@ def stage_report_files(
     png = per_layer_chart(tensors, f"{plan.recipe.label}: per-layer error ({plan.plan_id})")
     if png is not None:
         publisher.stage_bytes(CHART_NAME, png)
+    if plan.mixed is not None:
+        from flows.mixed.report import CHART_NAME as MIXED_CHART
+        from flows.mixed.report import bits_chart
+
+        mixed_png = bits_chart(plan.mixed, tensors, f"{plan.recipe.label}: bits and error per layer")
+        if mixed_png is not None:
+            publisher.stage_bytes(MIXED_CHART, mixed_png)
     data = manifest(plan, results, evaluation, gates)
     publisher.stage_bytes(MANIFEST_NAME, _dumps(data))
     report = report_markdown(plan, results, evaluation, gates, CHART_NAME if png is not None else None)

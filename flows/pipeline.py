@@ -76,8 +76,20 @@ class Publication(BaseModel):
     report: str
 
 
-def plan_conversion(source_uri: str, recipe: Recipe, *, shard_size: int = 5_000_000_000) -> Plan:
-    """Read the source's headers (no tensor data) and plan the conversion."""
+def plan_conversion(
+    source_uri: str,
+    recipe: Recipe,
+    *,
+    shard_size: int = 5_000_000_000,
+    ray_address: str | None = None,
+    device: str = "auto",
+    cluster: Callable[[], ClusterInfo] | None = None,
+) -> Plan:
+    """Read the source's headers (no tensor data) and plan the conversion.
+
+    A recipe with a budget (mixed precision) also runs the measure pass on Ray (`flows.mixed`), on
+    the cluster `cluster()` gives (the CLI's background start), else on `start_ray(ray_address)`.
+    """
     source = open_storage(source_uri)
     config = json.loads(source.read_bytes("config.json")) if source.exists("config.json") else None
     catalog = build_catalog(source)
@@ -85,7 +97,16 @@ def plan_conversion(source_uri: str, recipe: Recipe, *, shard_size: int = 5_000_
     for key in catalog.files:
         info = source.stat(key)
         tags[key] = (info.size, info.etag or info.sha256)
-    return build_plan(catalog, recipe, shard_size=shard_size, file_tags=tags, config=config)
+    plan = build_plan(catalog, recipe, shard_size=shard_size, file_tags=tags, config=config)
+    if not recipe.mixed:
+        return plan
+    from flows.mixed.planner import plan_mixed
+
+    return plan_mixed(
+        plan, recipe, device=device, cluster=cluster or (lambda: start_ray(ray_address)),
+        rebuild=lambda assign, key: build_plan(catalog, recipe, shard_size=shard_size, file_tags=tags,
+                                               config=config, assign=assign, assign_key=key),
+    )
 
 
 def _context(plan: Plan, dest: Storage, device: str) -> UnitContext:
@@ -266,7 +287,7 @@ def run_conversion(
     started = time.perf_counter()
     check_destination(source_uri, dest_uri)
     check_not_published(dest_uri)
-    plan = plan_conversion(source_uri, recipe, shard_size=shard_size)
+    plan = plan_conversion(source_uri, recipe, shard_size=shard_size, ray_address=ray_address, device=device)
     cluster = start_ray(ray_address)
     startup = time.perf_counter() - started
     results = convert_units(plan, dest_uri, cluster=cluster, device=device, on_done=on_done)

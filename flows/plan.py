@@ -14,6 +14,7 @@ from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.mixed.summary import MixedSummary
 from flows.mtp import mtp_choice, mtp_prefixes
 from flows.partners import link_nvfp4_partners
 from flows.recipe import Recipe
@@ -47,6 +48,8 @@ class Plan(BaseModel):
     source: SourceSummary | None = None  # set when the source itself is quantized or re-laid out
     # The method (rtn, search, hqq) of each entry of `schemes`; empty means all RTN.
     methods: tuple[str, ...] = Field(default=(), exclude_if=lambda v: not v)
+    # Mixed precision (flows.mixed): the budget and each quantized tensor's chosen candidate.
+    mixed: MixedSummary | None = Field(default=None, exclude_if=lambda v: v is None)
 
     def method_of(self, scheme_index: int) -> str:
         return self.methods[scheme_index] if self.methods else "rtn"
@@ -152,12 +155,15 @@ def build_plan(
     shard_size: int = 5_000_000_000,
     file_tags: dict[str, tuple[int, str | None]] | None = None,
     config: dict[str, object] | None = None,
+    assign: dict[str, tuple[QuantScheme, str]] | None = None,
+    assign_key: str | None = None,
 ) -> Plan:
     """Plan a conversion of `catalog` with `recipe`, cutting output shards near `shard_size` bytes.
 
     `file_tags` maps a shard key to (size, ETag or SHA-256) from a listing, for the source identity.
     `config` is the source's config.json: a quantized source is recognised from it (see
-    `flows.sources`), and its weights are dequantized on the workers.
+    `flows.sources`), and its weights are dequantized on the workers. `assign` gives some tensors
+    their (scheme, method) instead of the recipe (mixed precision; `assign_key` names it in the id).
     """
     if recipe.format == "gguf":
         from flows.gguf_plan import build_gguf_plan
@@ -174,6 +180,8 @@ def build_plan(
         choice = recipe.choice_for(info.name, info.shape) if info.dtype in SAFETENSORS_TO_TORCH else None
         if mtp and info.name.startswith(mtp):
             choice = mtp_choice(info)  # DeepSeek's draft layers: as the source holds them
+        elif assign is not None and choice is not None:
+            choice = assign.get(info.name, choice)
         index = note = None
         if choice is not None and info.dtype in ("BF16", "F16", "F32"):
             wanted, method = choice
@@ -217,11 +225,11 @@ def build_plan(
         for i, group in enumerate(groups)
     )
     identity = _source_identity(catalog, file_tags or {})
-    plan_key = json.dumps(
-        {"source": identity, "recipe": recipe.plan_key(), "tool": TOOL_VERSION,
-         "shard_size": shard_size},
-        sort_keys=True,
-    )
+    keyed: dict[str, object] = {"source": identity, "recipe": recipe.plan_key(), "tool": TOOL_VERSION,
+                                "shard_size": shard_size}
+    if assign_key is not None:
+        keyed["assignment"] = assign_key
+    plan_key = json.dumps(keyed, sort_keys=True)
     return Plan.model_construct(
         plan_id=hashlib.sha256(plan_key.encode()).hexdigest()[:16],
         tool_version=TOOL_VERSION,

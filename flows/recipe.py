@@ -15,6 +15,8 @@ wins), so a plan can hold any scheme per tensor.
         method: hqq
     gates: {min_sqnr_db: 12, max_output_error: 0.2, max_mean_kl: 0.05, min_top1: 0.9}
     evaluate: true          # or {text: notes.txt, max_tokens: 8192, context: 512}
+    target_bits: 4.5        # mixed precision under a budget (or target_size: 120GB); see flows.mixed
+    candidates: [{scheme: W4A16, group_size: 64}, {scheme: W8A16}]   # default: flows.mixed.budget
 
 `format: gguf` writes llama.cpp's GGUF instead of compressed-tensors (`flows.gguf_plan`); the
 scheme is then a GGUF type or mix (F16, BF16, Q8_0, Q6_K, Q5_K, Q4_K, Q4_K_M, Q5_K_M), applied to
@@ -157,9 +159,10 @@ class Recipe(SchemeChoice):
             raise ValueError(
                 f"scheme {self.scheme!r} is not a GGUF type; GGUF schemes: {', '.join(GGUF_SCHEMES)}")
         if (self.overrides or self.ignore or self.method != "rtn" or self.group_size is not None
-                or self.per_channel):
+                or self.per_channel or self.mixed or self.candidates):
             raise ValueError("GGUF output takes a type or mix for the whole model (llama.cpp's rules); "
-                             "overrides, ignore, method, group_size and per_channel do not apply")
+                             "overrides, ignore, method, group_size, per_channel, budgets and "
+                             "candidates do not apply")
         if self.evaluates:
             raise ValueError("the model-level evaluation cannot read GGUF output yet; "
                              "leave evaluate and the model gates out for format: gguf")
@@ -170,8 +173,40 @@ class Recipe(SchemeChoice):
         if self.format == "gguf":
             return  # checked when the recipe was built
         self.resolve()
-        for override in self.overrides:
+        for override in (*self.overrides, *self.candidates):
             override.resolve()
+
+    # Mixed precision (flows.mixed): a budget picks one candidate scheme per tensor. Left out of
+    # dumps when unset, so other recipes keep their plan ids and manifests.
+    target_bits: float | None = Field(default=None, gt=0, le=32, exclude_if=lambda v: v is None)
+    target_size: int | None = Field(default=None, gt=0, exclude_if=lambda v: v is None)
+    candidates: tuple[SchemeChoice, ...] = Field(default=(), exclude_if=lambda v: not v)
+
+    @field_validator("target_size", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> object:
+        from flows.mixed.budget import parse_size
+
+        return None if value is None else parse_size(value)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> Recipe:
+        if self.target_bits is not None and self.target_size is not None:
+            raise ValueError("target_bits and target_size: give one budget, not both")
+        return self
+
+    @property
+    def mixed(self) -> bool:
+        """Whether a budget asks for mixed precision (one candidate scheme chosen per tensor)."""
+        return self.target_bits is not None or self.target_size is not None
+
+    def candidate_choices(self) -> tuple[SchemeChoice, ...]:
+        """The candidates of the mixed-precision solve; by default the recipe's method for each."""
+        if self.candidates:
+            return self.candidates
+        from flows.mixed.budget import DEFAULT_CANDIDATES
+
+        return tuple(SchemeChoice.model_validate({**c, "method": self.method}) for c in DEFAULT_CANDIDATES)
 
     @property
     def evaluates(self) -> bool:

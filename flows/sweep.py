@@ -28,7 +28,7 @@ from infra.storage import open_storage
 from workers.evaluation import Evaluation
 from workers.records import TensorRecord
 
-__all__ = ["SweepPoint", "SweepResult", "run_sweep", "sweep_markdown", "SWEEP_FILES"]
+__all__ = ["SweepPoint", "SweepResult", "run_sweep", "sweep_markdown", "sweep_recipes", "SWEEP_FILES"]
 
 _log = logging.getLogger(__name__)
 SWEEP_FILES = ("sweep.json", "sweep.md", "sweep.png", "correlation.png")
@@ -138,12 +138,21 @@ def run_sweep(
     device: str = "auto",
     dtype: str = "float32",
     on_point: Callable[[SweepPoint], None] | None = None,
+    methods: Sequence[str] = ("rtn",),
+    budgets: Sequence[float] = (),
 ) -> SweepResult:
-    """Convert `model` with every scheme under `out_dir`, evaluate each, and write the charts."""
+    """Convert `model` with every scheme under `out_dir`, evaluate each, and write the charts.
+
+    Each scheme is converted with each of `methods` (points named SCHEME, SCHEME-SEARCH, ...), and
+    each of `budgets` adds a mixed-precision point (MIXED-<bits>BITS, flows.mixed; candidates with
+    the first method), so the chart shows the whole bits-vs-quality curve.
+    """
     from flows.pipeline import run_conversion
     from workers.evaluation.evaluate import evaluate
 
-    recipes = [Recipe.preset(s) for s in schemes]  # unknown names fail before any work
+    points_to_run = sweep_recipes(schemes, methods, budgets)  # unknown names fail before any work
+    schemes = [label for label, _ in points_to_run]
+    recipes = [recipe for _, recipe in points_to_run]
     check_destination(model, str(out_dir))  # OUT/<SCHEME>/ versions and sweep.* only, apart from MODEL
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,6 +179,23 @@ def run_sweep(
     )
     _write(result, out)
     return result
+
+
+def sweep_recipes(
+    schemes: Sequence[str], methods: Sequence[str] = ("rtn",), budgets: Sequence[float] = ()
+) -> list[tuple[str, Recipe]]:
+    """(point label, recipe) of every point of a sweep: each scheme x method, then each budget."""
+    points = []
+    for scheme in schemes:
+        for method in methods:
+            recipe = Recipe.preset(scheme, method=method)
+            label = scheme.upper() if recipe.method == "rtn" else f"{scheme.upper()}-{recipe.method.upper()}"
+            points.append((label, recipe))
+    for bits in budgets:
+        recipe = Recipe.preset("W4A16", method=methods[0] if methods else "rtn", target_bits=bits)
+        suffix = "" if recipe.method == "rtn" else f"-{recipe.method.upper()}"
+        points.append((f"MIXED-{bits:g}BITS{suffix}", recipe))
+    return points
 
 
 def _quality_label(kind: str) -> str:

@@ -12,11 +12,12 @@ import torch
 from infra.errors import TransientStorageError
 from quantizers.scheme import QuantScheme
 from workers.convert_unit import convert_unit
+from workers.measure_unit import MeasureContext, TensorMeasure, measure_unit
 from workers.records import UnitContext, UnitResult
 from workers.units import WorkUnit
 from workers.warmup import warm_up
 
-__all__ = ["convert_unit_remote", "warm_up_remote", "node_name", "MAX_RETRIES"]
+__all__ = ["convert_unit_remote", "measure_unit_remote", "warm_up_remote", "node_name", "MAX_RETRIES"]
 
 MAX_RETRIES = 3
 
@@ -56,3 +57,13 @@ convert_unit_remote = ray.remote(  # type: ignore[call-overload]
 # Same process reuse (max_calls=0), so the process it warms is the one that then takes units.
 # Not retried: a failed warm-up costs nothing but the time it would have saved.
 warm_up_remote = ray.remote(max_retries=0, max_calls=0)(_warm_up)  # type: ignore[call-overload]
+
+
+def _measure_on_node(unit: WorkUnit, context: MeasureContext) -> tuple[TensorMeasure, ...]:
+    return measure_unit(unit, context)
+
+
+# The mixed-precision measure pass (workers.measure_unit): same retries and process reuse.
+measure_unit_remote = ray.remote(  # type: ignore[call-overload]
+    max_retries=MAX_RETRIES, retry_exceptions=[TransientStorageError], max_calls=0
+)(_measure_on_node)
