@@ -24,7 +24,7 @@ import json
 import math
 from typing import Any
 
-from flows.plan import TOOL_VERSION, Plan, _source_identity
+from flows.plan import TOOL_VERSION, Plan, _source_identity, cut_into_units
 from flows.recipe import Recipe
 from flows.sources import SourceError, read_source
 from infra.errors import CheckpointError
@@ -35,12 +35,11 @@ from quantizers.gguf import row_bytes
 from quantizers.gguf.mixes import GGUF_SCHEMES, mix_type
 from workers.gguf_units import GGUFTarget
 from workers.records import UnitContext
-from workers.units import SAFETENSORS_TO_TORCH, TensorJob, WorkUnit
+from workers.units import SAFETENSORS_TO_TORCH, TensorJob
 
 __all__ = ["build_gguf_plan", "gguf_context", "gguf_tensor_count", "GGUF_SCHEMES"]
 
 # A worker holds the weight, its float32 copy, the packed bytes and the read-back copy at once.
-_FIXED_MEMORY = 512 << 20
 _TENSOR_MEMORY_FACTOR = 6
 
 
@@ -96,29 +95,9 @@ def build_gguf_plan(
             continue
         job = TensorJob(entry.name, entry.file, entry.begin, entry.end, entry.dtype, entry.shape, gguf=target)
         groups.setdefault(target.name, []).append(job)
-    cut: list[list[TensorJob]] = [[]]
-    sizes = [0]
-    for jobs in groups.values():
-        size = jobs[0].gguf.nbytes if jobs[0].gguf is not None else 0
-        if cut[-1] and sizes[-1] + size > shard_size:
-            cut.append([])
-            sizes.append(0)
-        cut[-1].extend(jobs)
-        sizes[-1] += size
-    if not cut[-1]:
-        cut.pop()
-        sizes.pop()
-    units = tuple(
-        WorkUnit.model_construct(
-            index=i,
-            file_name=split_file_name(i, len(cut)),
-            jobs=tuple(jobs),
-            bytes_in=sum(j.end - j.begin for j in jobs),
-            bytes_out=sizes[i],
-            memory_bytes=_FIXED_MEMORY
-            + _TENSOR_MEMORY_FACTOR * max((j.end - j.begin for j in jobs), default=0),
-        )
-        for i, jobs in enumerate(cut)
+    units = cut_into_units(
+        ((jobs, jobs[0].gguf.nbytes if jobs[0].gguf is not None else 0) for jobs in groups.values()),
+        shard_size, split_file_name, memory_factor=_TENSOR_MEMORY_FACTOR,
     )
     identity = _source_identity(catalog, file_tags or {})
     plan_key = json.dumps(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -137,6 +137,37 @@ def _held(job: TensorJob) -> int:
     return dense_bytes(SourceTensor(job.name, job.file, job.begin, job.end, job.dtype, job.shape, job.source))
 
 
+def cut_into_units(
+    runs: Iterable[tuple[Sequence[TensorJob], int]],
+    shard_size: int,
+    file_name: Callable[[int, int], str],
+    memory_factor: int = _TENSOR_MEMORY_FACTOR,
+) -> tuple[WorkUnit, ...]:
+    """Cut runs of jobs, in order, into output shards of at most `shard_size` bytes (a run larger
+    than that gets a shard of its own): one work unit per shard, with its byte counts and memory
+    estimate. A run is jobs that must share a shard (one job, or a GGUF tensor's pieces) and the
+    bytes it writes; `file_name(index, count)` names the shards."""
+    groups: list[list[TensorJob]] = []
+    sizes_out: list[int] = []
+    for run, size in runs:
+        if not groups or sizes_out[-1] + size > shard_size:
+            groups.append([])
+            sizes_out.append(0)
+        groups[-1].extend(run)
+        sizes_out[-1] += size
+    return tuple(
+        WorkUnit.model_construct(
+            index=i,
+            file_name=file_name(i, len(groups)),
+            jobs=tuple(group),
+            bytes_in=sum(job_bytes_in(j) for j in group),
+            bytes_out=sizes_out[i],
+            memory_bytes=_FIXED_MEMORY + memory_factor * max((_held(j) for j in group), default=0),
+        )
+        for i, group in enumerate(groups)
+    )
+
+
 def _carried_over(
     tensor: SourceTensor, index: int | None, schemes: list[tuple[QuantScheme, str]]
 ) -> bool:
@@ -197,33 +228,16 @@ def build_plan(
     scheme_table = tuple(scheme for scheme, _ in schemes)
     methods = tuple(method for _, method in schemes)
     jobs = link_nvfp4_partners(jobs, scheme_table)
-    groups: list[list[TensorJob]] = [[]]
-    sizes_out: list[int] = [0]
     sizes: dict[tuple[int | None, tuple[int, ...], str], int] = {}
-    for job in jobs:
+
+    def output_bytes(job: TensorJob) -> int:
         size_key = (job.scheme, job.shape, job.dtype)
         out = sizes.get(size_key)
         if out is None:
             out = sizes[size_key] = _output_bytes(job, scheme_table)
-        if groups[-1] and sizes_out[-1] + out > shard_size:
-            groups.append([])
-            sizes_out.append(0)
-        groups[-1].append(job)
-        sizes_out[-1] += out
-    if not groups[-1]:
-        groups.pop()
-        sizes_out.pop()
-    units = tuple(
-        WorkUnit.model_construct(
-            index=i,
-            file_name=shard_file_name(i, len(groups)),
-            jobs=tuple(group),
-            bytes_in=sum(job_bytes_in(j) for j in group),
-            bytes_out=sizes_out[i],
-            memory_bytes=_FIXED_MEMORY + _TENSOR_MEMORY_FACTOR * max((_held(j) for j in group), default=0),
-        )
-        for i, group in enumerate(groups)
-    )
+        return out
+
+    units = cut_into_units((((job,), output_bytes(job)) for job in jobs), shard_size, shard_file_name)
     identity = _source_identity(catalog, file_tags or {})
     keyed: dict[str, object] = {"source": identity, "recipe": recipe.plan_key(), "tool": TOOL_VERSION,
                                 "shard_size": shard_size}
