@@ -19,12 +19,10 @@ workers write the splits independently and a re-run resumes split by split.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from typing import Any
 
-from flows.plan import TOOL_VERSION, Plan, _source_identity, cut_into_units
+from flows.plan import TOOL_VERSION, Plan, cut_into_units, identify_plan
 from flows.recipe import Recipe
 from flows.sources import SourceError, read_source
 from infra.errors import CheckpointError
@@ -99,13 +97,9 @@ def build_gguf_plan(
         ((jobs, jobs[0].gguf.nbytes if jobs[0].gguf is not None else 0) for jobs in groups.values()),
         shard_size, split_file_name, memory_factor=_TENSOR_MEMORY_FACTOR,
     )
-    identity = _source_identity(catalog, file_tags or {})
-    plan_key = json.dumps(
-        {"source": identity, "recipe": recipe.plan_key(), "tool": TOOL_VERSION, "shard_size": shard_size},
-        sort_keys=True,
-    )
+    identity, plan_id = identify_plan(catalog, file_tags, recipe, shard_size)
     return Plan.model_construct(
-        plan_id=hashlib.sha256(plan_key.encode()).hexdigest()[:16],
+        plan_id=plan_id,
         tool_version=TOOL_VERSION,
         source_uri=catalog.uri,
         source_identity=identity,

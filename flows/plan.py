@@ -137,6 +137,23 @@ def _held(job: TensorJob) -> int:
     return dense_bytes(SourceTensor(job.name, job.file, job.begin, job.end, job.dtype, job.shape, job.source))
 
 
+def identify_plan(
+    catalog: Catalog,
+    file_tags: dict[str, tuple[int, str | None]] | None,
+    recipe: Recipe,
+    shard_size: int,
+    assign_key: str | None = None,
+) -> tuple[str, str]:
+    """(the source's identity, the plan id): the id hashes what decides the output's bytes, the
+    source, the recipe, the tool version, the shard size and a budget's assignment if any."""
+    identity = _source_identity(catalog, file_tags or {})
+    keyed: dict[str, object] = {"source": identity, "recipe": recipe.plan_key(), "tool": TOOL_VERSION,
+                                "shard_size": shard_size}
+    if assign_key is not None:
+        keyed["assignment"] = assign_key
+    return identity, hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def cut_into_units(
     runs: Iterable[tuple[Sequence[TensorJob], int]],
     shard_size: int,
@@ -238,14 +255,9 @@ def build_plan(
         return out
 
     units = cut_into_units((((job,), output_bytes(job)) for job in jobs), shard_size, shard_file_name)
-    identity = _source_identity(catalog, file_tags or {})
-    keyed: dict[str, object] = {"source": identity, "recipe": recipe.plan_key(), "tool": TOOL_VERSION,
-                                "shard_size": shard_size}
-    if assign_key is not None:
-        keyed["assignment"] = assign_key
-    plan_key = json.dumps(keyed, sort_keys=True)
+    identity, plan_id = identify_plan(catalog, file_tags, recipe, shard_size, assign_key)
     return Plan.model_construct(
-        plan_id=hashlib.sha256(plan_key.encode()).hexdigest()[:16],
+        plan_id=plan_id,
         tool_version=TOOL_VERSION,
         source_uri=catalog.uri,
         source_identity=identity,
