@@ -54,6 +54,10 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
                        help="output format: compressed-tensors (default; vLLM, transformers) or gguf "
                        "(llama.cpp, Ollama; --scheme is then a GGUF type or mix: F16, BF16, Q8_0, Q6_K, "
                        "Q5_K, Q4_K, Q4_K_M, Q5_K_M; written as one split per work unit)")
+    group.add_argument("--gguf", metavar="TYPE", dest="gguf_type",
+                       help="both formats: also write llama.cpp's GGUF of this type or mix (Q4_K_M, Q8_0, "
+                       "...) from the same source, in gguf/ of the same published version, committed "
+                       "with the compressed-tensors checkpoint in one step (recipe `gguf:`)")
     group.add_argument("--group-size", type=int,
                        help="group size for int schemes (default: the preset's, 128)")
     sym = group.add_mutually_exclusive_group()
@@ -278,9 +282,11 @@ def _recipe(args: argparse.Namespace):  # noqa: ANN202 - imported lazily for a f
             raise argparse.ArgumentTypeError(f"--target-size: {error}") from error
     if getattr(args, "recipe", None):
         recipe = Recipe.from_yaml(args.recipe)
-        if budget:
-            update = {"target_bits": None, "target_size": None, **budget}
-            recipe = Recipe.model_validate({**recipe.model_dump(), **update})
+        update: dict[str, object] = {"target_bits": None, "target_size": None, **budget} if budget else {}
+        if getattr(args, "gguf_type", None):
+            update["gguf"] = args.gguf_type
+        if update:
+            recipe = Recipe.preset(recipe.scheme, **{**recipe.model_dump(exclude={"scheme"}), **update})
         return recipe
     options: dict[str, object] = dict(budget)
     for field in ("group_size", "symmetric", "method"):
@@ -292,6 +298,8 @@ def _recipe(args: argparse.Namespace):  # noqa: ANN202 - imported lazily for a f
         options["ignore"] = tuple(args.ignore)
     if getattr(args, "output_format", None):
         options["format"] = args.output_format
+    if getattr(args, "gguf_type", None):
+        options["gguf"] = args.gguf_type
     return Recipe.preset(args.scheme, **options)
 
 
@@ -335,6 +343,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if plan.recipe.format == "gguf":
         described = [f"GGUF {plan.recipe.scheme.upper()}"]
     print(f"recipe: {plan.recipe.label}; schemes: {', '.join(described) or 'none'}")
+    if plan.gguf is not None:
+        from flows.gguf_companion import GGUF_FOLDER
+
+        print(f"and GGUF {plan.gguf.recipe.scheme} of the same source in {GGUF_FOLDER}/ of the same version "
+              f"({len(plan.gguf.units)} split(s), {_size(plan.gguf.bytes_out)})")
     from flows.source_report import plan_source_lines
 
     for line in plan_source_lines(plan):
@@ -344,15 +357,18 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
         print("\n".join(plan_lines(plan.mixed)))
     print(f"{'shard':<36} {'tensors':>8} {'quantized':>9} {'in':>12} {'out':>12} {'memory':>10}")
-    for unit in plan.units:
-        quantized = sum(1 for j in unit.jobs
-                        if j.scheme is not None or (j.gguf is not None and j.gguf.type_name != "F32"))
-        print(f"{unit.file_name:<36} {len(unit.jobs):>8} {quantized:>9} {_size(unit.bytes_in):>12} "
-              f"{_size(unit.bytes_out):>12} {_size(unit.memory_bytes):>10}")
-    total_quantized = sum(1 for j in plan.jobs()
+    halves = [("", plan)] + ([("gguf/", plan.gguf)] if plan.gguf is not None else [])
+    for folder, half in halves:
+        for unit in half.units:
+            quantized = sum(1 for j in unit.jobs
+                            if j.scheme is not None or (j.gguf is not None and j.gguf.type_name != "F32"))
+            print(f"{folder + unit.file_name:<36} {len(unit.jobs):>8} {quantized:>9} "
+                  f"{_size(unit.bytes_in):>12} {_size(unit.bytes_out):>12} {_size(unit.memory_bytes):>10}")
+    total_quantized = sum(1 for _, half in halves for j in half.jobs()
                           if j.scheme is not None or (j.gguf is not None and j.gguf.type_name != "F32"))
-    print(f"{'total':<36} {sum(len(u.jobs) for u in plan.units):>8} {total_quantized:>9} "
-          f"{_size(plan.bytes_in):>12} {_size(plan.bytes_out):>12}")
+    print(f"{'total':<36} {sum(len(u.jobs) for _, half in halves for u in half.units):>8} "
+          f"{total_quantized:>9} {_size(sum(h.bytes_in for _, h in halves)):>12} "
+          f"{_size(sum(h.bytes_out for _, h in halves)):>12}")
     notes = [j for j in plan.jobs() if j.note]
     for job in notes[:20]:
         print(f"note: {job.name}: {job.note}")
@@ -387,14 +403,15 @@ def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_p
         prefect_starting = start_temporary_server()
     cluster = start_ray(getattr(args, "ray_address", None))  # at once if the measure pass started it
     warm_workers_for(plan, cluster, getattr(args, "device", "auto"))
-    bar = tqdm(total=plan.bytes_in, unit="B", unit_scale=True, unit_divisor=1024,
-               desc=f"converting {len(plan.units)} units", dynamic_ncols=True)
+    units = len(plan.units) + (len(plan.gguf.units) if plan.gguf is not None else 0)
+    bar = tqdm(total=plan.bytes_in + (plan.gguf.bytes_in if plan.gguf is not None else 0), unit="B",
+               unit_scale=True, unit_divisor=1024, desc=f"converting {units} units", dynamic_ncols=True)
     done = {"units": 0, "reused": 0}
 
     def on_done(unit, result) -> None:  # noqa: ANN001
         done["units"] += 1
         done["reused"] += int(result.reused)
-        bar.set_postfix_str(f"units {done['units']}/{len(plan.units)}, reused {done['reused']}")
+        bar.set_postfix_str(f"units {done['units']}/{units}, reused {done['reused']}")
         bar.update(unit.bytes_in)
 
     # The bar is closed (its line ended) even when the run fails, so the error starts a line.
@@ -424,6 +441,8 @@ def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_p
     print(f"Size: {_size(summary.bytes_in)} -> {_size(summary.bytes_out)} "
           f"({summary.bytes_in / max(summary.bytes_out, 1):.2f}x smaller); "
           f"{summary.units} units, {summary.reused_units} reused from an earlier run")
+    if summary.gguf_bytes_out:
+        print(f"GGUF: {summary.dest_uri}/gguf/ ({_size(summary.gguf_bytes_out)}), in the same version")
     wall = time.perf_counter() - started
     print(f"Time: {wall:.1f} s in all: {summary.seconds:.1f} s converting and publishing, "
           f"{wall - summary.seconds:.1f} s of fixed start-up (Prefect, Ray, planning)")

@@ -24,6 +24,7 @@ from flows.pipeline import (
     ConversionSummary,
     Publication,
     check_not_published,
+    convert_gguf_half,
     convert_units,
     evaluate_staged,
     gate_and_publish,
@@ -90,9 +91,22 @@ def convert_task(
     return results
 
 
+@task(name="convert-gguf", cache_policy=NO_CACHE, persist_result=False)
+def convert_gguf_task(plan: Plan, dest: str, ray_address: str | None, device: str) -> list[UnitResult]:
+    """The GGUF half of a both-formats recipe (recipe `gguf:`), into `gguf/` of the same version."""
+    results = convert_gguf_half(plan, dest, cluster=start_ray(ray_address), device=device,
+                                on_done=progress_hook())
+    reused = sum(1 for r in results if r.reused)
+    get_run_logger().info("%d GGUF splits written, %d already done by an earlier run",
+                          len(results) - reused, reused)
+    return results
+
+
 @task(name="stage", cache_policy=NO_CACHE, persist_result=False)
-def stage_task(plan: Plan, dest: str, results: list[UnitResult]) -> dict[str, Expected]:
-    return stage_for_publish(plan, dest, results)
+def stage_task(
+    plan: Plan, dest: str, results: list[UnitResult], gguf_results: list[UnitResult]
+) -> dict[str, Expected]:
+    return stage_for_publish(plan, dest, results, gguf_results)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
@@ -110,9 +124,10 @@ def publish_task(
     results: list[UnitResult],
     records: dict[str, Expected],
     evaluation: Evaluation | None,
+    gguf_results: list[UnitResult],
 ) -> Publication:
     try:
-        publication = gate_and_publish(plan, dest, results, records, evaluation)
+        publication = gate_and_publish(plan, dest, results, records, evaluation, gguf_results)
     except QualityGateFailed as error:
         create_markdown_artifact(
             key=f"conversion-{plan.plan_id}",
@@ -140,10 +155,12 @@ def convert_flow(
     plan = plan_task(source, recipe, shard_size, ray_address, device)
     startup = time.perf_counter() - started
     results = convert_task(plan, dest, ray_address, device)
-    records = stage_task(plan, dest, results)
+    gguf_results = convert_gguf_task(plan, dest, ray_address, device) if plan.gguf is not None else []
+    records = stage_task(plan, dest, results, gguf_results)
     evaluation = evaluate_task(plan, dest, ray_address, device) if recipe.evaluates else None
-    publication = publish_task(plan, dest, results, records, evaluation)
-    summary = summarize(plan, publication, results, time.perf_counter() - started - startup, startup)
+    publication = publish_task(plan, dest, results, records, evaluation, gguf_results)
+    summary = summarize(plan, publication, results, time.perf_counter() - started - startup, startup,
+                        gguf_results)
     chart = ""
     if "per_layer_error.png" in summary.report:
         chart = f"Per-layer error chart: {publication.dest_uri}/per_layer_error.png\n"

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from flows.charts import per_layer_chart
 from flows.gates import GateResult, failed_gates
+from flows.gguf_companion import GGUF_FOLDER, gguf_manifest, gguf_records
 from flows.gguf_report import gguf_lines
 from flows.plan import Plan
 from flows.source_report import source_fields, source_lines
@@ -94,9 +95,13 @@ def manifest(
     results: Sequence[UnitResult],
     evaluation: Evaluation | None = None,
     gates: Sequence[GateResult] = (),
+    gguf_results: Sequence[UnitResult] = (),
 ) -> dict[str, object]:
     tensors = [r for result in results for r in result.tensors]
     extra: dict[str, object] = {}
+    gguf = gguf_manifest(plan, gguf_results)
+    if gguf is not None:
+        extra["gguf"] = gguf
     if evaluation is not None:
         extra["evaluation"] = evaluation.model_dump(mode="json", exclude=_RUN_SPECIFIC)
     if gates:
@@ -235,6 +240,7 @@ def report_markdown(
     evaluation: Evaluation | None = None,
     gates: Sequence[GateResult] = (),
     chart: str | None = None,
+    gguf_results: Sequence[UnitResult] = (),
 ) -> str:
     tensors = [r for result in results for r in result.tensors]
     bytes_in = sum(t.bytes_in for t in tensors)
@@ -270,6 +276,8 @@ def report_markdown(
     lines += source_lines(plan, tensors)
     lines += gguf_lines(plan, tensors)
     lines += _metrics_lines(quantized)
+    if plan.gguf is not None:
+        lines += _gguf_half_lines(plan.gguf, gguf_results)
     if evaluation is not None:
         lines += _evaluation_lines(evaluation)
     lines += _gate_lines(gates)
@@ -308,17 +316,34 @@ def report_markdown(
         lines += ["## Shape adjustments", ""]
         lines += [f"- `{t.name}`: {t.note}" for t in adjusted]
         lines.append("")
-    if results:
-        lines += _placement_lines(results)
+    if results or gguf_results:
+        lines += _placement_lines([*results, *gguf_results])
     return "\n".join(lines)
 
 
+def _gguf_half_lines(gguf: Plan, results: Sequence[UnitResult]) -> list[str]:
+    """The report's section on the GGUF published beside the compressed-tensors checkpoint."""
+    tensors = [t for r in results for t in r.tensors]
+    size = sum(r.size for r in results)
+    lines = gguf_lines(gguf, tensors, folder=f"{GGUF_FOLDER}/")
+    lines[0] += f" (in `{GGUF_FOLDER}/`, {_size(size)})"
+    metrics = _metrics_lines([t for t in tensors if t.scheme is not None])
+    if metrics:
+        metrics[0] = "### GGUF per-tensor metrics"
+    return lines + metrics
+
+
 def stage_model_files(
-    publisher: Publisher, source: Storage, plan: Plan, results: Sequence[UnitResult]
+    publisher: Publisher,
+    source: Storage,
+    plan: Plan,
+    results: Sequence[UnitResult],
+    gguf_results: Sequence[UnitResult] = (),
 ) -> None:
-    """Record the staged shards and stage what makes them a loadable checkpoint."""
+    """Record the staged shards (and GGUF splits) and stage what makes them a loadable checkpoint."""
     for result in results:
         publisher.records[result.file_name] = Expected(size=result.size, sha256=result.sha256)
+    publisher.records.update(gguf_records(gguf_results))
     if plan.recipe.format == "gguf":
         return  # the splits are the whole model: metadata and tokenizer are in the first one
     for key in side_file_keys(source):
@@ -341,6 +366,7 @@ def stage_report_files(
     results: Sequence[UnitResult],
     evaluation: Evaluation | None = None,
     gates: Sequence[GateResult] = (),
+    gguf_results: Sequence[UnitResult] = (),
 ) -> dict[str, object]:
     """Stage the manifest, the per-layer error chart and report.md; returns the manifest."""
     tensors = [r for result in results for r in result.tensors]
@@ -354,9 +380,10 @@ def stage_report_files(
         mixed_png = bits_chart(plan.mixed, tensors, f"{plan.recipe.label}: bits and error per layer")
         if mixed_png is not None:
             publisher.stage_bytes(MIXED_CHART, mixed_png)
-    data = manifest(plan, results, evaluation, gates)
+    data = manifest(plan, results, evaluation, gates, gguf_results)
     publisher.stage_bytes(MANIFEST_NAME, _dumps(data))
-    report = report_markdown(plan, results, evaluation, gates, CHART_NAME if png is not None else None)
+    report = report_markdown(plan, results, evaluation, gates, CHART_NAME if png is not None else None,
+                             gguf_results)
     publisher.stage_bytes(REPORT_NAME, report.encode())
     return data
 

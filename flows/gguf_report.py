@@ -35,8 +35,9 @@ def gguf_bits_per_weight(plan: Plan) -> float | None:
     return 8 * sum(b for _, _, b in table.values()) / elements if elements else None
 
 
-def gguf_lines(plan: Plan, tensors: Sequence[TensorRecord]) -> list[str]:
-    """Markdown lines for a GGUF plan ([] for compressed-tensors output)."""
+def gguf_lines(plan: Plan, tensors: Sequence[TensorRecord], folder: str = "") -> list[str]:
+    """Markdown lines for a GGUF plan ([] for compressed-tensors output); `folder`: where the splits
+    are in the version (`gguf/` beside a compressed-tensors checkpoint)."""
     if plan.recipe.format != "gguf":
         return []
     table = _by_type(plan)
@@ -44,8 +45,8 @@ def gguf_lines(plan: Plan, tensors: Sequence[TensorRecord]) -> list[str]:
     lines = [
         f"## GGUF {plan.recipe.scheme.upper()}",
         "",
-        f"llama.cpp / Ollama format in {len(plan.units)} split(s) (`{plan.units[0].file_name}` loads "
-        f"them all); {bpw:.2f} bits per weight over all tensor data." if bpw is not None else "",
+        f"llama.cpp / Ollama format in {len(plan.units)} split(s) (`{folder}{plan.units[0].file_name}` "
+        f"loads them all); {bpw:.2f} bits per weight over all tensor data." if bpw is not None else "",
         "",
         "| GGUF type | tensors | weights | bits/weight |",
         "|---|---|---|---|",

@@ -17,6 +17,7 @@ from flows.destination import check_destination
 from flows.execute import ClusterInfo, run_evaluation, run_units, start_ray, warm_workers
 from flows.finalize import REPORT_NAME, stage_model_files, stage_report_files, worst_tensors
 from flows.gates import GateResult, QualityGateFailed, describe_failures, failed_gates, gate_results
+from flows.gguf_companion import convert_gguf_units, with_gguf_plan
 from flows.plan import Plan, build_plan
 from flows.recipe import Recipe
 from flows.sources import SourceError
@@ -34,6 +35,7 @@ __all__ = [
     "plan_conversion",
     "warm_workers_for",
     "convert_units",
+    "convert_gguf_half",
     "Publication",
     "QualityGateFailed",
     "stage_for_publish",
@@ -63,6 +65,7 @@ class ConversionSummary(BaseModel):
     report: str
     evaluation: Evaluation | None = None
     gates: tuple[GateResult, ...] = ()
+    gguf_bytes_out: int = 0  # the GGUF published beside a compressed-tensors checkpoint (`gguf:`)
 
 
 class Publication(BaseModel):
@@ -98,15 +101,18 @@ def plan_conversion(
         info = source.stat(key)
         tags[key] = (info.size, info.etag or info.sha256)
     plan = build_plan(catalog, recipe, shard_size=shard_size, file_tags=tags, config=config)
+    # The GGUF half of a both-formats recipe is planned first: a refusal comes before any measuring.
+    plan = with_gguf_plan(plan, catalog, shard_size=shard_size, file_tags=tags, config=config)
     if not recipe.mixed:
         return plan
     from flows.mixed.planner import plan_mixed
 
-    return plan_mixed(
+    mixed = plan_mixed(
         plan, recipe, device=device, cluster=cluster or (lambda: start_ray(ray_address)),
         rebuild=lambda assign, key: build_plan(catalog, recipe, shard_size=shard_size, file_tags=tags,
                                                config=config, assign=assign, assign_key=key),
     )
+    return mixed.model_copy(update={"gguf": plan.gguf})
 
 
 def _context(plan: Plan, dest: Storage, device: str) -> UnitContext:
@@ -169,11 +175,32 @@ def convert_units(
     return run_units(plan.units, context, cluster=cluster, max_in_flight=max_in_flight, on_done=on_done)
 
 
-def stage_for_publish(plan: Plan, dest_uri: str, results: list[UnitResult]) -> dict[str, Expected]:
+def convert_gguf_half(
+    plan: Plan,
+    dest_uri: str,
+    *,
+    cluster: ClusterInfo | None = None,
+    ray_address: str | None = None,
+    device: str = "auto",
+    max_in_flight: int | None = None,
+    on_done: Callable[[WorkUnit, UnitResult], None] | None = None,
+) -> list[UnitResult]:
+    """The GGUF splits of a both-formats recipe, staged in `gguf/` of the same version ([] if none)."""
+    if plan.gguf is None:
+        return []
+    dest = check_not_published(dest_uri)
+    return convert_gguf_units(plan, dest, Publisher(dest, "", plan.plan_id).staging,
+                              cluster=cluster or start_ray(ray_address), device=device,
+                              max_in_flight=max_in_flight, on_done=on_done)
+
+
+def stage_for_publish(
+    plan: Plan, dest_uri: str, results: list[UnitResult], gguf_results: list[UnitResult] | None = None
+) -> dict[str, Expected]:
     """Stage what makes the staged shards a loadable checkpoint; returns the staged files' records."""
     dest = check_not_published(dest_uri)
     publisher = Publisher(dest, "", plan.plan_id)
-    stage_model_files(publisher, open_storage(plan.source_uri), plan, results)
+    stage_model_files(publisher, open_storage(plan.source_uri), plan, results, gguf_results or ())
     return dict(publisher.records)
 
 
@@ -214,6 +241,7 @@ def gate_and_publish(
     results: list[UnitResult],
     records: dict[str, Expected],
     evaluation: Evaluation | None = None,
+    gguf_results: list[UnitResult] | None = None,
 ) -> Publication:
     """Stage the manifest, report and chart, check the gates, and commit only if all pass.
 
@@ -224,7 +252,7 @@ def gate_and_publish(
     publisher.records.update(records)
     tensors = [t for r in results for t in r.tensors]
     gates = tuple(gate_results(plan, tensors, evaluation))
-    stage_report_files(publisher, plan, results, evaluation, gates)
+    stage_report_files(publisher, plan, results, evaluation, gates, gguf_results or ())
     report = publisher.storage.read_bytes(publisher.stage_key(REPORT_NAME)).decode()
     if failed_gates(gates):
         staged = dest.uri(publisher.staging)
@@ -244,15 +272,21 @@ def finalize_and_publish(
     *,
     cluster: ClusterInfo | None = None,
     device: str = "auto",
+    gguf_results: list[UnitResult] | None = None,
 ) -> Publication:
     """Stage metadata files, evaluate if the recipe asks, check the gates, commit the version."""
-    records = stage_for_publish(plan, dest_uri, results)
+    records = stage_for_publish(plan, dest_uri, results, gguf_results)
     evaluation = evaluate_staged(plan, dest_uri, cluster=cluster, device=device)
-    return gate_and_publish(plan, dest_uri, results, records, evaluation)
+    return gate_and_publish(plan, dest_uri, results, records, evaluation, gguf_results)
 
 
 def summarize(
-    plan: Plan, publication: Publication, results: list[UnitResult], seconds: float, startup: float
+    plan: Plan,
+    publication: Publication,
+    results: list[UnitResult],
+    seconds: float,
+    startup: float,
+    gguf_results: list[UnitResult] | None = None,
 ) -> ConversionSummary:
     tensors = [t for r in results for t in r.tensors]
     return ConversionSummary(
@@ -270,6 +304,7 @@ def summarize(
         report=publication.report,
         evaluation=publication.evaluation,
         gates=publication.gates,
+        gguf_bytes_out=sum(r.size for r in gguf_results or ()),
     )
 
 
@@ -291,5 +326,8 @@ def run_conversion(
     cluster = start_ray(ray_address)
     startup = time.perf_counter() - started
     results = convert_units(plan, dest_uri, cluster=cluster, device=device, on_done=on_done)
-    publication = finalize_and_publish(plan, dest_uri, results, cluster=cluster, device=device)
-    return summarize(plan, publication, results, time.perf_counter() - started - startup, startup)
+    gguf_results = convert_gguf_half(plan, dest_uri, cluster=cluster, device=device, on_done=on_done)
+    publication = finalize_and_publish(plan, dest_uri, results, cluster=cluster, device=device,
+                                       gguf_results=gguf_results)
+    return summarize(plan, publication, results, time.perf_counter() - started - startup, startup,
+                     gguf_results)

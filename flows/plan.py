@@ -50,6 +50,9 @@ class Plan(BaseModel):
     methods: tuple[str, ...] = Field(default=(), exclude_if=lambda v: not v)
     # Mixed precision (flows.mixed): the budget and each quantized tensor's chosen candidate.
     mixed: MixedSummary | None = Field(default=None, exclude_if=lambda v: v is None)
+    # Both formats (recipe `gguf:`): the GGUF conversion of the same source, published in `gguf/`
+    # of this plan's version (flows.gguf_companion).
+    gguf: Plan | None = Field(default=None, exclude_if=lambda v: v is None)
 
     def method_of(self, scheme_index: int) -> str:
         return self.methods[scheme_index] if self.methods else "rtn"

@@ -21,6 +21,9 @@ wins), so a plan can hold any scheme per tensor.
 `format: gguf` writes llama.cpp's GGUF instead of compressed-tensors (`flows.gguf_plan`); the
 scheme is then a GGUF type or mix (F16, BF16, Q8_0, Q6_K, Q5_K, Q4_K, Q4_K_M, Q5_K_M), applied to
 every 2-D weight by llama.cpp's rules: targets, ignore, overrides and methods do not apply.
+`gguf: Q4_K_M` on a compressed-tensors recipe asks for both formats: the GGUF of the same source is
+written beside the compressed-tensors checkpoint, in `gguf/` of the same version, and published with
+it in one commit (`flows.gguf_companion`).
 
 Tensor gates (`min_sqnr_db`, `min_cosine`, `max_output_error`) are checked on the workers, for
 every quantized tensor. Model gates (`max_mean_kl`, `min_top1`, `min_embedding_cosine`) need the
@@ -148,11 +151,36 @@ class Recipe(SchemeChoice):
     # Output format; left out of the JSON when it is the default, so existing plan ids stay.
     format: Literal["compressed-tensors", "gguf"] = Field(
         default="compressed-tensors", exclude_if=lambda v: v == "compressed-tensors")
+    # Both formats: also the GGUF of this type or mix, published in the same version (left out of
+    # the JSON when unset, so other recipes keep their plan ids).
+    gguf: str | None = Field(default=None, exclude_if=lambda v: v is None)
+
+    @field_validator("gguf")
+    @classmethod
+    def _gguf_type(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from quantizers.gguf.mixes import GGUF_SCHEMES
+
+        if value.upper() not in GGUF_SCHEMES:
+            raise ValueError(f"gguf: {value!r} is not a GGUF type; GGUF types: {', '.join(GGUF_SCHEMES)}")
+        return value.upper()
+
+    def gguf_recipe(self) -> Recipe | None:
+        """The GGUF half of a both-formats recipe (None without `gguf:`): its type, name and the
+        per-tensor gates; the model-level evaluation is the compressed-tensors half's."""
+        if self.gguf is None:
+            return None
+        gates = Gates(min_sqnr_db=self.gates.min_sqnr_db, min_cosine=self.gates.min_cosine)
+        return Recipe(scheme=self.gguf, format="gguf", name=self.name, gates=gates)
 
     @model_validator(mode="after")
     def _gguf_scheme(self) -> Recipe:
         if self.format != "gguf":
             return self
+        if self.gguf is not None:
+            raise ValueError("gguf: asks for a GGUF beside compressed-tensors output; with format: gguf "
+                             "the scheme already is the GGUF type")
         from quantizers.gguf.mixes import GGUF_SCHEMES
 
         if self.scheme.upper() not in GGUF_SCHEMES:

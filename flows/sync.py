@@ -34,7 +34,9 @@ from flows.destination import check_destination
 from flows.execute import ClusterInfo, start_ray
 from flows.finalize import CHART_NAME, report_markdown
 from flows.gates import gate_results
+from flows.gguf_companion import GGUF_FOLDER
 from flows.pipeline import (
+    convert_gguf_half,
     convert_units,
     evaluate_staged,
     gate_and_publish,
@@ -157,12 +159,13 @@ def model_card(
     version_uri: str,
     results: Sequence[UnitResult],
     evaluation: Evaluation | None,
+    gguf_results: Sequence[UnitResult] = (),
 ) -> str:
     """README.md of a published version: what it is, how to load and check it, and the report."""
     tensors = [t for r in results for t in r.tensors]
     gates = gate_results(plan, tensors, evaluation)
     chart = CHART_NAME if per_layer_series(tensors) else None  # staged by stage_report_files
-    report = report_markdown(plan, results, evaluation, gates, chart)
+    report = report_markdown(plan, results, evaluation, gates, chart, gguf_results)
     body = report.split("\n", 1)[1] if report.startswith("# ") else report
     schemes: list[str] = sorted({s.format for s in plan.schemes})
     library, what = "transformers", [
@@ -175,6 +178,12 @@ def model_card(
         what = [f"A GGUF ({plan.recipe.scheme.upper()}) of `{checkpoint.uri}` made by quantfleet "
                 f"{plan.tool_version}, in {len(plan.units)} split(s). It loads in llama.cpp, Ollama and "
                 f"LM Studio: copy `{version_uri}` and open `{first}` (the other splits load with it)."]
+    elif plan.gguf is not None:
+        first = plan.gguf.units[0].file_name if plan.gguf.units else "model.gguf"
+        schemes.append(f"GGUF {plan.gguf.recipe.scheme}")
+        what += ["", f"The same conversion as a GGUF ({plan.gguf.recipe.scheme}) for llama.cpp, Ollama and "
+                 f"LM Studio is in `{GGUF_FOLDER}/`: open `{GGUF_FOLDER}/{first}` (the other splits load "
+                 "with it)."]
     tags = "\n".join(f"- {t}" for t in ["quantfleet", library if library == "gguf" else "compressed-tensors",
                                          *schemes])
     return "\n".join([
@@ -239,13 +248,14 @@ def sync_one(
     try:
         cluster = _cluster(ray_address)
         results = convert_units(plan, version_uri, cluster=cluster, device=device)
-        records = stage_for_publish(plan, version_uri, results)
+        gguf_results = convert_gguf_half(plan, version_uri, cluster=cluster, device=device)
+        records = stage_for_publish(plan, version_uri, results, gguf_results)
         evaluation = evaluate_staged(plan, version_uri, cluster=cluster, device=device)
-        card = model_card(checkpoint, plan, version_uri, results, evaluation)
+        card = model_card(checkpoint, plan, version_uri, results, evaluation, gguf_results)
         staged = Publisher(open_storage(version_uri), "", plan.plan_id).stage_bytes(CARD_NAME, card.encode())
         records = {**records, CARD_NAME: Expected.of(staged)}
         with _report_lock:
-            gate_and_publish(plan, version_uri, results, records, evaluation)
+            gate_and_publish(plan, version_uri, results, records, evaluation, gguf_results)
     except Exception as error:
         if is_published(dest, prefix):  # an overlapping run committed the same version first
             _log.info("%s: published by another run meanwhile (%s)", version_uri, _reason(error))

@@ -1,0 +1,92 @@
+"""Both formats from one recipe: the GGUF of the same conversion, published in the same version.
+
+A compressed-tensors recipe with `gguf: Q4_K_M` plans a second conversion of the same source, to
+GGUF (`flows.gguf_plan`), and keeps it on the plan (`Plan.gguf`). The same Ray workers write its
+splits into `gguf/` of the same staging area once the compressed-tensors shards are done, each
+split resuming on its own like any unit; one commit (one marker write) then publishes both, so a
+version holds both formats or neither. The version's name is the compressed-tensors plan's id,
+whose recipe includes the `gguf:` type: one version names the pair.
+
+A published version:
+
+    config.json, model-0000k-of-0000N.safetensors, ...   compressed-tensors: vLLM, transformers
+    gguf/model-0000k-of-0000M.gguf (or gguf/model.gguf)   llama.cpp, Ollama, LM Studio
+    quantfleet.json, report.md, README.md                 both: every file is in the manifest
+
+The model-level evaluation and its gates run on the compressed-tensors half (the GGUF splits are
+checked tensor by tensor on the workers: read back with the `gguf` package's dequantizers and
+gated like every quantized tensor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from flows.execute import ClusterInfo, run_units
+from flows.gguf_plan import build_gguf_plan, gguf_context
+from flows.gguf_report import gguf_bits_per_weight
+from flows.plan import Plan
+from infra.publish import Expected
+from infra.safetensors import Catalog
+from infra.storage import Storage, join_key
+from workers.records import UnitResult
+from workers.units import WorkUnit
+
+__all__ = ["GGUF_FOLDER", "with_gguf_plan", "convert_gguf_units", "gguf_records", "gguf_manifest"]
+
+GGUF_FOLDER = "gguf"
+
+
+def with_gguf_plan(
+    plan: Plan,
+    catalog: Catalog,
+    *,
+    shard_size: int,
+    file_tags: dict[str, tuple[int, str | None]] | None,
+    config: dict[str, object] | None,
+) -> Plan:
+    """`plan` with its GGUF half when the recipe asks for one (an unsupported architecture or
+    source is refused here, before anything runs)."""
+    recipe = plan.recipe.gguf_recipe()
+    if recipe is None:
+        return plan
+    gguf = build_gguf_plan(catalog, recipe, shard_size=shard_size, file_tags=file_tags, config=config)
+    return plan.model_copy(update={"gguf": gguf})
+
+
+def convert_gguf_units(
+    plan: Plan,
+    dest: Storage,
+    staging: str,
+    *,
+    cluster: ClusterInfo,
+    device: str,
+    max_in_flight: int | None = None,
+    on_done: Callable[[WorkUnit, UnitResult], None] | None = None,
+) -> list[UnitResult]:
+    """Write the GGUF splits into `gguf/` of the version's staging area ([] without a GGUF half)."""
+    if plan.gguf is None:
+        return []
+    context = gguf_context(plan.gguf, dest.uri(join_key(staging, GGUF_FOLDER)), device)
+    return run_units(plan.gguf.units, context, cluster=cluster, max_in_flight=max_in_flight, on_done=on_done)
+
+
+def gguf_records(results: Sequence[UnitResult]) -> dict[str, Expected]:
+    """What the commit checks and publishes of the GGUF half, keyed as in the version."""
+    return {join_key(GGUF_FOLDER, r.file_name): Expected(size=r.size, sha256=r.sha256) for r in results}
+
+
+def gguf_manifest(plan: Plan, results: Sequence[UnitResult]) -> dict[str, Any] | None:
+    """The manifest's `gguf` entry: the GGUF plan, its splits and every tensor's figures."""
+    if plan.gguf is None:
+        return None
+    tensors = sorted((t for r in results for t in r.tensors), key=lambda t: t.name)
+    return {
+        "plan_id": plan.gguf.plan_id,
+        "type": plan.gguf.recipe.scheme,
+        "splits": [{"file": join_key(GGUF_FOLDER, r.file_name), "size": r.size, "sha256": r.sha256}
+                   for r in sorted(results, key=lambda r: r.index)],
+        "bits_per_weight": gguf_bits_per_weight(plan.gguf),
+        "tensors": [t.model_dump(mode="json") for t in tensors],
+    }
