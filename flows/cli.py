@@ -377,32 +377,48 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_prefect: bool) -> int:  # noqa: ANN001
-    from tqdm import tqdm
+_startup_log = logging.getLogger("quantfleet.startup")
 
+
+def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_prefect: bool) -> int:  # noqa: ANN001
     from flows.destination import check_destination
 
     started = time.perf_counter()
     check_destination(source, dest)  # before importing the conversion: a refusal comes fast
+    # Prefect's temporary server (when no server is configured) boots in its own process, on the
+    # other core, while this one imports, plans, starts Ray and warms the workers.
+    server = None
+    if use_prefect:
+        from flows.prefect_server import TemporaryServer
+
+        server = TemporaryServer.start_if_needed()
+    try:
+        return _convert_with(server, source, dest, recipe, args, use_prefect, started)
+    except BaseException:
+        if server is not None and not server.used:
+            server.stop()  # the flow never ran: nothing of Prefect's is left to flush into it
+        raise
+
+
+def _convert_with(server, source: str, dest: str, recipe, args: argparse.Namespace,  # noqa: ANN001
+                  use_prefect: bool, started: float) -> int:
+    from tqdm import tqdm
+
     from flows.execute import start_ray
     from flows.pipeline import check_not_published, plan_conversion, warm_workers_for
     from flows.progress import reporting_progress
 
     check_not_published(dest)
-    # Planned first: a source that cannot be converted is refused before anything starts (a
+    # Planned before Ray starts: a source that cannot be converted is refused before any work (a
     # budget's measure pass starts Ray itself).
     plan = plan_conversion(source, recipe, shard_size=args.shard_size,
                            ray_address=getattr(args, "ray_address", None),
                            device=getattr(args, "device", "auto"))
-    # Prefect's temporary server starts on a thread (its own process does the work) while Ray
-    # starts here, and Ray's workers import and compile while the flow waits for that server.
-    prefect_starting = None
-    if use_prefect:
-        from flows.convert import start_temporary_server
-
-        prefect_starting = start_temporary_server()
+    _startup_log.info("start-up: planned at %.1f s", time.perf_counter() - started)
     cluster = start_ray(getattr(args, "ray_address", None))  # at once if the measure pass started it
+    _startup_log.info("start-up: Ray up at %.1f s", time.perf_counter() - started)
     warm_workers_for(plan, cluster, getattr(args, "device", "auto"))
+    _startup_log.info("start-up: workers warm at %.1f s", time.perf_counter() - started)
     units = len(plan.units) + (len(plan.gguf.units) if plan.gguf is not None else 0)
     bar = tqdm(total=plan.bytes_in + (plan.gguf.bytes_in if plan.gguf is not None else 0), unit="B",
                unit_scale=True, unit_divisor=1024, desc=f"converting {units} units", dynamic_ncols=True)
@@ -421,8 +437,9 @@ def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_p
             from flows.convert import convert_flow
 
             hide_run_failures_on_console(args.verbose)
-            if prefect_starting is not None:
-                prefect_starting.result()
+            if server is not None:
+                server.use()
+                _startup_log.info("start-up: Prefect server ready at %.1f s", time.perf_counter() - started)
             summary = convert_flow(
                 source, dest, recipe, shard_size=args.shard_size,
                 ray_address=getattr(args, "ray_address", None), device=getattr(args, "device", "auto"),
@@ -614,13 +631,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from flows.execute import ConversionFailed
     from flows.gates import QualityGateFailed
     from flows.pipeline import SourceError
+    from flows.prefect_server import PrefectServerError
     from flows.recipe import RecipeError
     from infra.errors import InfraError
     from quantizers import QuantizationError
     from workers.errors import ConversionError
 
     return (InfraError, QuantizationError, ConversionError, ConversionFailed, RecipeError,
-            SourceError, BotoCoreError, QualityGateFailed, DestinationRefused, argparse.ArgumentTypeError)
+            SourceError, BotoCoreError, QualityGateFailed, DestinationRefused, argparse.ArgumentTypeError,
+            PrefectServerError)
 
 
 def _configure_logging(verbose: bool) -> None:

@@ -11,7 +11,6 @@ bounds what is in flight, rather than mapping thousands of Prefect tasks onto Ra
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -39,28 +38,7 @@ from infra.publish import Expected
 from workers.evaluation import Evaluation
 from workers.records import UnitResult
 
-__all__ = ["convert_flow", "start_temporary_server"]
-
-
-def start_temporary_server() -> Future[None] | None:
-    """Start Prefect's temporary API server on a thread now, if the flow will need one.
-
-    Prefect starts it on the first flow call and waits for it (seconds: the server imports and
-    migrates its database), after planning and before Ray. Started here it overlaps both. Wait on
-    the future before calling the flow: `start()` marks the server running before it answers, so
-    a second start would not wait. None when PREFECT_API_URL names a server (nothing to start).
-    """
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return None
-    # The same instance Prefect's clients use for the temporary server (one per port; None: any).
-    server = SubprocessASGIServer()
-    starter = ThreadPoolExecutor(1, thread_name_prefix="quantfleet-prefect-start")
-    started = starter.submit(server.start)
-    starter.shutdown(wait=False)
-    return started
+__all__ = ["convert_flow"]
 
 
 @task(name="plan", cache_policy=NO_CACHE, persist_result=False)

@@ -65,8 +65,8 @@ def start_ray(address: str | None = None) -> ClusterInfo:
             include_dashboard=False,
             log_to_driver=True,
             logging_level=logging.WARNING,
-            # Workers import the project from the same environment as the driver.
-            runtime_env={"env_vars": {"QUANTFLEET_WORKER": "1"}},
+            # No runtime_env: workers import the project from the driver's environment, and a
+            # runtime_env (even env_vars alone) costs every first task its agent's set-up.
         )
     resources = ray.cluster_resources()
     return ClusterInfo(
