@@ -191,9 +191,6 @@ class Recipe(SchemeChoice):
             raise ValueError("GGUF output takes a type or mix for the whole model (llama.cpp's rules); "
                              "overrides, ignore, method, group_size, per_channel, budgets and "
                              "candidates do not apply")
-        if self.evaluates:
-            raise ValueError("the model-level evaluation cannot read GGUF output yet; "
-                             "leave evaluate and the model gates out for format: gguf")
         return self
 
     def check_schemes(self) -> None:

@@ -1,7 +1,8 @@
 """Run an original checkpoint and its quantized copy on the same text and compare their outputs.
 
 Both load with transformers (a compressed-tensors one dequantized by quantfleet's own
-dequantizers, see `dequantized`), on the GPU when there is one, in float32 unless told otherwise. The text
+dequantizers, see `dequantized`; a GGUF by the `gguf` package's, into the original's architecture,
+see `gguf_model`), on the GPU when there is one, in float32 unless told otherwise. The text
 is tokenized once, cut into windows of `context` tokens (a BOS is put in front of each when the
 tokenizer has one) and run a few windows at a time, so memory holds both models and one batch of
 logits, never the logits of the whole text. Remote checkpoints (s3://) are downloaded to a
@@ -28,6 +29,7 @@ from infra.errors import InfraError
 from infra.storage import open_storage, parse_uri
 from workers.evaluation.dequantized import is_compressed, load_dequantized
 from workers.evaluation.errors import EvaluationError
+from workers.evaluation.gguf_model import is_gguf, load_gguf_dequantized
 from workers.evaluation.measures import CausalAccumulator, EncoderAccumulator
 from workers.evaluation.records import Evaluation, Kind
 from workers.evaluation.source_model import SourceModel, load_source_dequantized
@@ -48,8 +50,8 @@ def local_copy(uri: str, scratch_dir: str | None = None) -> Iterator[Path]:
         raise EvaluationError(str(error)) from error
     if parsed.scheme == "file":
         path = Path(parsed.path)
-        if not (path / "config.json").is_file():
-            raise EvaluationError(f"{uri}: no config.json; not a transformers checkpoint folder")
+        if not (path / "config.json").is_file() and not is_gguf(path):
+            raise EvaluationError(f"{uri}: no config.json; not a transformers checkpoint folder or a GGUF")
         yield path
         return
     target = Path(tempfile.mkdtemp(prefix="quantfleet-eval-", dir=scratch_dir))
@@ -66,8 +68,9 @@ def local_copy(uri: str, scratch_dir: str | None = None) -> Iterator[Path]:
                     length = min(_DOWNLOAD_CHUNK, info.size - offset)
                     handle.write(storage.read_range(info.key, offset, length))
             count += 1
-        if not (target / "config.json").is_file():
-            raise EvaluationError(f"{uri}: no config.json ({count} files); not a transformers checkpoint")
+        if not (target / "config.json").is_file() and not is_gguf(target):
+            raise EvaluationError(f"{uri}: no config.json ({count} files); not a transformers checkpoint "
+                                  "or a GGUF")
         yield target
     except InfraError as error:
         raise EvaluationError(f"{uri}: cannot download the checkpoint: {error}") from error
@@ -185,7 +188,8 @@ def evaluate(
         local_copy(quantized, scratch_dir) as quantized_dir,
     ):
         kind = model_kind(original_dir)
-        if model_kind(quantized_dir) != kind:
+        gguf = is_gguf(quantized_dir)
+        if not gguf and model_kind(quantized_dir) != kind:
             raise EvaluationError(f"{original} is a {kind} but {quantized} is not")
         tokenizer = _tokenizer(original_dir, quantized_dir)
         if original_source is not None:
@@ -193,7 +197,11 @@ def evaluate(
                                                 dtype=torch_dtype).to(device=target, dtype=torch_dtype).eval()
         else:
             reference = _load(original_dir, kind, target, torch_dtype)
-        other = _load(quantized_dir, kind, target, torch_dtype)
+        if gguf:  # no config of its own: the original's architecture, the GGUF's weights
+            other = load_gguf_dequantized(quantized_dir, original_dir, causal=kind == "causal-lm",
+                                          dtype=torch_dtype).to(device=target, dtype=torch_dtype).eval()
+        else:
+            other = _load(quantized_dir, kind, target, torch_dtype)
         ids = tokenizer(source.text, add_special_tokens=False, verbose=False)["input_ids"][:max_tokens]
         limit = getattr(reference.config, "max_position_embeddings", None) or context
         head, tail = _specials(tokenizer, kind)
