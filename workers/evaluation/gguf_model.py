@@ -15,6 +15,7 @@ kernels (quantized dot products, its RoPE) differ from transformers' float compu
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ def load_gguf_dequantized(path: Path, original: Path, *, causal: bool, dtype: to
     for name, entry in catalog.tensors.items():
         target = map_tensor(name, config_dict, family)
         if target is not None:
-            state[name] = _Lazy(lambda n=name, s=tuple(entry.info.shape), t=target: load(n, s, t))
+            state[name] = _Lazy(functools.partial(load, name, tuple(entry.info.shape), target))
     model_class = _model_class(config, causal, where)
     try:
         with _transformers_errors_only():
