@@ -26,6 +26,7 @@ from flows.pipeline import (
     convert_gguf_half,
     convert_units,
     evaluate_staged,
+    evaluate_staged_gguf,
     gate_and_publish,
     plan_conversion,
     stage_for_publish,
@@ -95,6 +96,14 @@ def evaluate_task(plan: Plan, dest: str, ray_address: str | None, device: str) -
     return evaluation
 
 
+@task(name="evaluate-gguf", cache_policy=NO_CACHE, persist_result=False)
+def evaluate_gguf_task(plan: Plan, dest: str, ray_address: str | None, device: str) -> Evaluation | None:
+    evaluation = evaluate_staged_gguf(plan, dest, cluster=start_ray(ray_address), device=device)
+    if evaluation is not None:
+        get_run_logger().info("evaluation of the staged GGUF:\n%s", evaluation.table())
+    return evaluation
+
+
 @task(name="finalize-and-publish", cache_policy=NO_CACHE, persist_result=False)
 def publish_task(
     plan: Plan,
@@ -103,9 +112,11 @@ def publish_task(
     records: dict[str, Expected],
     evaluation: Evaluation | None,
     gguf_results: list[UnitResult],
+    gguf_evaluation: Evaluation | None,
 ) -> Publication:
     try:
-        publication = gate_and_publish(plan, dest, results, records, evaluation, gguf_results)
+        publication = gate_and_publish(plan, dest, results, records, evaluation, gguf_results,
+                                       gguf_evaluation)
     except QualityGateFailed as error:
         create_markdown_artifact(
             key=f"conversion-{plan.plan_id}",
@@ -136,7 +147,9 @@ def convert_flow(
     gguf_results = convert_gguf_task(plan, dest, ray_address, device) if plan.gguf is not None else []
     records = stage_task(plan, dest, results, gguf_results)
     evaluation = evaluate_task(plan, dest, ray_address, device) if recipe.evaluates else None
-    publication = publish_task(plan, dest, results, records, evaluation, gguf_results)
+    gguf_evaluation = (evaluate_gguf_task(plan, dest, ray_address, device)
+                       if recipe.evaluates and plan.gguf is not None else None)
+    publication = publish_task(plan, dest, results, records, evaluation, gguf_results, gguf_evaluation)
     summary = summarize(plan, publication, results, time.perf_counter() - started - startup, startup,
                         gguf_results)
     chart = ""

@@ -96,11 +96,14 @@ def manifest(
     evaluation: Evaluation | None = None,
     gates: Sequence[GateResult] = (),
     gguf_results: Sequence[UnitResult] = (),
+    gguf_evaluation: Evaluation | None = None,
 ) -> dict[str, object]:
     tensors = [r for result in results for r in result.tensors]
     extra: dict[str, object] = {}
     gguf = gguf_manifest(plan, gguf_results)
     if gguf is not None:
+        if gguf_evaluation is not None:
+            gguf["evaluation"] = gguf_evaluation.model_dump(mode="json", exclude=_RUN_SPECIFIC)
         extra["gguf"] = gguf
     if evaluation is not None:
         extra["evaluation"] = evaluation.model_dump(mode="json", exclude=_RUN_SPECIFIC)
@@ -241,6 +244,7 @@ def report_markdown(
     gates: Sequence[GateResult] = (),
     chart: str | None = None,
     gguf_results: Sequence[UnitResult] = (),
+    gguf_evaluation: Evaluation | None = None,
 ) -> str:
     tensors = [r for result in results for r in result.tensors]
     bytes_in = sum(t.bytes_in for t in tensors)
@@ -278,6 +282,10 @@ def report_markdown(
     lines += _metrics_lines(quantized)
     if plan.gguf is not None:
         lines += _gguf_half_lines(plan.gguf, gguf_results)
+        if gguf_evaluation is not None:
+            section = _evaluation_lines(gguf_evaluation)
+            section[0] = "### GGUF model evaluation against the original"
+            lines += section
     if evaluation is not None:
         lines += _evaluation_lines(evaluation)
     lines += _gate_lines(gates)
@@ -367,6 +375,7 @@ def stage_report_files(
     evaluation: Evaluation | None = None,
     gates: Sequence[GateResult] = (),
     gguf_results: Sequence[UnitResult] = (),
+    gguf_evaluation: Evaluation | None = None,
 ) -> dict[str, object]:
     """Stage the manifest, the per-layer error chart and report.md; returns the manifest."""
     tensors = [r for result in results for r in result.tensors]
@@ -380,10 +389,10 @@ def stage_report_files(
         mixed_png = bits_chart(plan.mixed, tensors, f"{plan.recipe.label}: bits and error per layer")
         if mixed_png is not None:
             publisher.stage_bytes(MIXED_CHART, mixed_png)
-    data = manifest(plan, results, evaluation, gates, gguf_results)
+    data = manifest(plan, results, evaluation, gates, gguf_results, gguf_evaluation)
     publisher.stage_bytes(MANIFEST_NAME, _dumps(data))
     report = report_markdown(plan, results, evaluation, gates, CHART_NAME if png is not None else None,
-                             gguf_results)
+                             gguf_results, gguf_evaluation)
     publisher.stage_bytes(REPORT_NAME, report.encode())
     return data
 

@@ -31,7 +31,7 @@ class GateResult(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     gate: str
-    scope: Literal["tensor", "model"]
+    scope: Literal["tensor", "model", "gguf model"]  # "gguf model": the GGUF half of a both-formats run
     threshold: float
     value: float | None  # the worst measured figure (None: not measured)
     passed: bool
@@ -39,10 +39,12 @@ class GateResult(BaseModel):
     def line(self) -> str:
         op = ">=" if self.gate.startswith("min_") else "<="
         value = "not measured" if self.value is None else f"{self.value:.6g}"
-        return f"{self.gate}: {value} (gate {op} {self.threshold:g})"
+        half = "GGUF " if self.scope == "gguf model" else ""
+        return f"{half}{self.gate}: {value} (gate {op} {self.threshold:g})"
 
 
-def _check(gate: str, scope: Literal["tensor", "model"], threshold: float, value: float | None) -> GateResult:
+def _check(gate: str, scope: Literal["tensor", "model", "gguf model"], threshold: float,
+           value: float | None) -> GateResult:
     if value is None:
         passed = scope == "tensor"  # nothing quantized: nothing to fail; a model figure must exist
     elif gate.startswith("min_"):
@@ -53,7 +55,10 @@ def _check(gate: str, scope: Literal["tensor", "model"], threshold: float, value
 
 
 def gate_results(
-    plan: Plan, tensors: Sequence[TensorRecord], evaluation: Evaluation | None
+    plan: Plan,
+    tensors: Sequence[TensorRecord],
+    evaluation: Evaluation | None,
+    gguf_evaluation: Evaluation | None = None,
 ) -> list[GateResult]:
     gates = plan.recipe.gates
     quantized = [t for t in tensors if t.scheme is not None]
@@ -74,6 +79,9 @@ def gate_results(
         if threshold is not None:
             value = getattr(evaluation, figure) if evaluation is not None else None
             results.append(_check(gate, "model", threshold, value))
+            if plan.gguf is not None:  # both formats: the GGUF half passes the same model gates
+                value = getattr(gguf_evaluation, figure) if gguf_evaluation is not None else None
+                results.append(_check(gate, "gguf model", threshold, value))
     return results
 
 

@@ -13,9 +13,9 @@ A published version:
     gguf/model-0000k-of-0000M.gguf (or gguf/model.gguf)   llama.cpp, Ollama, LM Studio
     quantfleet.json, report.md, README.md                 both: every file is in the manifest
 
-The model-level evaluation and its gates run on the compressed-tensors half (the GGUF splits are
-checked tensor by tensor on the workers: read back with the `gguf` package's dequantizers and
-gated like every quantized tensor).
+Both halves are checked tensor by tensor on the workers, and, when the recipe evaluates, each is
+evaluated against the original (the GGUF through `workers.evaluation.gguf_model`) and must pass
+the recipe's model gates: a GGUF below them keeps the whole version in staging.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from flows.destination import check_destination
 from flows.execute import ClusterInfo, run_evaluation, run_units, start_ray, warm_workers
 from flows.finalize import REPORT_NAME, stage_model_files, stage_report_files, worst_tensors
 from flows.gates import GateResult, QualityGateFailed, describe_failures, failed_gates, gate_results
-from flows.gguf_companion import convert_gguf_units, with_gguf_plan
+from flows.gguf_companion import GGUF_FOLDER, convert_gguf_units, with_gguf_plan
 from flows.plan import Plan, build_plan
 from flows.recipe import Recipe
 from flows.sources import SourceError
@@ -40,6 +40,7 @@ __all__ = [
     "QualityGateFailed",
     "stage_for_publish",
     "evaluate_staged",
+    "evaluate_staged_gguf",
     "gate_and_publish",
     "finalize_and_publish",
     "run_conversion",
@@ -218,6 +219,19 @@ def evaluate_staged(
     """
     if not plan.recipe.evaluates:
         return None
+    return _evaluate(plan, staged_uri(plan, dest_uri), cluster, device)
+
+
+def evaluate_staged_gguf(
+    plan: Plan, dest_uri: str, *, cluster: ClusterInfo | None = None, device: str = "auto"
+) -> Evaluation | None:
+    """The GGUF half of a both-formats run, evaluated as the compressed-tensors half is (else None)."""
+    if plan.gguf is None or not plan.recipe.evaluates:
+        return None
+    return _evaluate(plan, f"{staged_uri(plan, dest_uri)}/{GGUF_FOLDER}", cluster, device)
+
+
+def _evaluate(plan: Plan, staged: str, cluster: ClusterInfo | None, device: str) -> Evaluation:
     settings = plan.recipe.evaluate
     options: dict[str, object] = {
         "text": settings.text, "max_tokens": settings.max_tokens, "context": settings.context,
@@ -226,7 +240,6 @@ def evaluate_staged(
     from flows.source_eval import plan_source_model
 
     options["original_source"] = plan_source_model(plan)  # a quantized source: its dense meaning
-    staged = staged_uri(plan, dest_uri)
     _log.info("evaluating the staged result %s against %s", staged, plan.source_uri)
     if cluster is not None:
         return run_evaluation(cluster, plan.source_uri, staged, **options)
@@ -242,6 +255,7 @@ def gate_and_publish(
     records: dict[str, Expected],
     evaluation: Evaluation | None = None,
     gguf_results: list[UnitResult] | None = None,
+    gguf_evaluation: Evaluation | None = None,
 ) -> Publication:
     """Stage the manifest, report and chart, check the gates, and commit only if all pass.
 
@@ -251,8 +265,8 @@ def gate_and_publish(
     publisher = Publisher(dest, "", plan.plan_id)
     publisher.records.update(records)
     tensors = [t for r in results for t in r.tensors]
-    gates = tuple(gate_results(plan, tensors, evaluation))
-    stage_report_files(publisher, plan, results, evaluation, gates, gguf_results or ())
+    gates = tuple(gate_results(plan, tensors, evaluation, gguf_evaluation))
+    stage_report_files(publisher, plan, results, evaluation, gates, gguf_results or (), gguf_evaluation)
     report = publisher.storage.read_bytes(publisher.stage_key(REPORT_NAME)).decode()
     if failed_gates(gates):
         staged = dest.uri(publisher.staging)
@@ -277,7 +291,8 @@ def finalize_and_publish(
     """Stage metadata files, evaluate if the recipe asks, check the gates, commit the version."""
     records = stage_for_publish(plan, dest_uri, results, gguf_results)
     evaluation = evaluate_staged(plan, dest_uri, cluster=cluster, device=device)
-    return gate_and_publish(plan, dest_uri, results, records, evaluation, gguf_results)
+    gguf_evaluation = evaluate_staged_gguf(plan, dest_uri, cluster=cluster, device=device)
+    return gate_and_publish(plan, dest_uri, results, records, evaluation, gguf_results, gguf_evaluation)
 
 
 def summarize(

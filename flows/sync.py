@@ -39,6 +39,7 @@ from flows.pipeline import (
     convert_gguf_half,
     convert_units,
     evaluate_staged,
+    evaluate_staged_gguf,
     gate_and_publish,
     plan_conversion,
     stage_for_publish,
@@ -160,12 +161,13 @@ def model_card(
     results: Sequence[UnitResult],
     evaluation: Evaluation | None,
     gguf_results: Sequence[UnitResult] = (),
+    gguf_evaluation: Evaluation | None = None,
 ) -> str:
     """README.md of a published version: what it is, how to load and check it, and the report."""
     tensors = [t for r in results for t in r.tensors]
-    gates = gate_results(plan, tensors, evaluation)
+    gates = gate_results(plan, tensors, evaluation, gguf_evaluation)
     chart = CHART_NAME if per_layer_series(tensors) else None  # staged by stage_report_files
-    report = report_markdown(plan, results, evaluation, gates, chart, gguf_results)
+    report = report_markdown(plan, results, evaluation, gates, chart, gguf_results, gguf_evaluation)
     body = report.split("\n", 1)[1] if report.startswith("# ") else report
     schemes: list[str] = sorted({s.format for s in plan.schemes})
     library, what = "transformers", [
@@ -251,11 +253,12 @@ def sync_one(
         gguf_results = convert_gguf_half(plan, version_uri, cluster=cluster, device=device)
         records = stage_for_publish(plan, version_uri, results, gguf_results)
         evaluation = evaluate_staged(plan, version_uri, cluster=cluster, device=device)
-        card = model_card(checkpoint, plan, version_uri, results, evaluation, gguf_results)
+        gguf_evaluation = evaluate_staged_gguf(plan, version_uri, cluster=cluster, device=device)
+        card = model_card(checkpoint, plan, version_uri, results, evaluation, gguf_results, gguf_evaluation)
         staged = Publisher(open_storage(version_uri), "", plan.plan_id).stage_bytes(CARD_NAME, card.encode())
         records = {**records, CARD_NAME: Expected.of(staged)}
         with _report_lock:
-            gate_and_publish(plan, version_uri, results, records, evaluation, gguf_results)
+            gate_and_publish(plan, version_uri, results, records, evaluation, gguf_results, gguf_evaluation)
     except Exception as error:
         if is_published(dest, prefix):  # an overlapping run committed the same version first
             _log.info("%s: published by another run meanwhile (%s)", version_uri, _reason(error))

@@ -8,6 +8,7 @@ checkpoint and, in `gguf/`, the GGUF of the same source, published by one commit
   publishes the same bytes.
 - The default (Prefect) mode publishes both; `sync` puts both under one version and moves LATEST.
 - A source the GGUF half cannot write is refused with one line before anything runs (Prefect mode).
+- With `evaluate:`, both halves are evaluated against the original and gated before publishing.
 """
 
 from __future__ import annotations
@@ -169,3 +170,25 @@ def test_a_source_the_gguf_half_cannot_write_is_refused_in_one_line(llama: Path,
     assert len(lines) == 1 and "Traceback" not in done.stderr
     assert "FalconForCausalLM cannot be written as GGUF" in lines[0]
     assert not dest.exists() or not any(dest.rglob("*"))
+
+
+def test_both_halves_are_evaluated_and_gated(llama: Path, tmp_path: Path) -> None:
+    from flows.gates import QualityGateFailed
+
+    evaluate = {"enabled": True, "max_tokens": 256, "context": 128}
+    dest = tmp_path / "out"
+    summary = run_conversion(str(llama), str(dest), Recipe.preset("W4A16", gguf="Q8_0", evaluate=evaluate),
+                             shard_size=SHARD)
+    manifest = json.loads((dest / "quantfleet.json").read_text())
+    assert summary.evaluation is not None and manifest["evaluation"]["kind"] == "causal-lm"
+    # Q8_0 keeps far more than int4: the GGUF half's KL is the smaller one.
+    assert 0 <= manifest["gguf"]["evaluation"]["mean_kl"] < manifest["evaluation"]["mean_kl"]
+    assert "### GGUF model evaluation against the original" in (dest / "report.md").read_text()
+
+    # A gate only the GGUF half fails still keeps the whole version in staging.
+    gguf_kl = manifest["gguf"]["evaluation"]["mean_kl"]
+    strict = Recipe.preset("Q8_0", format="gguf").gates.model_copy(update={"max_mean_kl": gguf_kl / 2})
+    with pytest.raises(QualityGateFailed, match="GGUF max_mean_kl"):
+        run_conversion(str(llama), str(tmp_path / "gated"),
+                       Recipe.preset("W8A16", gguf="Q4_K", evaluate=evaluate, gates=strict), shard_size=SHARD)
+    assert not (tmp_path / "gated" / DEFAULT_MARKER).exists()
