@@ -568,8 +568,12 @@ def _cmd_sync(args: argparse.Namespace) -> int:
             summary = run_sync(args.source, args.dest, args.recipes, **options)
         else:
             from flows.console import hide_run_failures_on_console
+            from flows.prefect_server import TemporaryServer
 
             hide_run_failures_on_console(args.verbose)
+            server = TemporaryServer.start_if_needed()  # without a server: one of our own (convert's)
+            if server is not None:
+                server.use()
             summary = sync_flow(args.source, args.dest, args.recipes, **options)
     except SyncFailed as failed:
         print(failed.summary.text())
