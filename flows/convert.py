@@ -23,7 +23,6 @@ from flows.pipeline import (
     ConversionSummary,
     Publication,
     check_not_published,
-    convert_gguf_half,
     convert_units,
     evaluate_staged,
     evaluate_staged_gguf,
@@ -73,8 +72,8 @@ def convert_task(
 @task(name="convert-gguf", cache_policy=NO_CACHE, persist_result=False)
 def convert_gguf_task(plan: Plan, dest: str, ray_address: str | None, device: str) -> list[UnitResult]:
     """The GGUF half of a both-formats recipe (recipe `gguf:`), into `gguf/` of the same version."""
-    results = convert_gguf_half(plan, dest, cluster=start_ray(ray_address), device=device,
-                                on_done=progress_hook())
+    results = convert_units(plan, dest, cluster=start_ray(ray_address), device=device,
+                            on_done=progress_hook(), gguf_half=True)
     reused = sum(1 for r in results if r.reused)
     get_run_logger().info("%d GGUF splits written, %d already done by an earlier run",
                           len(results) - reused, reused)
@@ -89,18 +88,15 @@ def stage_task(
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
-def evaluate_task(plan: Plan, dest: str, ray_address: str | None, device: str) -> Evaluation | None:
-    evaluation = evaluate_staged(plan, dest, cluster=start_ray(ray_address), device=device)
+def evaluate_task(
+    plan: Plan, dest: str, ray_address: str | None, device: str, gguf_half: bool = False
+) -> Evaluation | None:
+    """The staged result against the original; `gguf_half`: the GGUF of a both-formats recipe."""
+    staged = evaluate_staged_gguf if gguf_half else evaluate_staged
+    evaluation = staged(plan, dest, cluster=start_ray(ray_address), device=device)
     if evaluation is not None:
-        get_run_logger().info("evaluation of the staged result:\n%s", evaluation.table())
-    return evaluation
-
-
-@task(name="evaluate-gguf", cache_policy=NO_CACHE, persist_result=False)
-def evaluate_gguf_task(plan: Plan, dest: str, ray_address: str | None, device: str) -> Evaluation | None:
-    evaluation = evaluate_staged_gguf(plan, dest, cluster=start_ray(ray_address), device=device)
-    if evaluation is not None:
-        get_run_logger().info("evaluation of the staged GGUF:\n%s", evaluation.table())
+        what = "GGUF" if gguf_half else "result"
+        get_run_logger().info("evaluation of the staged %s:\n%s", what, evaluation.table())
     return evaluation
 
 
@@ -147,7 +143,7 @@ def convert_flow(
     gguf_results = convert_gguf_task(plan, dest, ray_address, device) if plan.gguf is not None else []
     records = stage_task(plan, dest, results, gguf_results)
     evaluation = evaluate_task(plan, dest, ray_address, device) if recipe.evaluates else None
-    gguf_evaluation = (evaluate_gguf_task(plan, dest, ray_address, device)
+    gguf_evaluation = (evaluate_task(plan, dest, ray_address, device, gguf_half=True)
                        if recipe.evaluates and plan.gguf is not None else None)
     publication = publish_task(plan, dest, results, records, evaluation, gguf_results, gguf_evaluation)
     summary = summarize(plan, publication, results, time.perf_counter() - started - startup, startup,

@@ -20,20 +20,18 @@ the recipe's model gates: a GGUF below them keeps the whole version in staging.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from flows.execute import ClusterInfo, run_units
 from flows.gguf_plan import build_gguf_plan, gguf_context
 from flows.gguf_report import gguf_bits_per_weight
 from flows.plan import Plan
-from infra.publish import Expected
+from infra.publish import Expected, Publisher
 from infra.safetensors import Catalog
 from infra.storage import Storage, join_key
-from workers.records import UnitResult
-from workers.units import WorkUnit
+from workers.records import UnitContext, UnitResult
 
-__all__ = ["GGUF_FOLDER", "with_gguf_plan", "convert_gguf_units", "gguf_records", "gguf_manifest"]
+__all__ = ["GGUF_FOLDER", "with_gguf_plan", "gguf_half_context", "gguf_records", "gguf_manifest"]
 
 GGUF_FOLDER = "gguf"
 
@@ -55,21 +53,13 @@ def with_gguf_plan(
     return plan.model_copy(update={"gguf": gguf})
 
 
-def convert_gguf_units(
-    plan: Plan,
-    dest: Storage,
-    staging: str,
-    *,
-    cluster: ClusterInfo,
-    device: str,
-    max_in_flight: int | None = None,
-    on_done: Callable[[WorkUnit, UnitResult], None] | None = None,
-) -> list[UnitResult]:
-    """Write the GGUF splits into `gguf/` of the version's staging area ([] without a GGUF half)."""
+def gguf_half_context(plan: Plan, dest: Storage, device: str) -> UnitContext:
+    """What the GGUF half's units need: they stage their splits in `gguf/` of the version's
+    staging area (the compressed-tensors plan's), where the one commit finds them."""
     if plan.gguf is None:
-        return []
-    context = gguf_context(plan.gguf, dest.uri(join_key(staging, GGUF_FOLDER)), device)
-    return run_units(plan.gguf.units, context, cluster=cluster, max_in_flight=max_in_flight, on_done=on_done)
+        raise ValueError(f"plan {plan.plan_id} has no GGUF half")
+    staging = Publisher(dest, "", plan.plan_id).staging
+    return gguf_context(plan.gguf, dest.uri(join_key(staging, GGUF_FOLDER)), device)
 
 
 def gguf_records(results: Sequence[UnitResult]) -> dict[str, Expected]:

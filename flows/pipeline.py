@@ -17,7 +17,7 @@ from flows.destination import check_destination
 from flows.execute import ClusterInfo, run_evaluation, run_units, start_ray, warm_workers
 from flows.finalize import REPORT_NAME, stage_model_files, stage_report_files, worst_tensors
 from flows.gates import GateResult, QualityGateFailed, describe_failures, failed_gates, gate_results
-from flows.gguf_companion import GGUF_FOLDER, convert_gguf_units, with_gguf_plan
+from flows.gguf_companion import GGUF_FOLDER, gguf_half_context, with_gguf_plan
 from flows.plan import Plan, build_plan
 from flows.recipe import Recipe
 from flows.sources import SourceError
@@ -35,7 +35,6 @@ __all__ = [
     "plan_conversion",
     "warm_workers_for",
     "convert_units",
-    "convert_gguf_half",
     "Publication",
     "QualityGateFailed",
     "stage_for_publish",
@@ -169,30 +168,19 @@ def convert_units(
     device: str = "auto",
     max_in_flight: int | None = None,
     on_done: Callable[[WorkUnit, UnitResult], None] | None = None,
+    gguf_half: bool = False,
 ) -> list[UnitResult]:
-    dest = check_not_published(dest_uri)
-    cluster = cluster or start_ray(ray_address)
-    context = _context(plan, dest, device)
-    return run_units(plan.units, context, cluster=cluster, max_in_flight=max_in_flight, on_done=on_done)
-
-
-def convert_gguf_half(
-    plan: Plan,
-    dest_uri: str,
-    *,
-    cluster: ClusterInfo | None = None,
-    ray_address: str | None = None,
-    device: str = "auto",
-    max_in_flight: int | None = None,
-    on_done: Callable[[WorkUnit, UnitResult], None] | None = None,
-) -> list[UnitResult]:
-    """The GGUF splits of a both-formats recipe, staged in `gguf/` of the same version ([] if none)."""
-    if plan.gguf is None:
+    """Run the plan's units; with `gguf_half`, those of the GGUF of a both-formats recipe, staged in
+    `gguf/` of the same version ([] when the recipe asks for one format)."""
+    if gguf_half and plan.gguf is None:
         return []
     dest = check_not_published(dest_uri)
-    return convert_gguf_units(plan, dest, Publisher(dest, "", plan.plan_id).staging,
-                              cluster=cluster or start_ray(ray_address), device=device,
-                              max_in_flight=max_in_flight, on_done=on_done)
+    cluster = cluster or start_ray(ray_address)
+    if gguf_half and plan.gguf is not None:
+        units, context = plan.gguf.units, gguf_half_context(plan, dest, device)
+    else:
+        units, context = plan.units, _context(plan, dest, device)
+    return run_units(units, context, cluster=cluster, max_in_flight=max_in_flight, on_done=on_done)
 
 
 def stage_for_publish(
@@ -341,7 +329,8 @@ def run_conversion(
     cluster = start_ray(ray_address)
     startup = time.perf_counter() - started
     results = convert_units(plan, dest_uri, cluster=cluster, device=device, on_done=on_done)
-    gguf_results = convert_gguf_half(plan, dest_uri, cluster=cluster, device=device, on_done=on_done)
+    gguf_results = convert_units(plan, dest_uri, cluster=cluster, device=device, on_done=on_done,
+                                 gguf_half=True)
     publication = finalize_and_publish(plan, dest_uri, results, cluster=cluster, device=device,
                                        gguf_results=gguf_results)
     return summarize(plan, publication, results, time.perf_counter() - started - startup, startup,

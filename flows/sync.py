@@ -36,7 +36,6 @@ from flows.finalize import CHART_NAME, report_markdown
 from flows.gates import gate_results
 from flows.gguf_companion import GGUF_FOLDER
 from flows.pipeline import (
-    convert_gguf_half,
     convert_units,
     evaluate_staged,
     evaluate_staged_gguf,
@@ -250,7 +249,7 @@ def sync_one(
     try:
         cluster = _cluster(ray_address)
         results = convert_units(plan, version_uri, cluster=cluster, device=device)
-        gguf_results = convert_gguf_half(plan, version_uri, cluster=cluster, device=device)
+        gguf_results = convert_units(plan, version_uri, cluster=cluster, device=device, gguf_half=True)
         records = stage_for_publish(plan, version_uri, results, gguf_results)
         evaluation = evaluate_staged(plan, version_uri, cluster=cluster, device=device)
         gguf_evaluation = evaluate_staged_gguf(plan, version_uri, cluster=cluster, device=device)

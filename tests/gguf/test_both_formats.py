@@ -20,12 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.pipeline import (
-    convert_gguf_half,
-    convert_units,
-    plan_conversion,
-    run_conversion,
-)
+from flows.pipeline import convert_units, plan_conversion, run_conversion
 from flows.recipe import Recipe, RecipeError
 from infra.publish import DEFAULT_MARKER
 from tests.gguf.models import save_gguf_source
@@ -112,7 +107,7 @@ def test_a_rerun_reuses_both_halves_and_publishes_the_same_bytes(llama: Path, bo
     plan = plan_conversion(str(llama), Recipe.preset("W4A16", gguf="Q8_0"), shard_size=SHARD)
     # A run that stopped after converting, before publishing: everything is staged, nothing public.
     convert_units(plan, str(dest))
-    convert_gguf_half(plan, str(dest))
+    convert_units(plan, str(dest), gguf_half=True)
     assert not (dest / DEFAULT_MARKER).exists() and not (dest / "gguf").exists()
     reused: list[bool] = []
     run_conversion(str(llama), str(dest), Recipe.preset("W4A16", gguf="Q8_0"), shard_size=SHARD,
