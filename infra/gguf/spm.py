@@ -21,7 +21,10 @@ needed:
 Token types as `_set_vocab_sentencepiece` writes them: the model's unknown piece UNKNOWN, `<0xNN>`
 BYTE, added tokens CONTROL when special else USER_DEFINED, ids without a piece `[PAD<id>]` UNUSED
 (score -1000), everything else NORMAL. `add_space_prefix` (llama.cpp's leading `▁`) follows the
-tokenizer's Metaspace pre-tokenizer or its `Prepend("▁")` normalizer.
+tokenizer's Metaspace pre-tokenizer or its `Prepend("▁")` normalizer. One difference remains,
+llama.cpp's and sentencepiece's against transformers': a Metaspace pre-tokenizer adds no `▁` in
+front of a text that already starts with a space, llama.cpp always adds one (transformers 5's
+`LlamaTokenizer` runs such a Metaspace even for Llama 2's Prepend/Replace normalizer).
 """
 
 from __future__ import annotations

@@ -6,10 +6,12 @@ pre-tokenizer) is trained here with the `tokenizers` library on the evaluation t
 with quantfleet, to exactly the model's vocabulary size, and saved beside the weights with a
 ChatML chat template. Deterministic: the same files every time.
 
-`mistral` gets a SentencePiece-style tokenizer instead, shaped like Llama 2's and Mistral v0.1's
-tokenizer.json: `<unk>`, `<s>`, `</s>`, the 256 byte pieces `<0x00>`..`<0xFF>` at ids 3-258, then
-BPE pieces with `▁` for spaces (trained here with `tokenizers`' BPE trainer on a Metaspace
-pre-tokenizer), byte fallback, BOS added, and a Mistral-style `[INST]` chat template.
+`mistral` and `llama2` get a SentencePiece-style tokenizer instead, shaped like Llama 2's and
+Mistral's tokenizer.json: `<unk>`, `<s>`, `</s>`, the 256 byte pieces `<0x00>`..`<0xFF>` at ids
+3-258, then BPE pieces with `▁` for spaces (trained here with `tokenizers`' BPE trainer on a
+Metaspace pre-tokenizer), byte fallback, BOS added, and a Mistral-style `[INST]` chat template.
+`mistral`'s puts the `▁` in with a Metaspace pre-tokenizer (what transformers' converter writes
+today), `llama2`'s with the `Prepend("▁")` + `Replace(" ", "▁")` normalizer Llama 2 shipped.
 
 `qwen3moe` is a Qwen3-MoE with 8 experts (8 is the count llama.cpp's Q4_K_M rule singles out);
 transformers 5 saves its experts per expert (`mlp.experts.{e}.gate_proj.weight`), and
@@ -66,7 +68,7 @@ def save_tokenizer(path: Path, vocab_size: int) -> None:
     fast.save_pretrained(path)
 
 
-def save_sentencepiece_tokenizer(path: Path, vocab_size: int) -> None:
+def save_sentencepiece_tokenizer(path: Path, vocab_size: int, *, legacy: bool = False) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -86,6 +88,11 @@ def save_sentencepiece_tokenizer(path: Path, vocab_size: int) -> None:
     # As Llama 2's and Mistral's tokenizer.json: the whole text one piece sequence, BOS in front.
     data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first",
                              "split": False}
+    if legacy:
+        data["pre_tokenizer"] = None
+        data["normalizer"] = {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
     data["decoder"] = {"type": "Sequence", "decoders": [
         {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
         {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
@@ -107,8 +114,8 @@ def save_sentencepiece_tokenizer(path: Path, vocab_size: int) -> None:
 
 def save_gguf_source(kind: str, path: Path, *, layers: int = 2, seed: int = 0,
                      dtype: torch.dtype = torch.bfloat16, shard: str = "2MB") -> Path:
-    """A small `llama`, `mistral`, `qwen2`, `qwen3` or `qwen3moe` checkpoint (vocab 1024) with its tokenizer,
-    in `path`."""
+    """A small `llama`, `llama2`, `mistral`, `qwen2`, `qwen3` or `qwen3moe` checkpoint (vocab 1024)
+    with its tokenizer, in `path`."""
     from transformers import (
         LlamaConfig,
         LlamaForCausalLM,
@@ -128,6 +135,8 @@ def save_gguf_source(kind: str, path: Path, *, layers: int = 2, seed: int = 0,
                   tie_word_embeddings=False, bos_token_id=0, eos_token_id=2)
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
+    elif kind == "llama2":
+        model = LlamaForCausalLM(LlamaConfig(**{**common, "bos_token_id": 1}))
     elif kind == "mistral":
         model = MistralForCausalLM(MistralConfig(**{**common, "bos_token_id": 1}, sliding_window=None))
     elif kind == "qwen2":
@@ -143,8 +152,8 @@ def save_gguf_source(kind: str, path: Path, *, layers: int = 2, seed: int = 0,
         raise ValueError(kind)
     model = model.to(dtype)
     model.save_pretrained(path, max_shard_size=shard)
-    if kind == "mistral":
-        save_sentencepiece_tokenizer(path, 1024)
+    if kind in ("mistral", "llama2"):
+        save_sentencepiece_tokenizer(path, 1024, legacy=kind == "llama2")
     else:
         save_tokenizer(path, 1024)
     json.loads((path / "tokenizer.json").read_text())  # written whole
