@@ -55,20 +55,33 @@ def expert_count(config: dict[str, Any]) -> int:
     return int(config.get("num_experts") or config.get("num_local_experts") or 0)
 
 
+def _check_qwen3_moe(config: dict[str, Any], name: str, source: str) -> None:
+    """What llama.cpp's qwen3moe graph assumes and a config can say otherwise: it always renormalises
+    the chosen experts' weights (no key turns that off; a model that does not -- transformers'
+    default when the key is absent -- would load and run but compute something else), and it
+    expects experts in every layer (a dense layer's MLP has no tensor for it to load)."""
+    if not config.get("norm_topk_prob", False):
+        raise UnsupportedArchitectureError(
+            f"{source}: {name} with norm_topk_prob false cannot be written as GGUF; llama.cpp's "
+            "qwen3moe always normalises the top-k expert weights"
+        )
+    dense = list(config.get("mlp_only_layers") or [])
+    step = int(config.get("decoder_sparse_step") or 1)
+    if dense or step != 1:
+        raise UnsupportedArchitectureError(
+            f"{source}: {name} with dense layers (mlp_only_layers {dense}, decoder_sparse_step {step}) "
+            "cannot be written as GGUF; llama.cpp's qwen3moe expects experts in every layer"
+        )
+
+
 def family_for(config: dict[str, Any], source: str = "config.json") -> GGUFFamily:
     """The family of a checkpoint's config; anything else is refused naming what is supported."""
     names = config.get("architectures") or ["(none)"]
     for name in names:
         if name in FAMILIES:
             family = FAMILIES[name]
-            # llama.cpp's qwen3moe graph always renormalises the chosen experts' weights (no key turns
-            # it off); a model that does not (transformers' default when the key is absent) would
-            # load and run but compute something else.
-            if family.arch == gguf.MODEL_ARCH.QWEN3MOE and not config.get("norm_topk_prob", False):
-                raise UnsupportedArchitectureError(
-                    f"{source}: {name} with norm_topk_prob false cannot be written as GGUF; llama.cpp's "
-                    "qwen3moe always normalises the top-k expert weights"
-                )
+            if family.arch == gguf.MODEL_ARCH.QWEN3MOE:
+                _check_qwen3_moe(config, name, source)
             return family
     raise UnsupportedArchitectureError(
         f"{source}: architecture {', '.join(names)} cannot be written as GGUF; "

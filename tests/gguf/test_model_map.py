@@ -83,9 +83,12 @@ def test_moe_router_stays_f32_and_expert_count_is_read_under_both_keys() -> None
     assert target is not None and (target.name, target.expert) == ("blk.1.ffn_down_exps.weight", (5, 8))
 
 
-def test_qwen3_moe_without_normalised_routing_is_refused_in_one_line() -> None:
+def test_qwen3_moe_llama_cpp_would_compute_differently_is_refused_in_one_line() -> None:
     # llama.cpp's qwen3moe always normalises the top-k weights: such a GGUF would compute another model.
     with pytest.raises(UnsupportedArchitectureError) as caught:
         family_for({"architectures": ["Qwen3MoeForCausalLM"], "norm_topk_prob": False}, "src/config.json")
     message = str(caught.value)
     assert "\n" not in message and message.startswith("src/config.json: ") and "norm_topk_prob" in message
+    # Nor with dense layers: llama.cpp's qwen3moe loads experts for every layer.
+    with pytest.raises(UnsupportedArchitectureError, match=r"mlp_only_layers \[0\], decoder_sparse_step 1\)"):
+        family_for({"architectures": ["Qwen3MoeForCausalLM"], "norm_topk_prob": True, "mlp_only_layers": [0]})
