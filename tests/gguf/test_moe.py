@@ -95,6 +95,14 @@ def test_f16_moe_splits_give_the_original_logits(layout, moe_sources, tmp_path) 
     # weights move them by ~0.2.
     assert np.abs(ours - reference).max() < 0.02 * reference.std()
 
+    # `evaluate` reads the splits back into the source's own layout, fused experts included.
+    from workers.evaluation.gguf_model import load_gguf_dequantized
+
+    restored = load_gguf_dequantized(tmp_path / "f16", source, causal=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        again = restored(torch.tensor([tokens])).logits[0].numpy()
+    assert np.abs(again - reference).max() < 0.02 * reference.std()
+
 
 def test_q4_k_m_moe_is_what_llama_quantize_makes_and_generates(local_ray, moe_sources, tmp_path) -> None:
     source = moe_sources["fused"]
