@@ -11,7 +11,8 @@ what differs is decided here, from config.json and the safetensors headers alone
   llama.cpp keeps them; tensors llama.cpp does not load (rotary inverse frequencies) are left out;
 - the splits: consecutive GGUF tensors cut near `shard_size` bytes, one work unit each, named as
   llama.cpp's loader expects (`model-00001-of-00003.gguf`; one split is `model.gguf`). The experts of
-  one MoE layer, merged into one GGUF tensor, always land in the same split.
+  one MoE layer, merged into one GGUF tensor, always land in the same split, whether the source
+  holds them per expert or fused in 3-D (`flows.sources` splits those into per-expert byte ranges).
 
 Every split's header and tensor offsets follow from this plan (`workers.gguf_unit`), so the
 workers write the splits independently and a re-run resumes split by split.
@@ -27,7 +28,7 @@ from flows.recipe import Recipe
 from flows.sources import SourceError, read_source
 from infra.errors import CheckpointError
 from infra.gguf import split_file_name
-from infra.gguf.model import family_for, map_tensor
+from infra.gguf.model import expert_count, family_for, map_tensor
 from infra.safetensors import Catalog
 from quantizers.gguf import row_bytes
 from quantizers.gguf.mixes import GGUF_SCHEMES, mix_type
@@ -47,7 +48,7 @@ def _target(job_name: str, shape: tuple[int, ...], scheme: str, config: dict[str
     if mapped is None:
         return None
     layers = int(config["num_hidden_layers"])
-    experts = int(config.get("num_experts") or 0)
+    experts = expert_count(config)
     if len(shape) == 1:
         return GGUFTarget(mapped.name, "F32", shape, shape[0] * 4)
     rows, columns = shape[0], math.prod(shape[1:])
@@ -77,7 +78,7 @@ def build_gguf_plan(
         raise CheckpointError(f"{catalog.uri}: no config.json; GGUF output needs the model's architecture")
     family = family_for(config, f"{catalog.uri.rstrip('/')}/config.json")
     summary, entries = read_source(config, catalog)
-    if summary.quantized or summary.fused_experts_split:
+    if summary.quantized:
         raise SourceError(f"{catalog.uri}: a {summary.format} source cannot be written as GGUF yet; "
                           "convert it from its bf16/f16/f32 checkpoint")
     names = {entry.name for entry in entries}

@@ -5,7 +5,11 @@ they follow llama.cpp's own tables. Families differ only by declared data below:
 architecture a `config.json` architecture becomes, and whether llama.cpp permutes its Q/K rows
 (`convert_hf_to_gguf.py`'s `LlamaModel.permute`: llama.cpp's RoPE pairs dimension i with
 i + head_dim/2, Hugging Face's Llama with i + 1). MoE experts, one 2-D tensor per expert in the
-checkpoint, become one 3-D `ffn_*_exps` tensor per layer; each expert is a slice of it.
+checkpoint, become one 3-D `ffn_*_exps` tensor per layer; each expert is a slice of it. A source
+with transformers 5's fused 3-D experts (`mlp.experts.gate_up_proj` [E, 2I, H], `down_proj`
+[E, H, I]) reaches this map already split into those per-expert names (`flows.sources`), each a
+byte range of the fused tensor. The expert count is `num_experts` in older configs and
+`num_local_experts` in the ones transformers 5 writes; both are read.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from infra.errors import CheckpointError
 from infra.gguf.header import MetadataValue
 
 __all__ = ["GGUFFamily", "FAMILIES", "family_for", "TensorTarget", "map_tensor", "hyper_parameters",
-           "UnsupportedArchitectureError"]
+           "UnsupportedArchitectureError", "expert_count"]
 
 V = gguf.GGUFValueType
 
@@ -46,12 +50,39 @@ FAMILIES: dict[str, GGUFFamily] = {
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 
+def expert_count(config: dict[str, Any]) -> int:
+    """Routed experts per MoE layer (0: a dense model), under either of transformers' key names."""
+    return int(config.get("num_experts") or config.get("num_local_experts") or 0)
+
+
+def _check_qwen3_moe(config: dict[str, Any], name: str, source: str) -> None:
+    """What llama.cpp's qwen3moe graph assumes and a config can say otherwise: it always renormalises
+    the chosen experts' weights (no key turns that off; a model that does not -- transformers'
+    default when the key is absent -- would load and run but compute something else), and it
+    expects experts in every layer (a dense layer's MLP has no tensor for it to load)."""
+    if not config.get("norm_topk_prob", False):
+        raise UnsupportedArchitectureError(
+            f"{source}: {name} with norm_topk_prob false cannot be written as GGUF; llama.cpp's "
+            "qwen3moe always normalises the top-k expert weights"
+        )
+    dense = list(config.get("mlp_only_layers") or [])
+    step = int(config.get("decoder_sparse_step") or 1)
+    if dense or step != 1:
+        raise UnsupportedArchitectureError(
+            f"{source}: {name} with dense layers (mlp_only_layers {dense}, decoder_sparse_step {step}) "
+            "cannot be written as GGUF; llama.cpp's qwen3moe expects experts in every layer"
+        )
+
+
 def family_for(config: dict[str, Any], source: str = "config.json") -> GGUFFamily:
     """The family of a checkpoint's config; anything else is refused naming what is supported."""
     names = config.get("architectures") or ["(none)"]
     for name in names:
         if name in FAMILIES:
-            return FAMILIES[name]
+            family = FAMILIES[name]
+            if family.arch == gguf.MODEL_ARCH.QWEN3MOE:
+                _check_qwen3_moe(config, name, source)
+            return family
     raise UnsupportedArchitectureError(
         f"{source}: architecture {', '.join(names)} cannot be written as GGUF; "
         f"supported: {', '.join(FAMILIES)}"
@@ -75,7 +106,7 @@ def map_tensor(name: str, config: dict[str, Any], family: GGUFFamily) -> TensorT
     expert = _EXPERT.match(name)
     if expert:
         layer, index, kind = expert.groups()
-        return TensorTarget(f"blk.{layer}.ffn_{kind}_exps.weight", (int(index), int(config["num_experts"])))
+        return TensorTarget(f"blk.{layer}.ffn_{kind}_exps.weight", (int(index), expert_count(config)))
     mapped = gguf.get_tensor_name_map(family.arch, layers).get_name(name, try_suffixes=(".weight", ".bias"))
     if mapped is None:
         return None
@@ -122,8 +153,9 @@ def hyper_parameters(config: dict[str, Any], family: GGUFFamily, name: str) -> d
     if kind in ("linear", "yarn") and scaling.get("factor"):
         values[key(gguf.Keys.Rope.SCALING_TYPE)] = MetadataValue(V.STRING, kind)
         values[key(gguf.Keys.Rope.SCALING_FACTOR)] = MetadataValue(V.FLOAT32, float(scaling["factor"]))
-    if "num_experts" in config:
-        values[key(gguf.Keys.LLM.EXPERT_COUNT)] = MetadataValue(V.UINT32, int(config["num_experts"]))
+    experts = expert_count(config)
+    if experts:
+        values[key(gguf.Keys.LLM.EXPERT_COUNT)] = MetadataValue(V.UINT32, experts)
         values[key(gguf.Keys.LLM.EXPERT_USED_COUNT)] = MetadataValue(
             V.UINT32, int(config["num_experts_per_tok"]))
         values[key(gguf.Keys.LLM.EXPERT_FEED_FORWARD_LENGTH)] = MetadataValue(

@@ -1,9 +1,13 @@
 """A Hugging Face tokenizer as GGUF metadata: tokens, types, merges, special tokens, chat template.
 
 llama.cpp runs its own tokenizer from these keys, so the first split of every GGUF we write
-carries them. Only byte-level BPE tokenizers (`tokenizer.json` with a BPE model and a ByteLevel
-pre-tokenizer: GPT-2, Llama 3, Qwen2/3, SmolLM) are written, as llama.cpp's `gpt2` tokenizer
-model, the way `convert_hf_to_gguf.py`'s `get_vocab_base` does: tokens by id (ids without a token
+carries them. Two kinds of `tokenizer.json` are written:
+
+- SentencePiece-style ones (a Unigram model, or BPE with byte fallback: Llama 2, Mistral
+  v0.1-v0.3) as llama.cpp's `llama` tokenizer model, with scores and `add_space_prefix`
+  (`infra.gguf.spm`), no merges and no pre-tokenizer name;
+- byte-level BPE ones (GPT-2, Llama 3, Qwen2/3, SmolLM) as llama.cpp's `gpt2` tokenizer model,
+  the way `convert_hf_to_gguf.py`'s `get_vocab_base` does: tokens by id (ids without a token
 become `[PAD<id>]`, UNUSED), added tokens CONTROL when special else USER_DEFINED. Special token ids,
 `add_bos/eos_token`, merges and the chat template are read by the `gguf` package's own
 `SpecialVocab`, from a local copy of the tokenizer files.
@@ -25,6 +29,7 @@ import gguf
 
 from infra.errors import CheckpointError
 from infra.gguf.header import MetadataValue
+from infra.gguf.spm import add_space_prefix, is_sentencepiece, sentencepiece_vocab
 from infra.storage import Storage
 
 __all__ = ["tokenizer_metadata", "TOKENIZER_FILES", "pre_tokenizer_name"]
@@ -59,9 +64,8 @@ def _tokens(tokenizer: dict[str, Any], vocab_size: int, where: str) -> tuple[lis
     model = tokenizer.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise CheckpointError(
-            f"{where}: a {model.get('type', 'unknown')} tokenizer"
-            f"{' with byte fallback (SentencePiece-style)' if model.get('byte_fallback') else ''} "
-            "cannot be written as GGUF yet; only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen) can"
+            f"{where}: a {model.get('type', 'unknown')} tokenizer cannot be written as GGUF; only BPE "
+            "(byte-level or with byte fallback) and Unigram tokenizers can"
         )
     by_id: dict[int, str] = {int(i): token for token, i in model["vocab"].items()}
     added = {int(entry["id"]): entry for entry in tokenizer.get("added_tokens", [])}
@@ -93,20 +97,30 @@ def tokenizer_metadata(source: Storage, vocab_size: int) -> dict[str, MetadataVa
         tokenizer = json.loads(source.read_bytes("tokenizer.json"))
     except ValueError as error:
         raise CheckpointError(f"{where}: not valid JSON: {error}") from error
-    tokens, types = _tokens(tokenizer, vocab_size, where)
+    sentencepiece = is_sentencepiece(tokenizer)
+    values: dict[str, MetadataValue] = {}
+    if sentencepiece:
+        vocab = sentencepiece_vocab(tokenizer, vocab_size, where)
+        tokens, types = vocab.tokens, vocab.types
+        values[gguf.Keys.Tokenizer.MODEL] = MetadataValue(V.STRING, "llama")
+    else:
+        tokens, types = _tokens(tokenizer, vocab_size, where)
+        values[gguf.Keys.Tokenizer.MODEL] = MetadataValue(V.STRING, "gpt2")
+        pre = pre_tokenizer_name(tokenizer)
+        if pre is not None:
+            values[gguf.Keys.Tokenizer.PRE] = MetadataValue(V.STRING, pre)
     with tempfile.TemporaryDirectory(prefix="quantfleet-tokenizer-") as local:
         for name in TOKENIZER_FILES:
             if source.exists(name):
                 (Path(local) / name).write_bytes(source.read_bytes(name))
-        special = gguf.SpecialVocab(local, load_merges=True, n_vocab=len(tokens))
-    values: dict[str, MetadataValue] = {
-        gguf.Keys.Tokenizer.MODEL: MetadataValue(V.STRING, "gpt2"),
-    }
-    pre = pre_tokenizer_name(tokenizer)
-    if pre is not None:
-        values[gguf.Keys.Tokenizer.PRE] = MetadataValue(V.STRING, pre)
+        # The `llama` model joins pieces by score and reads no merges.
+        special = gguf.SpecialVocab(local, load_merges=not sentencepiece, n_vocab=len(tokens))
     values[gguf.Keys.Tokenizer.LIST] = MetadataValue(V.ARRAY, tokens, V.STRING)
+    if sentencepiece:
+        values[gguf.Keys.Tokenizer.SCORES] = MetadataValue(V.ARRAY, vocab.scores, V.FLOAT32)
     values[gguf.Keys.Tokenizer.TOKEN_TYPE] = MetadataValue(V.ARRAY, types, V.INT32)
+    if sentencepiece:
+        values[gguf.Keys.Tokenizer.ADD_PREFIX] = MetadataValue(V.BOOL, add_space_prefix(tokenizer))
     if special.merges:
         values[gguf.Keys.Tokenizer.MERGES] = MetadataValue(V.ARRAY, list(special.merges), V.STRING)
     id_keys = {"bos": gguf.Keys.Tokenizer.BOS_ID, "eos": gguf.Keys.Tokenizer.EOS_ID,

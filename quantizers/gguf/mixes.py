@@ -10,8 +10,11 @@ matrix, no manual overrides), for the dense and MoE families quantfleet writes:
   (Q4_K_M: Q4_K, Q5_K_M: Q5_K); `attn_qkv` is Q5_K (Q4_K_M) / Q6_K (Q5_K_M) always. A model with
   exactly 8 experts gets Q8_0 for attn_v and attn_k and Q5_K for attn_output (Q4_K_M).
 - `ffn_down` (dense or `ffn_down_exps`) of layer i: Q6_K when `use_more_bits(i, n)`, else base.
-- Everything else (token_embd, attn_q, attn_k, attn_output, ffn_gate, ffn_up, experts' gate/up,
-  the router): the base type.
+- The MoE router (`ffn_gate_inp`) stays F32 under every scheme, mixes and plain types alike:
+  convert_hf_to_gguf writes it F32 and llama-quantize never quantizes it.
+- Everything else (token_embd, attn_q, attn_k, attn_output, ffn_gate, ffn_up, experts' gate/up):
+  the base type. MoE experts are one 3-D tensor per layer (`ffn_down_exps`), so the ffn_down rule
+  takes its layer from the name, as llama.cpp's `layer_info` does for models with experts.
 - use_more_bits(i, n) = i < n/8 or i >= 7n/8 or (i - n/8) % 3 == 2 (integer division).
 - Finally a type whose block does not divide the row falls back: Q4_K -> Q5_0, Q5_K -> Q5_1,
   Q6_K -> Q8_0, and F16 if even that does not divide it.
@@ -55,6 +58,8 @@ def mix_type(
     `scheme` is a mix (Q4_K_M, Q5_K_M) or a plain type (then every 2-D weight gets it, after the
     same fallback). Norms and 1-D tensors are the caller's business: they stay F32.
     """
+    if ".ffn_gate_inp." in name:
+        return "F32"
     base = MIXES.get(scheme, scheme)
     wanted = base
     if scheme in MIXES:

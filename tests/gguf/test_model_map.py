@@ -70,3 +70,25 @@ def test_q4_k_m_follows_llama_cpp_rule() -> None:
     assert mix_type("Q5_K_M", "blk.5.attn_q.weight", 576, layers=30) == "Q5_1"
     assert mix_type("Q4_K_M", "output.weight", 576, layers=30) == "Q8_0"
     assert mix_type("Q6_K", "blk.0.ffn_up.weight", 100, layers=30) == "F16"
+
+
+def test_moe_router_stays_f32_and_expert_count_is_read_under_both_keys() -> None:
+    for scheme in ("Q4_K_M", "Q8_0", "F16"):
+        assert mix_type(scheme, "blk.0.ffn_gate_inp.weight", 2048, layers=48, experts=128) == "F32"
+    assert mix_type("Q4_K_M", "blk.47.ffn_down_exps.weight", 768, layers=48, experts=128) == "Q6_K"
+    config = {"architectures": ["Qwen3MoeForCausalLM"], "num_hidden_layers": 2, "num_local_experts": 8,
+              "norm_topk_prob": True}
+    family = family_for(config)
+    target = map_tensor("model.layers.1.mlp.experts.5.down_proj.weight", config, family)
+    assert target is not None and (target.name, target.expert) == ("blk.1.ffn_down_exps.weight", (5, 8))
+
+
+def test_qwen3_moe_llama_cpp_would_compute_differently_is_refused_in_one_line() -> None:
+    # llama.cpp's qwen3moe always normalises the top-k weights: such a GGUF would compute another model.
+    with pytest.raises(UnsupportedArchitectureError) as caught:
+        family_for({"architectures": ["Qwen3MoeForCausalLM"], "norm_topk_prob": False}, "src/config.json")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("src/config.json: ") and "norm_topk_prob" in message
+    # Nor with dense layers: llama.cpp's qwen3moe loads experts for every layer.
+    with pytest.raises(UnsupportedArchitectureError, match=r"mlp_only_layers \[0\], decoder_sparse_step 1\)"):
+        family_for({"architectures": ["Qwen3MoeForCausalLM"], "norm_topk_prob": True, "mlp_only_layers": [0]})

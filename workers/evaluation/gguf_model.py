@@ -7,7 +7,9 @@ the `gguf` package (llama.cpp's own reference dequantizers, ported), then put ba
 layout: an expert's slice of the layer's 3-D `ffn_*_exps` tensor, and Llama-family Q/K rows in
 Hugging Face's RoPE order (the inverse of `quantizers.gguf.layout.llama_rope_permute`). Tensors
 llama.cpp does not load (rotary inverse frequencies) are left to the model's own initialisation,
-as llama.cpp recomputes them; a tied `lm_head` is tied as in the original.
+as llama.cpp recomputes them; a tied `lm_head` is tied as in the original. An original with fused
+3-D experts (`mlp.experts.gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]) gets them back whole:
+the gate and up `ffn_*_exps` tensors joined along their rows, the down one as it is.
 
 The evaluation of a GGUF therefore measures the weights llama.cpp runs with; only llama.cpp's own
 kernels (quantized dot products, its RoPE) differ from transformers' float computation.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,10 @@ from workers.evaluation.dequantized import _Lazy, _model_class, _transformers_er
 from workers.evaluation.errors import EvaluationError
 
 __all__ = ["is_gguf", "gguf_files", "load_gguf_dequantized"]
+
+# transformers 5's fused expert parameters, written to GGUF per expert under the per-expert names.
+_FUSED = re.compile(r"(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
+_FUSED_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
 
 def gguf_files(path: Path) -> list[Path]:
@@ -85,8 +92,25 @@ def load_gguf_dequantized(path: Path, original: Path, *, causal: bool, dtype: to
             dense = _unpermute(dense, target.permute_heads)
         return torch.from_numpy(np.array(dense, dtype=np.float32, order="C").reshape(shape))  # writable
 
+    def load_fused(name: str, shape: tuple[int, ...], targets: list[Any]) -> torch.Tensor:
+        parts = []
+        for target in targets:
+            if target.name not in tensors:
+                raise EvaluationError(f"{where}: no GGUF tensor {target.name} (for {name})")
+            tensor = tensors[target.name]
+            parts.append(gguf.quants.dequantize(tensor.data, tensor.tensor_type))  # (E, rows, columns)
+        joined = np.concatenate(parts, axis=1)
+        return torch.from_numpy(np.array(joined, dtype=np.float32, order="C").reshape(shape))
+
     state: dict[str, Any] = {}
     for name, entry in catalog.tensors.items():
+        fused = _FUSED.fullmatch(name)
+        if fused is not None and len(entry.info.shape) == 3:
+            names = [f"{fused['prefix']}.0.{part}.weight" for part in _FUSED_PARTS[fused["kind"]]]
+            targets = [map_tensor(expert, config_dict, family) for expert in names]
+            if all(target is not None for target in targets):
+                state[name] = _Lazy(functools.partial(load_fused, name, tuple(entry.info.shape), targets))
+                continue
         target = map_tensor(name, config_dict, family)
         if target is not None:
             state[name] = _Lazy(functools.partial(load, name, tuple(entry.info.shape), target))
