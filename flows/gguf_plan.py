@@ -77,10 +77,9 @@ def build_gguf_plan(
     if config is None:
         raise CheckpointError(f"{catalog.uri}: no config.json; GGUF output needs the model's architecture")
     family = family_for(config, f"{catalog.uri.rstrip('/')}/config.json")
+    # A quantized source (block-FP8, compressed-tensors) is read as the dense weights it means:
+    # its jobs carry their scale parts, and the worker dequantizes them as for compressed-tensors.
     summary, entries = read_source(config, catalog)
-    if summary.quantized:
-        raise SourceError(f"{catalog.uri}: a {summary.format} source cannot be written as GGUF yet; "
-                          "convert it from its bf16/f16/f32 checkpoint")
     names = {entry.name for entry in entries}
     tied = bool(config.get("tie_word_embeddings")) and "lm_head.weight" not in names
     scheme = recipe.scheme.upper()
@@ -92,7 +91,8 @@ def build_gguf_plan(
         target = _target(entry.name, entry.shape, scheme, config, family, tied)
         if target is None:
             continue
-        job = TensorJob(entry.name, entry.file, entry.begin, entry.end, entry.dtype, entry.shape, gguf=target)
+        job = TensorJob(entry.name, entry.file, entry.begin, entry.end, entry.dtype, entry.shape,
+                        source=entry.source, parts=entry.parts, gguf=target)
         groups.setdefault(target.name, []).append(job)
     units = cut_into_units(
         ((jobs, jobs[0].gguf.nbytes if jobs[0].gguf is not None else 0) for jobs in groups.values()),
@@ -109,7 +109,7 @@ def build_gguf_plan(
         schemes=(),
         units=units,
         side_files=catalog.side_files,
-        source=None,
+        source=summary if summary.quantized else None,
         methods=(),
     )
 

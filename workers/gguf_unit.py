@@ -27,7 +27,7 @@ import torch
 from infra.gguf import GGUFTensor, MetadataValue, layout, split_metadata
 from infra.gguf.model import family_for, hyper_parameters
 from infra.gguf.tokenizer import tokenizer_metadata
-from infra.safetensors import TensorInfo, TensorReader
+from infra.safetensors import TensorReader
 from infra.storage import Storage, open_storage
 from quantizers import weight_error
 from quantizers.errors import QuantizationError
@@ -37,6 +37,7 @@ from quantizers.gguf.layout import llama_rope_permute
 from workers.convert_unit import _device, _finished, _scratch_file, _upload, unit_record_key
 from workers.errors import TensorQualityError, UnitFailed
 from workers.records import TensorRecord, UnitContext, UnitResult
+from workers.source_read import read_dense
 from workers.units import TensorJob, WorkUnit
 
 __all__ = ["convert_gguf_unit", "split_tensors", "model_metadata", "FILE_TYPES", "default_min_sqnr_db"]
@@ -103,12 +104,11 @@ def _convert_job(
     target = job.gguf
     assert target is not None
     where = f"{job.name} (in {job.file})"
-    info = TensorInfo(name=job.name, dtype=job.dtype, shape=job.shape, begin=job.begin, end=job.end)
-    weight = reader.read(job.file, info).to(device)
+    weight = read_dense(job, reader, device).to(device)  # a quantized source's weight, dequantized
     weight = weight.reshape(1, -1) if weight.dim() == 1 else weight.reshape(weight.shape[0], -1)
     if target.permute_heads is not None:
         weight = llama_rope_permute(weight, target.permute_heads)
-    bytes_in = job.end - job.begin
+    bytes_in = sum(p.end - p.begin for p in job.parts) if job.parts else job.end - job.begin
     if target.type_name == "F32":  # norms and biases, kept as they are
         packed = to_float_bytes(weight, "F32")
         os.pwrite(fd, packed.cpu().numpy().tobytes(), offset)
