@@ -6,28 +6,32 @@ sensitivity and by the candidate's format weight, and minimises the sum.
 
 How the factors were chosen: measured on SmolLM2-135M (30 layers, the only causal LM we can
 evaluate here), by quantizing one group of tensors at a time with NVFP4A16 (RTN) and measuring the
-model's mean KL over 1024 tokens (/tmp-style one-off script; figures in docs/benchmarks.md, "Mixed
-precision on SmolLM2"). Per projection, all 30 layers at once, then per layer, all projections at
-once; a rank-1 fit KL ~ role x depth x error over those 37 measurements gave the role factors below
-(rounded, relative to a dense MLP's mean of gate and up). The same run quantized attention, gate/up
-and down with int4 g64: its KL was 1.2x to 2.0x what its relative error predicts with those
-factors, hence FORMAT_WEIGHTS. The earlier prior (attention 2x the MLP, v/down 1.5x, first and last
-eighth 2x, taken from llama.cpp's hand-made mixes) over-rated q/k/o by 3x to 4x against these
-measurements, so at 5 bits it moved half the MLP weights to int4 to pay for 8-bit attention
-(ABLATION_FIGURE).
+model's mean KL over 1024 tokens (`benchmarks/mixed_sensitivity.py`; figures in
+docs/benchmarks.md, "Mixed precision on SmolLM2"): per projection, all 30 layers at once, then per
+layer, all projections at once. A rank-1 fit KL ~ role x depth x error over those 37 measurements
+gave the role factors below (rounded; measured, relative to a dense MLP's mean of gate and up:
+q 0.65, k 0.57, v 1.48, o 0.53, gate 0.70, up 1.30, down 1.97). The same run put int4 g64 on
+attention, gate/up and down: its KL was 1.4x, 1.2x and 2.0x what its relative error predicts with
+those factors, hence FORMAT_WEIGHTS (1.5 for integer grids below 8 bits). The earlier prior
+(attention 2x the MLP, v/down 1.5x, first and last eighth 2x, from llama.cpp's hand-made mixes)
+over-rated q/k/o 3x to 4x against these measurements, so at 5 bits it moved half the MLP weights to
+int4 to pay for 8-bit attention (ABLATION_FIGURE).
 
-- Role. Per projection: v 1.5, q and k 0.6, o 0.5 (attention output errors are averaged over heads
-  by the softmax-weighted sum before they reach o, and o's are small next to the residual stream);
-  gate 0.7 (the SiLU gate compresses its errors), up 1.3, down 2.0 (down writes straight into the
-  residual stream, from the widest activations). MLA's kv projections (k and v together): 1.0.
-  Unknown projections: 1.0. Routed experts: the same times 1/4 (a token visits a few of many
-  experts, so each expert's error reaches a fraction of tokens; 1/4 rather than top-k/E because
-  experts also differ in load), so attention and shared experts get more bits than routed ones.
+- Role. Per projection: v 1.5, q and k 0.6, o 0.5, gate 0.7, up 1.3, down 2.0 (plausible reasons,
+  not tested: q/k errors pass through the softmax, gate's through SiLU, which compress them; v, up
+  and down errors pass linearly, and down's go straight into the residual stream). MLA's kv
+  projections (k and v together): 1.0. Unknown projections: 1.0. Routed experts: the same times
+  1/4 (a token visits a few of many experts, so each expert's error reaches a fraction of tokens;
+  1/4 rather than top-k/E because experts also differ in load), so attention and shared experts
+  get more bits than routed ones.
   Not measured: SmolLM2 has no experts.
-- Depth. Measured per layer, SmolLM2's sensitivity is uneven (one middle layer 2x its
-  neighbours) without a first/last pattern that would carry to other models, except the very
-  first layer; the prior keeps a mild factor on the first and last layer only (EDGE_WEIGHT),
-  which practitioners' mixes (llama.cpp's `use_more_bits`) also favour.
+- Depth. Measured per layer (mean 1), SmolLM2's factor runs 0.4 to 1.4 with one middle layer at
+  2.2, the first layer at 1.1 and the last at 4.2 (its errors reach the logits with no later layer
+  to dilute them). Only the edges carry to other models: the last layer x4 (LAST_LAYER_WEIGHT), the
+  first x1.5 (FIRST_LAYER_WEIGHT: measured 1.1 here, kept at practitioners' value, llama.cpp's
+  `use_more_bits`, since embeddings' outliers make first layers sensitive in larger models; at 5
+  bits the choice between 1 and 1.5 moved the predicted KL by 2%). The middle is left at 1 rather
+  than fitted: a per-layer profile of one 135M model would not transfer.
 
 Routers, norms, embeddings and lm_head are kept high: when a recipe targets them at all, they may
 only take candidates of 8 bits or more (by default they are not quantized: see DEFAULT_IGNORE).
