@@ -21,8 +21,8 @@ __all__ = ["DEFAULT_CANDIDATES", "ASYM_CANDIDATE", "default_candidates", "parse_
 # 5 bits per weight most weights stay at NVFP4's 4.5 bits, so its error sets most of the damage, and
 # on SmolLM2-135M the search lowers uniform NVFP4A16's mean KL from 0.2213 to 0.1976 (2048 tokens;
 # docs/benchmarks.md, "Mixed precision on SmolLM2"), for about 8x RTN's time on that one candidate
-# in the measure pass (CPU, one 1536x576 weight). The stored format is the same. A recipe's own method (search, hqq) applies
-# to every candidate instead; `candidates:` pins each one.
+# in the measure pass (CPU, one 1536x576 weight). The stored format is the same. A recipe's own
+# method (search, hqq) applies to every candidate instead; `candidates:` pins each one.
 ASYM_CANDIDATE: dict[str, object] = {"scheme": "W4A16_ASYM", "group_size": 64}
 DEFAULT_CANDIDATES: tuple[dict[str, object], ...] = (
     {"scheme": "W4A16", "group_size": 128},
