@@ -226,12 +226,13 @@ class Recipe(SchemeChoice):
         return self.target_bits is not None or self.target_size is not None
 
     def candidate_choices(self) -> tuple[SchemeChoice, ...]:
-        """The candidates of the mixed-precision solve; by default the recipe's method for each."""
+        """The candidates of the mixed-precision solve; by default flows.mixed.budget's, with the
+        recipe's method when it is not rtn."""
         if self.candidates:
             return self.candidates
-        from flows.mixed.budget import DEFAULT_CANDIDATES
+        from flows.mixed.budget import default_candidates
 
-        return tuple(SchemeChoice.model_validate({**c, "method": self.method}) for c in DEFAULT_CANDIDATES)
+        return tuple(SchemeChoice.model_validate(c) for c in default_candidates(self.method))
 
     @property
     def evaluates(self) -> bool:

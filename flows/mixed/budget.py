@@ -10,21 +10,34 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["DEFAULT_CANDIDATES", "ASYM_CANDIDATE", "parse_size", "describe_budget"]
+__all__ = ["DEFAULT_CANDIDATES", "ASYM_CANDIDATE", "default_candidates", "parse_size", "describe_budget"]
 
 # (preset, group size) pairs tried per tensor when a recipe names no candidates. W4A16_ASYM g64
 # (which the issue lists) is left out by default because transformers 5.x cannot load asymmetric
 # pack-quantized weights (compressed-tensors 0.20 builds their zero points unpacked on the meta
 # device; tests/quantizers/test_transformers_load.py tracks it with a strict xfail), and a mixed
 # output must load there; name it in `candidates:` for vLLM-only use (ASYM_CANDIDATE).
+# NVFP4A16 is searched (`quantizers.methods.search`) when the recipe leaves its method at rtn: at
+# 5 bits per weight most weights stay at NVFP4's 4.5 bits, so its error sets most of the damage, and
+# on SmolLM2-135M the search lowers uniform NVFP4A16's mean KL from 0.2213 to 0.1976 (2048 tokens;
+# docs/benchmarks.md, "Mixed precision on SmolLM2"), for about 8x RTN's time on that one candidate
+# in the measure pass (CPU, one 1536x576 weight). The stored format is the same. A recipe's own
+# method (search, hqq) applies to every candidate instead; `candidates:` pins each one.
 ASYM_CANDIDATE: dict[str, object] = {"scheme": "W4A16_ASYM", "group_size": 64}
 DEFAULT_CANDIDATES: tuple[dict[str, object], ...] = (
     {"scheme": "W4A16", "group_size": 128},
     {"scheme": "W4A16", "group_size": 64},
-    {"scheme": "NVFP4A16"},
+    {"scheme": "NVFP4A16", "method": "search"},
     {"scheme": "W8A16"},
     {"scheme": "FP8"},
 )
+
+
+def default_candidates(method: str) -> tuple[dict[str, object], ...]:
+    """The default candidates for a recipe whose method is `method`: rtn keeps each default's own."""
+    if method == "rtn":
+        return tuple({"method": "rtn", **c} for c in DEFAULT_CANDIDATES)
+    return tuple({**c, "method": method} for c in DEFAULT_CANDIDATES)
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

@@ -10,8 +10,8 @@ each quantized tensor has the candidate the solve chose. Steps:
    under each candidate;
 3. items: fusion partners (q/k/v, gate/up: engines fuse them into one matmul and need one scheme)
    form one item, every other tensor its own; an item's damage under a candidate is the sum of
-   sensitivity x error (`flows.mixed.sensitivity`); routers, norms, embeddings and lm_head may
-   only take candidates of 8 bits or more;
+   sensitivity x error, times the candidate's format weight (`flows.mixed.sensitivity`); routers,
+   norms, embeddings and lm_head may only take candidates of 8 bits or more;
 4. `flows.mixed.solve` picks one candidate per item; the plan is rebuilt with that assignment,
    and its id covers the assignment, so a re-run that measures the same errors (deterministic on a
    device type) resumes the same staged units.
@@ -31,7 +31,7 @@ from collections.abc import Callable
 from flows.execute import ClusterInfo
 from flows.mixed.budget import describe_budget
 from flows.mixed.measure import measure_units
-from flows.mixed.sensitivity import keeps_high, layer_count, sensitivity
+from flows.mixed.sensitivity import format_weight, keeps_high, layer_count, sensitivity
 from flows.mixed.solve import BudgetTooSmall, Item, Option, solve, total
 from flows.mixed.summary import MixedSummary, TensorChoice, UniformPoint
 from flows.partners import partner_key
@@ -136,7 +136,8 @@ def plan_mixed(
             errors = [measured[m.name].errors[c] for m in members]
             if any(e is None for e in errors):
                 continue
-            damage = sum(weight[m.name] * e for m, e in zip(members, errors, strict=True) if e is not None)
+            damage = format_weight(candidates[c]) * sum(
+                weight[m.name] * e for m, e in zip(members, errors, strict=True) if e is not None)
             options.append(Option(candidate=c, damage=damage, bits=sum(bits[m.name][c] for m in members)))
         if not options:
             raise RecipeError(f"mixed precision: no candidate can store {', '.join(m.name for m in members)}")

@@ -60,7 +60,7 @@ def report_lines(summary: MixedSummary, tensors: Sequence[TensorRecord], chart: 
     lines = ["## Mixed precision", ""]
     lines += [f"Budget: {summary.budget}; used {summary.bits_per_weight:.4f} bits per quantized weight "
               f"({summary.bits_used} of {summary.budget_bits} bits, scales included); estimated damage "
-              f"(sum of sensitivity x measured error) {summary.damage:.4g}.", ""]
+              f"(sum of sensitivity x format weight x measured error) {summary.damage:.4g}.", ""]
     lines += ["| scheme | tensors | share of quantized weights |", "|---|---|---|"]
     total = max(summary.elements, 1)
     for c, label in enumerate(summary.candidates):

@@ -38,7 +38,7 @@ class MixedSummary(BaseModel):
     budget: str  # as the user gave it
     budget_bits: int  # for the quantized tensors
     bits_used: int
-    damage: float  # sum of sensitivity x error over the quantized tensors
+    damage: float  # sum of sensitivity x format weight x error over the quantized tensors
     candidates: tuple[str, ...]  # labels, e.g. "W4A16 int4 sym group 64 (rtn)"
     uniform: tuple[UniformPoint, ...]
     tensors: tuple[TensorChoice, ...]

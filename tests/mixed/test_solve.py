@@ -7,7 +7,7 @@ import random
 import pytest
 
 from flows.mixed.budget import parse_size
-from flows.mixed.sensitivity import keeps_high, sensitivity
+from flows.mixed.sensitivity import format_weight, keeps_high, sensitivity
 from flows.mixed.solve import BudgetTooSmall, Item, Option, solve, total
 from flows.recipe import Recipe, RecipeError
 
@@ -62,17 +62,30 @@ def test_a_budget_below_the_cheapest_choice_is_refused() -> None:
 
 def test_sensitivity_follows_role_and_depth() -> None:
     layers = 32
-    attention = sensitivity("model.layers.10.self_attn.o_proj.weight", layers)
     mlp = sensitivity("model.layers.10.mlp.up_proj.weight", layers)
     routed = sensitivity("model.layers.10.mlp.experts.3.up_proj.weight", layers)
     shared = sensitivity("model.layers.10.mlp.shared_experts.up_proj.weight", layers)
-    assert attention > mlp > routed and shared > routed
+    value = sensitivity("model.layers.10.self_attn.v_proj.weight", layers)
+    # The calibrated order (flows.mixed.sensitivity): v over q/k/o, down over up over gate.
+    assert value > sensitivity("model.layers.10.self_attn.q_proj.weight", layers)
+    assert value > sensitivity("model.layers.10.self_attn.o_proj.weight", layers)
+    assert sensitivity("model.layers.10.mlp.down_proj.weight", layers) > mlp
+    assert mlp > sensitivity("model.layers.10.mlp.gate_proj.weight", layers)
+    assert shared == mlp > routed and value > routed
+    assert sensitivity("model.layers.10.attention.output.dense.weight", layers) < sensitivity(
+        "model.layers.10.output.dense.weight", layers)  # BERT: attention output vs MLP output
     assert sensitivity("model.layers.0.mlp.up_proj.weight", layers) > mlp
     assert sensitivity("model.layers.31.mlp.up_proj.weight", layers) > mlp
-    assert sensitivity("model.layers.10.mlp.down_proj.weight", layers) > mlp
     for name in ("lm_head", "model.embed_tokens", "model.layers.3.mlp.gate", "model.norm"):
         assert keeps_high(name), name
     assert not keeps_high("model.layers.3.mlp.gate_proj")
+
+
+def test_integer_grids_below_8_bits_weigh_more() -> None:
+    from quantizers import get_scheme
+
+    int4, nvfp4 = format_weight(get_scheme("W4A16")), format_weight(get_scheme("NVFP4A16"))
+    assert int4 > nvfp4 == format_weight(get_scheme("W8A16")) == format_weight(get_scheme("FP8")) == 1.0
 
 
 def test_recipe_budget_fields(tmp_path) -> None:
@@ -95,6 +108,10 @@ def test_recipe_budget_fields(tmp_path) -> None:
     assert [(c.scheme, c.method) for c in recipe.candidate_choices()] == [("W4A16", "rtn"), ("FP8", "search")]
     defaults = Recipe.preset("W4A16", method="hqq", target_bits=5).candidate_choices()
     assert {c.method for c in defaults} == {"hqq"} and len(defaults) == 5
+    # With the default method (rtn), NVFP4A16 is searched and the others stay RTN.
+    plain = Recipe.preset("W4A16", target_bits=5).candidate_choices()
+    assert [(c.scheme, c.method) for c in plain] == [
+        ("W4A16", "rtn"), ("W4A16", "rtn"), ("NVFP4A16", "search"), ("W8A16", "rtn"), ("FP8", "rtn")]
 
 
 def test_sweep_points_cover_methods_and_budgets() -> None:
