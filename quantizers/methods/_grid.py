@@ -1,4 +1,4 @@
-"""What the methods share: a format's grid of storable values, its storable scales, the error.
+"""What the methods share: a format's grid of storable values, its storable scales, the weighting.
 
 A method never changes what is stored, only the parameters the format kernel then stores with: a
 scale per group (and an integer zero point for asymmetric int). So each format is described to the
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Grid", "squared_error"]
+__all__ = ["Grid", "squared_error", "magnitude_weights"]
 
 
 @dataclass(frozen=True)
@@ -42,3 +42,13 @@ def squared_error(
         squared = squared * weights
     return squared.sum(dim=-1, keepdim=True)
 
+
+def magnitude_weights(x: torch.Tensor) -> torch.Tensor:
+    """Element weights without data: rms(group) + |x|, llama.cpp's k-quant default.
+
+    quantize_row_q4_K_ref weighs each element by av_x + |x| when there is no importance matrix:
+    large weights move a layer's output most, and the rms floor keeps small ones from being
+    ignored. An importance matrix (activation statistics) would replace this if one ever exists.
+    """
+    rms = (x * x).mean(dim=-1, keepdim=True).sqrt()
+    return rms + x.abs()

@@ -12,36 +12,20 @@ integer zero point, E4M3 block scale) and its codes redone by nearest rounding, 
 lower the error for those parameters. A group keeps RTN's parameters if that final check finds
 them better, so no group gets worse than RTN under the weighting.
 
-Weighting: none, every element counts the same (`element_weights`), so the search minimises the
-plain squared error. Without data nothing says which inputs matter, and a layer's output error,
-sum_j e_j a_j over inputs a_j unrelated to the weights' magnitudes, is in expectation the plain
-squared error. llama.cpp's magnitude weightings were measured and lose at model level: on MiniLM
-(symmetric int4 g64, 1 - cosine per token over 8192 tokens; RTN 0.0540) uniform weights give
-0.0456, rms + |x| (make_qkx2_quants' default) 0.0497, |x| 0.0491, sqrt(sigma^2 + x^2) 0.0497,
-sigma^2 + x^2 0.0506, x^2 (make_qx_quants, rmse_type 1) 0.0514, and pooled 0.0438 against RTN's
-0.0505 where rms + |x| gave a tie (0.0495). Weighting large weights protects them at the expense of
-the many small ones, whose errors reach the output just as much. The price: on SmolLM2 (whose
-weights came from Q4_1) rms + |x| did better at g64, mean KL 0.326 against 0.355 (RTN 0.406); both
-beat RTN there, only uniform weights beat it clearly on MiniLM (docs/benchmarks.md). An importance
-matrix (activation statistics) would replace the uniform weights if one ever exists.
-Cost: about 6 element-wise passes per candidate, 12 candidates.
+Weighting: `_grid.magnitude_weights`, rms of the group + |x| (llama.cpp's default without an
+importance matrix). Cost: about 6 element-wise passes per candidate, 12 candidates.
 """
 
 from __future__ import annotations
 
 import torch
 
-from quantizers.methods._grid import Grid, squared_error
+from quantizers.methods._grid import Grid, magnitude_weights, squared_error
 
-__all__ = ["FACTORS", "PASSES", "element_weights", "scale_only", "asymmetric"]
+__all__ = ["FACTORS", "PASSES", "scale_only", "asymmetric"]
 
 FACTORS = tuple(round(1.03 - 0.03 * k, 2) for k in range(12))  # 1.03 .. 0.70
 PASSES = len(FACTORS) + 2  # one scoring pass per candidate, RTN's and the winner's check
-
-
-def element_weights(x: torch.Tensor) -> torch.Tensor:
-    """Each element's weight in the searched error: uniform (see the module docstring for why)."""
-    return torch.ones_like(x)
 
 
 def _keep_better(
@@ -53,7 +37,7 @@ def _keep_better(
 
 def scale_only(x: torch.Tensor, scale: torch.Tensor, grid: Grid) -> torch.Tensor:
     """x (groups..., size) float32, RTN scale (groups..., 1) -> the searched scale, same shape."""
-    w = element_weights(x)
+    w = magnitude_weights(x)
     best_gain = torch.full_like(scale, -1.0)
     best_fit = scale
     for factor in FACTORS:
@@ -79,7 +63,7 @@ def asymmetric(
     x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric int: x, RTN scale and integer zero point -> searched (scale, zero point)."""
-    w = element_weights(x)
+    w = magnitude_weights(x)
     total = w.sum(-1, keepdim=True)
     sum_x = (w * x).sum(-1, keepdim=True)
     low = x.amin(dim=-1, keepdim=True).clamp(max=0)
