@@ -61,7 +61,7 @@ _CACHE: dict[tuple[str, str, object], tuple[tuple[torch.Tensor, float], float]] 
 
 
 def _quantize_all(
-    model: torch.nn.Module, bits: int, group: int
+    model: torch.nn.Module, bits: int, group: int, methods: tuple[str, ...] = METHODS
 ) -> dict[str, dict[str, tuple[torch.Tensor, float]]]:
     """{method: {module: (dequantized weight, sqnr)}}, and seconds per method, on `model`.
 
@@ -69,12 +69,12 @@ def _quantize_all(
     g128 falls back to g64) is quantized once and its result reused.
     """
     scheme = get_scheme("W4A16", group_size=group)
-    out: dict[str, dict[str, tuple[torch.Tensor, float]]] = {m: {} for m in METHODS}
-    seconds = dict.fromkeys(METHODS, 0.0)
+    out: dict[str, dict[str, tuple[torch.Tensor, float]]] = {m: {} for m in methods}
+    seconds = dict.fromkeys(methods, 0.0)
     for name, module in _linear_weights(model).items():
         weight = module.weight.detach()
         used = resolve_scheme(scheme, tuple(weight.shape)).scheme if bits == 4 else (bits, group)
-        for method in METHODS:
+        for method in methods:
             key = (f"{id(model)}:{name}", method, used)
             if key not in _CACHE:
                 start = time.perf_counter()
@@ -119,7 +119,7 @@ def _per_tensor(results, method: str) -> tuple[float, float]:  # noqa: ANN001
     return wins / len(names), mean
 
 
-def smollm2(tokens: int) -> list[str]:
+def smollm2(tokens: int, methods: tuple[str, ...] = METHODS, cases: tuple = CASES) -> list[str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tests.smollm2 import smollm2_checkpoint
@@ -130,10 +130,10 @@ def smollm2(tokens: int) -> list[str]:
     with torch.no_grad():
         reference = [model(ids).logits.float().log_softmax(-1) for ids in windows]
     rows = []
-    for label, bits, group in CASES:
-        results = _quantize_all(model, bits, group)
+    for label, bits, group in cases:
+        results = _quantize_all(model, bits, group, methods)
         seconds = results.pop("_seconds")
-        for method in METHODS:
+        for method in methods:
             saved = _swap(model, results[method])
             kl, agree, count = 0.0, 0, 0
             with torch.no_grad():
@@ -151,7 +151,7 @@ def smollm2(tokens: int) -> list[str]:
     return rows
 
 
-def minilm(tokens: int) -> list[str]:
+def minilm(tokens: int, methods: tuple[str, ...] = METHODS, cases: tuple = CASES) -> list[str]:
     from transformers import AutoModel, AutoTokenizer
 
     from flows.cli import bundled_model_path
@@ -163,10 +163,10 @@ def minilm(tokens: int) -> list[str]:
         reference = [model(ids).last_hidden_state for ids in windows]
     cosine = torch.nn.functional.cosine_similarity
     rows = []
-    for label, bits, group in CASES:
-        results = _quantize_all(model, bits, group)
+    for label, bits, group in cases:
+        results = _quantize_all(model, bits, group, methods)
         seconds = results.pop("_seconds")
-        for method in METHODS:
+        for method in methods:
             saved = _swap(model, results[method])
             with torch.no_grad():
                 hidden = [model(ids).last_hidden_state for ids in windows]
@@ -187,11 +187,19 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024, help="text tokens per model (default 1024)")
     parser.add_argument("--models", default="minilm,smollm2",
                         help="comma-separated: minilm, smollm2 (default: %(default)s)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated methods to measure; rtn always runs, the others are "
+                             "judged against it (default: %(default)s)")
+    parser.add_argument("--schemes", default=",".join(label for label, _, _ in CASES),
+                        help="comma-separated schemes to measure (default: %(default)s)")
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md")
     args = parser.parse_args()
+    methods = tuple(m for m in METHODS if m == "rtn" or m in args.methods.split(","))
+    cases = tuple(case for case in CASES if case[0] in [s.strip() for s in args.schemes.split(",")])
     torch.manual_seed(0)
     runs = {"minilm": minilm, "smollm2": smollm2}
-    rows = [row for model in args.models.split(",") for row in runs[model.strip()](args.tokens)]
+    rows = [row for model in args.models.split(",")
+            for row in runs[model.strip()](args.tokens, methods, cases)]
     if not args.no_doc:
         record(rows, [f"--models {args.models} --tokens {args.tokens}"])
 
