@@ -10,11 +10,11 @@ to; so the KL is the converted checkpoint's without writing it. Uniform points: 
 back to g64 on the 576-wide inputs), W4A16 g64 and NVFP4A16, all RTN; W4A16_ASYM g32/g64 is left
 out of "best uniform 4-bit" because SmolLM2's weights came from Q4_1 (asymmetric g32), which it
 reproduces artificially well. The mixed plans use the default candidates a user gets from
-`--target-bits` (`flows.mixed.budget`: W4A16 g128/g64, W8A16 and FP8 RTN, NVFP4A16 searched), so
-uniform NVFP4A16 with search is shown too, for reference. Also a mixed plan at a budget equal to
-uniform W4A16 g64's size, and (`--ablation`) the 5-bit plan with every role/depth sensitivity 1.
-The model runs in float32 on bf16-valued weights; KL(original || quantized) per token over the
-first `--tokens` tokens of the built-in text in windows of 512, and top-1 agreement.
+`--target-bits` (`flows.mixed.budget`: W4A16 g128/g64, W8A16 and FP8 per channel RTN, NVFP4A16
+searched), so uniform NVFP4A16 with search is shown too, for reference. Also a mixed plan at a
+budget equal to uniform W4A16 g64's size, and (`--ablation`) the 5-bit plan with every role/depth
+sensitivity 1. The model runs in float32 on bf16-valued weights; KL(original || quantized) per
+token over the first `--tokens` tokens of the built-in text in windows of 512, and top-1 agreement.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ those factors, hence FORMAT_WEIGHTS (1.5 for integer grids below 8 bits). The ea
 (attention 2x the MLP, v/down 1.5x, first and last eighth 2x, from llama.cpp's hand-made mixes)
 over-rated q/k/o 3x to 4x against these measurements, so at 5 bits its solve put 63% of the weights
 on int4 to pay for 8-bit attention. With the default candidates, this prior measures a mean KL of
-0.1182 at 5 bits and no prior (every factor 1) 0.1233 (`benchmarks/mixed.py --ablation`).
+0.1101 at 5 bits and no prior (every factor 1) 0.1189 (`benchmarks/mixed.py --ablation`).
 
 - Role. Per projection: v 1.5, q and k 0.6, o 0.5, gate 0.7, up 1.3, down 2.0 (plausible reasons,
   not tested: q/k errors pass through the softmax, gate's through SiLU, which compress them; v, up

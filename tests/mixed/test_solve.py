@@ -112,6 +112,8 @@ def test_recipe_budget_fields(tmp_path) -> None:
     plain = Recipe.preset("W4A16", target_bits=5).candidate_choices()
     assert [(c.scheme, c.method) for c in plain] == [
         ("W4A16", "rtn"), ("W4A16", "rtn"), ("NVFP4A16", "search"), ("W8A16", "rtn"), ("FP8", "rtn")]
+    # 8-bit candidates at their cheapest stored form: one scale per output channel.
+    assert [c.resolve().strategy for c in plain[3:]] == ["channel", "channel"]
 
 
 def test_sweep_points_cover_methods_and_budgets() -> None:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from quantizers import get_scheme, quantization_config, quantize, scheme_names
+from quantizers import QuantScheme, get_scheme, quantization_config, quantize, scheme_names
 
 # Mean KL(original || quantized) per token on random weights; 8-bit far below 4-bit.
 KL_BOUNDS = {
@@ -47,8 +47,7 @@ def _kl(reference: torch.Tensor, other: torch.Tensor) -> float:
     return float(torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1).mean())
 
 
-def _save_quantized(model: LlamaForCausalLM, config: LlamaConfig, scheme_name: str, path: Path):
-    scheme = get_scheme(scheme_name)
+def _save_quantized(model: LlamaForCausalLM, config: LlamaConfig, scheme: QuantScheme, path: Path):
     tensors: dict[str, torch.Tensor] = {}
     modules = []
     dequantized: dict[str, torch.Tensor] = {}
@@ -81,13 +80,16 @@ _ASYM_LOAD_BUG = pytest.mark.xfail(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "scheme_name",
-    [pytest.param(n, marks=_ASYM_LOAD_BUG) if n == "W4A16_ASYM" else n for n in scheme_names()],
+    "scheme",
+    [pytest.param(get_scheme(n), id=n, marks=[_ASYM_LOAD_BUG] if n == "W4A16_ASYM" else [])
+     for n in scheme_names()]
+    # Per-channel int8: a default mixed-precision candidate (flows.mixed.budget), so it must load too.
+    + [pytest.param(get_scheme("W8A16", per_channel=True), id="W8A16-channel")],
 )
-def test_transformers_loads_quantized_llama(tiny_llama, scheme_name: str, tmp_path: Path) -> None:
+def test_transformers_loads_quantized_llama(tiny_llama, scheme: QuantScheme, tmp_path: Path) -> None:
     config, model = tiny_llama
     ids = torch.randint(0, config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
-    dequantized = _save_quantized(model, config, scheme_name, tmp_path)
+    dequantized = _save_quantized(model, config, scheme, tmp_path)
     with torch.no_grad():
         reference = model(ids).logits
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
@@ -97,4 +99,4 @@ def test_transformers_loads_quantized_llama(tiny_llama, scheme_name: str, tmp_pa
         assert torch.equal(loaded_weights[key].to(weight.dtype), weight), key
     assert torch.isfinite(logits).all()
     kl = _kl(reference, logits)
-    assert 0 < kl < KL_BOUNDS[scheme_name]
+    assert 0 < kl < KL_BOUNDS[scheme.name]
