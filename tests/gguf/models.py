@@ -184,3 +184,14 @@ def fuse_experts(path: Path) -> Path:
         tensors[f"{prefix}.down_proj"] = torch.stack(down).contiguous()
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     return path
+
+
+def unsupported_copy(source: Path, dest: Path, architecture: str = "FalconForCausalLM") -> Path:
+    """A copy of `source` whose config names an architecture GGUF output does not support."""
+    import shutil
+
+    shutil.copytree(source, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config["architectures"] = [architecture]
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest

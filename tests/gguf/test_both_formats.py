@@ -23,7 +23,7 @@ import torch
 from flows.pipeline import convert_units, plan_conversion, run_conversion
 from flows.recipe import Recipe, RecipeError
 from infra.publish import DEFAULT_MARKER
-from tests.gguf.models import save_gguf_source
+from tests.gguf.models import save_gguf_source, unsupported_copy
 from tests.llamacpp import llama_cpp, llama_cpp_unavailable
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -153,11 +153,7 @@ def test_default_mode_and_sync_publish_both_under_one_version(llama: Path, both:
 def test_a_source_the_gguf_half_cannot_write_is_refused_in_one_line(llama: Path, tmp_path: Path) -> None:
     from tests.flows.test_cli import run_cli
 
-    source = tmp_path / "falcon"
-    shutil.copytree(llama, source)
-    config = json.loads((source / "config.json").read_text())
-    config["architectures"] = ["FalconForCausalLM"]
-    (source / "config.json").write_text(json.dumps(config))
+    source = unsupported_copy(llama, tmp_path / "falcon")
     dest = tmp_path / "out"
     done = run_cli("convert", str(source), str(dest), "--scheme", "W4A16", "--gguf", "Q4_K_M")  # Prefect mode
     assert done.returncode == 2, done.stderr

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 from flows.pipeline import plan_conversion, run_conversion
 from flows.recipe import Recipe
 from infra.storage import open_storage
-from tests.gguf.models import save_gguf_source
+from tests.gguf.models import save_gguf_source, unsupported_copy
 from tests.llamacpp import llama_cpp, llama_cpp_unavailable, logits, quantize_with_llama_cpp
 
 pytestmark = pytest.mark.skipif(bool(llama_cpp_unavailable()), reason=llama_cpp_unavailable() or "-")
@@ -135,11 +134,7 @@ def test_q8_0_q4_k_q6_k_blocks_match_llama_model_quantize(llama_f16, tmp_path) -
 def test_unsupported_architecture_is_one_line_and_publishes_nothing(llama_f16, tmp_path) -> None:
     from tests.flows.test_cli import run_cli
 
-    source = tmp_path / "falcon"
-    shutil.copytree(llama_f16, source)
-    config = json.loads((source / "config.json").read_text())
-    config["architectures"] = ["FalconForCausalLM"]
-    (source / "config.json").write_text(json.dumps(config))
+    source = unsupported_copy(llama_f16, tmp_path / "falcon")
     dest = tmp_path / "out"
     # The default (Prefect) mode, as a user runs it.
     done = run_cli("convert", str(source), str(dest), "--format", "gguf", "--scheme", "Q4_K_M")
