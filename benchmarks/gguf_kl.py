@@ -76,7 +76,7 @@ def convert_with_llama_cpp(checkpoint: Path, out: Path) -> None:
 
 def write_ours(checkpoint: Path, scheme: str, folder: Path) -> Path:
     """quantfleet's GGUF, one split, by the GGUF worker (the pipeline's unit function)."""
-    from flows.gguf.plan import gguf_context
+    from flows.gguf_output.plan import gguf_context
     from workers.gguf_unit import convert_gguf_unit
 
     plan = plan_conversion(str(checkpoint), Recipe.preset(scheme, format="gguf"), shard_size=1 << 40)

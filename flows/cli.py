@@ -344,7 +344,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         described = [f"GGUF {plan.recipe.scheme.upper()}"]
     print(f"recipe: {plan.recipe.label}; schemes: {', '.join(described) or 'none'}")
     if plan.gguf is not None:
-        from flows.gguf.companion import GGUF_FOLDER
+        from flows.gguf_output.companion import GGUF_FOLDER
 
         print(f"and GGUF {plan.gguf.recipe.scheme} of the same source in {GGUF_FOLDER}/ of the same version "
               f"({len(plan.gguf.units)} split(s), {_size(plan.gguf.bytes_out)})")

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 from flows.charts import per_layer_chart
 from flows.gates import GateResult, failed_gates
-from flows.gguf.companion import GGUF_FOLDER, gguf_manifest, gguf_records
-from flows.gguf.report import gguf_lines
+from flows.gguf_output.companion import GGUF_FOLDER, gguf_manifest, gguf_records
+from flows.gguf_output.report import gguf_lines
 from flows.plan import Plan
 from flows.source_report import source_fields, source_lines
 from infra.publish import DEFAULT_MARKER, Expected, Publisher

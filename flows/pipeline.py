@@ -17,7 +17,7 @@ from flows.destination import check_destination
 from flows.execute import ClusterInfo, run_evaluation, run_units, start_ray, warm_workers
 from flows.finalize import REPORT_NAME, stage_model_files, stage_report_files, worst_tensors
 from flows.gates import GateResult, QualityGateFailed, describe_failures, failed_gates, gate_results
-from flows.gguf.companion import GGUF_FOLDER, gguf_half_context, with_gguf_plan
+from flows.gguf_output.companion import GGUF_FOLDER, gguf_half_context, with_gguf_plan
 from flows.plan import Plan, build_plan
 from flows.recipe import Recipe
 from flows.sources import SourceError
@@ -118,7 +118,7 @@ def plan_conversion(
 def _context(plan: Plan, dest: Storage, device: str) -> UnitContext:
     publisher = Publisher(dest, "", plan.plan_id)
     if plan.recipe.format == "gguf":
-        from flows.gguf.plan import gguf_context
+        from flows.gguf_output.plan import gguf_context
 
         return gguf_context(plan, dest.uri(publisher.staging), device)
     return UnitContext(

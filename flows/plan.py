@@ -51,7 +51,7 @@ class Plan(BaseModel):
     # Mixed precision (flows.mixed): the budget and each quantized tensor's chosen candidate.
     mixed: MixedSummary | None = Field(default=None, exclude_if=lambda v: v is None)
     # Both formats (recipe `gguf:`): the GGUF conversion of the same source, published in `gguf/`
-    # of this plan's version (flows.gguf.companion).
+    # of this plan's version (flows.gguf_output.companion).
     gguf: Plan | None = Field(default=None, exclude_if=lambda v: v is None)
 
     def method_of(self, scheme_index: int) -> str:
@@ -217,7 +217,7 @@ def build_plan(
     their (scheme, method) instead of the recipe (mixed precision; `assign_key` names it in the id).
     """
     if recipe.format == "gguf":
-        from flows.gguf.plan import build_gguf_plan
+        from flows.gguf_output.plan import build_gguf_plan
 
         return build_gguf_plan(catalog, recipe, shard_size=shard_size, file_tags=file_tags, config=config)
     schemes: list[tuple[QuantScheme, str]] = []

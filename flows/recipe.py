@@ -18,12 +18,12 @@ wins), so a plan can hold any scheme per tensor.
     target_bits: 4.5        # mixed precision under a budget (or target_size: 120GB); see flows.mixed
     candidates: [{scheme: W4A16, group_size: 64}, {scheme: W8A16}]   # default: flows.mixed.budget
 
-`format: gguf` writes llama.cpp's GGUF instead of compressed-tensors (`flows.gguf.plan`); the
+`format: gguf` writes llama.cpp's GGUF instead of compressed-tensors (`flows.gguf_output.plan`); the
 scheme is then a GGUF type or mix (F16, BF16, Q8_0, Q6_K, Q5_K, Q4_K, Q4_K_M, Q5_K_M), applied to
 every 2-D weight by llama.cpp's rules: targets, ignore, overrides and methods do not apply.
 `gguf: Q4_K_M` on a compressed-tensors recipe asks for both formats: the GGUF of the same source is
 written beside the compressed-tensors checkpoint, in `gguf/` of the same version, and published with
-it in one commit (`flows.gguf.companion`).
+it in one commit (`flows.gguf_output.companion`).
 
 Tensor gates (`min_sqnr_db`, `min_cosine`, `max_output_error`) are checked on the workers, for
 every quantized tensor. Model gates (`max_mean_kl`, `min_top1`, `min_embedding_cosine`) need the

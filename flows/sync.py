@@ -34,7 +34,7 @@ from flows.destination import check_destination
 from flows.execute import ClusterInfo, start_ray
 from flows.finalize import CHART_NAME, report_markdown
 from flows.gates import gate_results
-from flows.gguf.companion import GGUF_FOLDER
+from flows.gguf_output.companion import GGUF_FOLDER
 from flows.pipeline import (
     convert_units,
     evaluate_staged,

@@ -1,6 +1,6 @@
 """What a work unit needs to know about one tensor of a GGUF split: its GGUF name, type and shape.
 
-Planned by `flows.gguf.plan` from headers alone (so every split's header, and every tensor's
+Planned by `flows.gguf_output.plan` from headers alone (so every split's header, and every tensor's
 offset in it, is fixed before any weight is read) and carried by `TensorJob.gguf`. A merged MoE
 tensor (`blk.N.ffn_down_exps.weight`, one 3-D tensor of all experts) is written by one job per
 expert, each into its slice.

@@ -8,7 +8,7 @@ from pathlib import Path
 import gguf
 import pytest
 
-from flows.gguf.plan import gguf_context
+from flows.gguf_output.plan import gguf_context
 from flows.pipeline import plan_conversion
 from flows.recipe import Recipe, RecipeError
 from infra.errors import CheckpointError

@@ -90,7 +90,7 @@ def _tensors(path: Path) -> dict[str, tuple[str, bytes]]:
 
 def _write_gguf(source: Path, scheme: str, staging: Path) -> Path:
     """One split written by the GGUF worker itself (the pipeline's unit function, no Ray)."""
-    from flows.gguf.plan import gguf_context
+    from flows.gguf_output.plan import gguf_context
     from workers.gguf_unit import convert_gguf_unit
 
     plan = plan_conversion(str(source), Recipe.preset(scheme, format="gguf"), shard_size=1 << 40)

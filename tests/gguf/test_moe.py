@@ -43,7 +43,7 @@ def moe_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _write_splits(source: Path, scheme: str, folder: Path, shard_size: int) -> list[Path]:
     """Every split of the plan, each written by the GGUF worker itself (no Ray)."""
-    from flows.gguf.plan import gguf_context
+    from flows.gguf_output.plan import gguf_context
     from workers.gguf_unit import convert_gguf_unit
 
     plan = plan_conversion(str(source), Recipe.preset(scheme, format="gguf"), shard_size=shard_size)

@@ -48,7 +48,7 @@ def llama2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _f16_splits(source: Path, folder: Path) -> list[Path]:
-    from flows.gguf.plan import gguf_context
+    from flows.gguf_output.plan import gguf_context
     from workers.gguf_unit import convert_gguf_unit
 
     plan = plan_conversion(str(source), Recipe.preset("F16", format="gguf"), shard_size=1_000_000)

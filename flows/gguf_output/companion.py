@@ -1,7 +1,7 @@
 """Both formats from one recipe: the GGUF of the same conversion, published in the same version.
 
 A compressed-tensors recipe with `gguf: Q4_K_M` plans a second conversion of the same source, to
-GGUF (`flows.gguf.plan`), and keeps it on the plan (`Plan.gguf`). The same Ray workers write its
+GGUF (`flows.gguf_output.plan`), and keeps it on the plan (`Plan.gguf`). The same Ray workers write its
 splits into `gguf/` of the same staging area once the compressed-tensors shards are done, each
 split resuming on its own like any unit; one commit (one marker write) then publishes both, so a
 version holds both formats or neither. The version's name is the compressed-tensors plan's id,
@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from flows.gguf.plan import build_gguf_plan, gguf_context
-from flows.gguf.report import gguf_bits_per_weight
+from flows.gguf_output.plan import build_gguf_plan, gguf_context
+from flows.gguf_output.report import gguf_bits_per_weight
 from flows.plan import Plan
 from infra.publish import Expected, Publisher
 from infra.safetensors import Catalog
