@@ -17,7 +17,7 @@ from flows.destination import check_destination
 from flows.execute import ClusterInfo, run_evaluation, run_units, start_ray, warm_workers
 from flows.finalize import REPORT_NAME, stage_model_files, stage_report_files, worst_tensors
 from flows.gates import GateResult, QualityGateFailed, describe_failures, failed_gates, gate_results
-from flows.gguf_output.companion import GGUF_FOLDER, gguf_half_context, with_gguf_plan
+from flows.gguf_output.companion import gguf_half_context, gguf_staging_uri, with_gguf_plan
 from flows.plan import Plan, build_plan
 from flows.recipe import Recipe
 from flows.sources import SourceError
@@ -172,15 +172,13 @@ def convert_units(
 ) -> list[UnitResult]:
     """Run the plan's units; with `gguf_half`, those of the GGUF of a both-formats recipe, staged in
     `gguf/` of the same version ([] when the recipe asks for one format)."""
-    if gguf_half and plan.gguf is None:
+    half = plan.gguf if gguf_half else plan
+    if half is None:
         return []
     dest = check_not_published(dest_uri)
-    cluster = cluster or start_ray(ray_address)
-    if gguf_half and plan.gguf is not None:
-        units, context = plan.gguf.units, gguf_half_context(plan, dest, device)
-    else:
-        units, context = plan.units, _context(plan, dest, device)
-    return run_units(units, context, cluster=cluster, max_in_flight=max_in_flight, on_done=on_done)
+    context = gguf_half_context(plan, dest, device) if gguf_half else _context(plan, dest, device)
+    return run_units(half.units, context, cluster=cluster or start_ray(ray_address),
+                     max_in_flight=max_in_flight, on_done=on_done)
 
 
 def stage_for_publish(
@@ -216,7 +214,7 @@ def evaluate_staged_gguf(
     """The GGUF half of a both-formats run, evaluated as the compressed-tensors half is (else None)."""
     if plan.gguf is None or not plan.recipe.evaluates:
         return None
-    return _evaluate(plan, f"{staged_uri(plan, dest_uri)}/{GGUF_FOLDER}", cluster, device)
+    return _evaluate(plan, gguf_staging_uri(plan, open_storage(dest_uri)), cluster, device)
 
 
 def _evaluate(plan: Plan, staged: str, cluster: ClusterInfo | None, device: str) -> Evaluation:

@@ -31,7 +31,8 @@ from infra.safetensors import Catalog
 from infra.storage import Storage, join_key
 from workers.records import UnitContext, UnitResult
 
-__all__ = ["GGUF_FOLDER", "with_gguf_plan", "gguf_half_context", "gguf_records", "gguf_manifest"]
+__all__ = ["GGUF_FOLDER", "with_gguf_plan", "gguf_staging_uri", "gguf_half_context", "gguf_records",
+           "gguf_manifest"]
 
 GGUF_FOLDER = "gguf"
 
@@ -53,13 +54,17 @@ def with_gguf_plan(
     return plan.model_copy(update={"gguf": gguf})
 
 
+def gguf_staging_uri(plan: Plan, dest: Storage) -> str:
+    """Where the GGUF half is staged: `gguf/` of the version's staging area (the compressed-tensors
+    plan's), where the one commit finds it and the evaluation reads it."""
+    return dest.uri(join_key(Publisher(dest, "", plan.plan_id).staging, GGUF_FOLDER))
+
+
 def gguf_half_context(plan: Plan, dest: Storage, device: str) -> UnitContext:
-    """What the GGUF half's units need: they stage their splits in `gguf/` of the version's
-    staging area (the compressed-tensors plan's), where the one commit finds them."""
+    """What the GGUF half's units need besides their jobs."""
     if plan.gguf is None:
         raise ValueError(f"plan {plan.plan_id} has no GGUF half")
-    staging = Publisher(dest, "", plan.plan_id).staging
-    return gguf_context(plan.gguf, dest.uri(join_key(staging, GGUF_FOLDER)), device)
+    return gguf_context(plan.gguf, gguf_staging_uri(plan, dest), device)
 
 
 def gguf_records(results: Sequence[UnitResult]) -> dict[str, Expected]:
