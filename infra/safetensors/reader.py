@@ -4,6 +4,11 @@ The destination is allocated once as `torch.empty(n, dtype=uint8)`; storage read
 through a memoryview and the result is `.view(dtype).reshape(shape)` of that same buffer, so no
 intermediate bytes object is ever built. Large tensors are split into chunks read concurrently;
 `max_concurrent_reads` bounds the requests in flight per reader (per worker).
+
+Where the storage can map a file (local disk), a tensor of at least `map_min_bytes` is instead a
+copy-on-write map of the file's bytes: no copy and no freshly faulted memory, which on a 2-core
+machine was the largest cost of a tensor kept as it is (docs/benchmarks.md). Small tensors are
+read: a map costs two system calls and its page faults, a small read one call.
 """
 
 from __future__ import annotations
@@ -38,12 +43,14 @@ class TensorReader:
     """Reads tensors of safetensors files in one storage; use as a context manager or close()."""
 
     def __init__(
-        self, storage: Storage, *, max_concurrent_reads: int = 4, chunk_bytes: int = 16 << 20
+        self, storage: Storage, *, max_concurrent_reads: int = 4, chunk_bytes: int = 16 << 20,
+        map_min_bytes: int = 1 << 20,
     ) -> None:
         if max_concurrent_reads < 1 or chunk_bytes < 1:
             raise ValueError("max_concurrent_reads and chunk_bytes must be positive")
         self.storage = storage
         self.chunk_bytes = chunk_bytes
+        self.map_min_bytes = map_min_bytes
         self._pool = ThreadPoolExecutor(max_concurrent_reads, thread_name_prefix="qf-read")
 
     def read(
@@ -59,9 +66,16 @@ class TensorReader:
         else:
             offset, length = row_range_bytes(info, rows[0], rows[1], self.storage.uri(key))
             shape = (rows[1] - rows[0], *info.shape[1:])
-        raw = torch.empty(length, dtype=torch.uint8, pin_memory=pin_memory)
-        self.read_into(key, offset, raw)
-        return raw.view(TORCH_DTYPE[info.dtype]).reshape(shape)
+        dtype = TORCH_DTYPE[info.dtype]
+        mapped = None
+        if not pin_memory and length >= self.map_min_bytes and offset % DTYPE_SIZE[info.dtype] == 0:
+            mapped = self.storage.map_range(key, offset, length)
+        if mapped is not None:
+            raw = torch.frombuffer(mapped, dtype=torch.uint8)
+        else:
+            raw = torch.empty(length, dtype=torch.uint8, pin_memory=pin_memory)
+            self.read_into(key, offset, raw)
+        return raw.view(dtype).reshape(shape)
 
     def read_into(self, key: str, offset: int, out: torch.Tensor) -> None:
         """Fill the contiguous uint8 tensor `out` with bytes of `key` from `offset`."""

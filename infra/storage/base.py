@@ -188,6 +188,17 @@ class Storage(abc.ABC):
         Lets a caller read straight into a tensor's memory with no intermediate copy.
         """
 
+    def local_path(self, key: str) -> Path | None:
+        """The object's file on this machine, when it is one (local disk), else None: lets a
+        writer copy its bytes file to file in the kernel."""
+        return None
+
+    def map_range(self, key: str, offset: int, length: int) -> memoryview | None:
+        """The object's bytes [offset, offset + length) mapped into memory, or None when this
+        backend cannot map them (only local files can). The view is copy-on-write: writing to it
+        never changes the object. The mapping lasts as long as the view (or a tensor made from it)."""
+        return None
+
     def read_range(self, key: str, offset: int, length: int) -> bytes:
         """`length` bytes of the object from `offset`."""
         buf = bytearray(length)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import mmap
 import os
 import shutil
 import time
@@ -119,6 +120,36 @@ class LocalStorage(Storage):
             self._pread_exact(fd, offset, buffer.cast("B"), key)
         finally:
             os.close(fd)
+
+    def local_path(self, key: str) -> Path | None:
+        return self.path(key)
+
+    def map_range(self, key: str, offset: int, length: int) -> memoryview | None:
+        # A private (copy-on-write) map: the bytes are the page cache's own, so reading a tensor
+        # costs no copy and no fresh memory, and a kernel that wrote to its input could not
+        # change the source file. Madvised WILLNEED so the kernel starts reading a cold file now.
+        if length <= 0:
+            return None
+        path = self.path(key)
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            _raise_os_error(exc, self.uri(key), "open")
+        try:
+            size = os.fstat(fd).st_size
+            if offset + length > size:
+                raise StorageError(
+                    f"{self.uri(key)}: short read: wanted {length} bytes at offset {offset}, "
+                    f"the file ends after {size}"
+                )
+            mapped = mmap.mmap(fd, offset + length - start, offset=start, access=mmap.ACCESS_COPY)
+        except OSError as exc:
+            _raise_os_error(exc, self.uri(key), "map")
+        finally:
+            os.close(fd)  # the map keeps its own reference to the file
+        mapped.madvise(mmap.MADV_WILLNEED)
+        return memoryview(mapped)[offset - start :]
 
     def _pread_exact(self, fd: int, offset: int, view: memoryview, key: str) -> None:
         # preadv fills the caller's buffer directly (no temporary bytes object); loop because a

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 
 import pytest
 import torch
 
-from infra.errors import AlreadyExists, InvalidURI, ObjectNotFound
+from infra.errors import AlreadyExists, InvalidURI, ObjectNotFound, StorageError
 from infra.storage import LocalStorage, S3Storage, Storage, open_storage, parse_uri
 from infra.storage.parts import MAX_PARTS, MiB, PartPlan, plan_part_size
 
@@ -168,3 +169,18 @@ def test_local_writes_are_atomic_temp_files(tmp_path) -> None:  # type: ignore[n
 def test_unsafe_prefixes_are_refused(storage: Storage) -> None:
     with pytest.raises(InvalidURI):
         list(storage.list("../"))
+
+
+def test_local_map_range_is_the_files_bytes_copy_on_write_and_bounded(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store = LocalStorage(tmp_path)
+    data = _payload(3 * mmap.ALLOCATIONGRANULARITY + 123)
+    store.put_bytes("d/f.bin", data)
+    offset, length = mmap.ALLOCATIONGRANULARITY + 17, 2 * mmap.ALLOCATIONGRANULARITY  # unaligned start
+    view = store.map_range("d/f.bin", offset, length)
+    assert view is not None and bytes(view) == data[offset : offset + length]
+    view[0] = (view[0] + 1) % 256  # a private map: the file must not change
+    assert store.read_range("d/f.bin", 0, len(data)) == data
+    with pytest.raises(StorageError, match="short read"):
+        store.map_range("d/f.bin", len(data) - 10, 11)
+    with pytest.raises(ObjectNotFound):
+        store.map_range("d/missing.bin", 0, 1)
