@@ -83,6 +83,13 @@ def _scratch_file(
         path.unlink(missing_ok=True)  # already gone once adopted
 
 
+def _origin(source: Storage | None, key: str, begin: int) -> tuple[Path, int] | None:
+    """Where a kept tensor's bytes already lie on this machine, so the sink can copy them file to
+    file; None for remote sources."""
+    path = source.local_path(key) if source is not None else None
+    return None if path is None else (path, begin)
+
+
 def _convert_job(
     job: TensorJob,
     reader: TensorReader,  # in a unit, the pipeline's Prefetcher (same read())
@@ -91,18 +98,22 @@ def _convert_job(
     write: dict[str, int],
     sink: ShardSink,
     magnitudes: dict[str, torch.Tensor] | None = None,
+    source_storage: Storage | None = None,
 ) -> TensorRecord:
     bytes_in = sum(p.end - p.begin for p in job.parts) if job.parts else job.end - job.begin
     source = source_label(job)
     if job.passthrough:
         assert job.scheme is not None
-        copied = carry_over(job, reader, lambda name, part: sink.put(part, write[name]))
+        copied = carry_over(job, reader, lambda name, tensor, part: sink.put(
+            tensor, write[name], origin=_origin(source_storage, part.file, part.begin)))
         return TensorRecord(name=job.name, scheme=f"{ctx.schemes[job.scheme].name} "
                             f"{ctx.schemes[job.scheme].describe()}", bytes_in=bytes_in, bytes_out=copied,
                             source=source)
     tensor = read_dense(job, reader, device)
     if job.scheme is None:
-        written = sink.put(tensor, write[job.name])
+        # Only a plain source's bytes are the output's; a quantized source's were dequantized.
+        origin = _origin(source_storage, job.file, job.begin) if job.source is None else None
+        written = sink.put(tensor, write[job.name], origin=origin)
         return TensorRecord(name=job.name, scheme=None, bytes_in=bytes_in, bytes_out=written, source=source)
     scheme = ctx.schemes[job.scheme]
     weight = tensor.to(device)
@@ -196,7 +207,7 @@ def convert_unit(unit: WorkUnit, ctx: UnitContext, node: str = "local") -> UnitR
                 records, sha256 = run_pipelined(
                     unit.jobs, ahead, fd, header, position, device,
                     lambda job, prefetched, sink: _convert_job(
-                        job, prefetched, ctx, device, offsets, sink, magnitudes),
+                        job, prefetched, ctx, device, offsets, sink, magnitudes, source),
                     # Peak memory stays a small multiple of the largest tensor (plan's estimate: 4x).
                     read_budget=largest, write_budget=max(largest, 64 << 20), hold_budget=64 << 20,
                     direct=direct,

@@ -11,8 +11,8 @@ thread, so they overlap:
   stream waits on an event, so kernels never see a half-copied tensor.
 - `ShardSink` takes the transform's output parts, copies them back (CUDA: a side stream into
   pinned memory) and pwrites them in a writer thread, bounded by bytes queued, starting the
-  kernel's writeback as it goes so the final fsync has little left. The same thread hashes the
-  shard in file order while it writes (`_OrderedHash`): a part at the hash frontier is hashed from
+  kernel's writeback as it goes so the final fsync has little left. A hasher thread hashes the
+  shard in file order as parts are written (`_OrderedHash`): a part at the hash frontier is hashed from
   memory, parts ahead of it are held by reference up to a budget. The layout (dtype regions, then
   names) puts every job's small parts (shapes, scales) in regions before or after the big ones,
   so some of the file can only be hashed once the last job is done; that part is read back from
@@ -25,12 +25,16 @@ nothing of the threads: it reads a tensor from a reader-like object and hands pa
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,7 +48,32 @@ __all__ = ["Prefetcher", "ShardSink", "run_pipelined"]
 # Writeback is started (not waited for) every this many bytes, so the fsync before the shard is
 # staged has little left to do.
 _WRITEBACK_BYTES = 64 << 20
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>
+# Host parts go to the writer in pieces of at most this many bytes.
+_PIECE_BYTES = 32 << 20
+# copy_file_range errors that mean "not between these files": pwrite instead.
+_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF})
 _SENTINEL = object()
+
+
+@cache
+def _sync_file_range() -> Callable[..., int] | None:
+    """Linux's sync_file_range(2) from libc (Python's os module has no binding), or None."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function  # type: ignore[no-any-return]
+
+
+def _start_writeback(fd: int) -> None:
+    """Start writing the file's dirty pages to disk without waiting, so the fsync before the
+    shard is staged has little left to do and the page cache never holds a whole dirty shard."""
+    function = _sync_file_range()
+    if function is not None:
+        function(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # a failure only leaves the work to fsync
 
 
 def _is_cuda(device: torch.device) -> bool:
@@ -236,6 +265,17 @@ def _host_bytes(tensor: torch.Tensor) -> memoryview:
     return flat.view(torch.uint8).numpy().data.cast("B")
 
 
+@dataclass(slots=True)
+class _Part:
+    """Bytes for `offset`: a host view, or a device tensor once `ready` (a CUDA event) fires;
+    `origin` names the local file and offset the host view's bytes were mapped from."""
+
+    data: Any
+    offset: int
+    ready: Any = None
+    origin: tuple[Path, int] | None = None
+
+
 class ShardSink:
     """Writes output parts at their offsets from a writer thread and hashes the file in order."""
 
@@ -246,32 +286,49 @@ class ShardSink:
         self._hash = _OrderedHash(fd, size, hold_bytes)
         self._budget = _Budget(budget_bytes)
         self._queue: queue.Queue[Any] = queue.Queue()
+        self._written: queue.Queue[Any] = queue.Queue()  # parts written, in order, to be hashed
         self._error: BaseException | None = None
         self._device = device
         self._stream = torch.cuda.Stream(device) if _is_cuda(device) else None
         self._unsynced = 0
+        self._sources: dict[Path, int] = {}  # origin files open for copy_file_range
+        self._copy_range_works = True
+        # Writing and hashing each take about as long as the other (pwrite into the page cache
+        # ~1-2 GB/s, SHA-256 ~1.7 GB/s on one core), so each has its own thread.
         self._thread = threading.Thread(target=self._run, name="qf-write", daemon=True)
+        self._hasher = threading.Thread(target=self._run_hash, name="qf-hash", daemon=True)
         self._thread.start()
+        self._hasher.start()
 
     def write_bytes(self, data: bytes | memoryview, offset: int) -> int:
         """Write raw bytes (the header) at `offset`, through the same ordered queue."""
         view = memoryview(data).cast("B")
-        self._submit((view, None, offset), len(view))
+        self._submit(_Part(view, offset), len(view))
         return len(view)
 
-    def put(self, tensor: torch.Tensor, offset: int) -> int:
-        """Queue `tensor`'s bytes for `offset`; returns their count. Raises a writer failure."""
+    def put(self, tensor: torch.Tensor, offset: int, origin: tuple[Path, int] | None = None) -> int:
+        """Queue `tensor`'s bytes for `offset`; returns their count. Raises a writer failure.
+
+        `origin` (a local file, and the offset in it where exactly these bytes are) lets the writer
+        copy them file to file inside the kernel (copy_file_range: 2-3x faster than pwrite here);
+        the hash still reads them from `tensor`, the same bytes.
+        """
         nbytes = tensor.numel() * tensor.element_size()
         if tensor.device.type == "cpu":
-            self._submit((_host_bytes(tensor), None, offset), nbytes)
+            view = _host_bytes(tensor)
+            # In pieces, so the hasher works on one piece while the writer writes the next.
+            for start in range(0, max(nbytes, 1), _PIECE_BYTES):
+                piece = view[start : start + _PIECE_BYTES]
+                at = None if origin is None else (origin[0], origin[1] + start)
+                self._submit(_Part(piece, offset + start, origin=at), len(piece))
             return nbytes
         flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(tensor.device))
-        self._submit((flat, ready, offset), nbytes)
+        self._submit(_Part(flat, offset, ready=ready), nbytes)
         return nbytes
 
-    def _submit(self, item: tuple[Any, Any, int], nbytes: int) -> None:
+    def _submit(self, item: _Part, nbytes: int) -> None:
         if self._error is not None:
             raise UnitFailed(f"writing the shard failed: {self._error}") from self._error
         self._budget.acquire(nbytes)
@@ -286,24 +343,67 @@ class ShardSink:
         self._stream.synchronize()  # only this thread waits; the kernels go on
         return host.numpy().data.cast("B")
 
+    def _copy(self, origin: tuple[Path, int], view: memoryview, offset: int) -> None:
+        """Copy `view`'s bytes from their origin file in the kernel; pwrite them where it can't."""
+        path, source_offset = origin
+        done = 0
+        if self._copy_range_works:
+            try:
+                fd = self._sources.get(path)
+                if fd is None:
+                    fd = self._sources[path] = os.open(path, os.O_RDONLY)
+                while done < len(view):
+                    n = os.copy_file_range(
+                        fd, self._fd, len(view) - done, source_offset + done, offset + done
+                    )
+                    if n == 0:
+                        raise UnitFailed(f"{path}: ended at {source_offset + done} while copying a tensor")
+                    done += n
+                self._count_unsynced(len(view))
+                return
+            except OSError as error:
+                if error.errno not in _NO_COPY_RANGE or done:
+                    raise
+                self._copy_range_works = False  # another filesystem, or an old kernel
+        self._write(view, offset)
+
+    def _count_unsynced(self, nbytes: int) -> None:
+        self._unsynced += nbytes
+        if self._unsynced >= _WRITEBACK_BYTES:
+            _start_writeback(self._fd)
+            self._unsynced = 0
+
     def _write(self, view: memoryview, offset: int) -> None:
         start = offset
         while view:
             written = os.pwrite(self._fd, view, offset)
             view, offset = view[written:], offset + written
-        self._unsynced += offset - start
-        if self._unsynced >= _WRITEBACK_BYTES and hasattr(os, "sync_file_range"):
-            # Start writeback of what is written so far; does not wait for it.
-            os.sync_file_range(self._fd, 0, 0, os.SYNC_FILE_RANGE_WRITE)  # type: ignore[attr-defined]
-            self._unsynced = 0
+        self._count_unsynced(offset - start)
 
     def _run(self) -> None:
         while (entry := self._queue.get()) is not _SENTINEL:
-            (data, ready, offset), nbytes = entry
+            part, nbytes = entry
+            offset, view = part.offset, None
             try:
                 if self._error is None:
-                    view = data if ready is None else self._to_host(data, ready)
-                    self._write(view, offset)
+                    if part.origin is not None:
+                        view = part.data
+                        self._copy(part.origin, view, offset)
+                    else:
+                        view = part.data if part.ready is None else self._to_host(part.data, part.ready)
+                        self._write(view, offset)
+            except BaseException as error:  # noqa: BLE001 - reported by the next put or finish
+                self._error = error
+                view = None
+            # Only bytes already in the file go to the hasher: it may read them back from there.
+            self._written.put((view, offset, nbytes))
+        self._written.put(_SENTINEL)
+
+    def _run_hash(self) -> None:
+        while (entry := self._written.get()) is not _SENTINEL:
+            view, offset, nbytes = entry
+            try:
+                if view is not None and self._error is None:
                     self._hash.feed(offset, view)
             except BaseException as error:  # noqa: BLE001 - reported by the next put or finish
                 self._error = error
@@ -314,6 +414,10 @@ class ShardSink:
         if self._thread.is_alive():
             self._queue.put(_SENTINEL)
             self._thread.join()
+        self._hasher.join()
+        for fd in self._sources.values():
+            os.close(fd)
+        self._sources.clear()
 
     def finish(self) -> str:
         """Wait for every write; returns the file's SHA-256 (hex)."""

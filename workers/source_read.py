@@ -15,7 +15,7 @@ import torch
 from infra.safetensors import TensorInfo, TensorReader
 from infra.safetensors.dtypes import TORCH_DTYPE
 from quantizers.sources import dequantize_source
-from workers.source_units import CARRIED_OVER
+from workers.source_units import CARRIED_OVER, SourcePart
 from workers.units import TensorJob
 
 __all__ = ["read_dense", "carry_over", "source_label", "shared_absmax"]
@@ -41,11 +41,16 @@ def read_dense(job: TensorJob, reader: TensorReader, device: torch.device) -> to
                              scheme=job.source.scheme, dtype=TORCH_DTYPE[job.dtype])
 
 
-def carry_over(job: TensorJob, reader: TensorReader, write: Callable[[str, torch.Tensor], object]) -> int:
-    """Copy a carried-over job's parts unchanged under their output names; returns bytes written."""
+def carry_over(
+    job: TensorJob, reader: TensorReader, write: Callable[[str, torch.Tensor, SourcePart], object]
+) -> int:
+    """Copy a carried-over job's parts unchanged under their output names; returns bytes written.
+    `write` gets each part's output name, its tensor and the part (where its bytes lie)."""
     written = 0
+    parts = {p.role: p for p in job.parts}
     for role, tensor in _read_part_tensors(job, reader).items():
-        write(f"{job.module}.weight" if role == "weight" else f"{job.module}.weight_scale", tensor)
+        name = f"{job.module}.weight" if role == "weight" else f"{job.module}.weight_scale"
+        write(name, tensor, parts[role])
         written += tensor.numel() * tensor.element_size()
     return written
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from infra.safetensors import TensorReader
+from infra.safetensors import TensorInfo, TensorReader
 from infra.storage import open_storage
 from workers.errors import UnitFailed
 from workers.pipeline import Prefetcher, ShardSink, run_pipelined
@@ -43,6 +43,45 @@ def test_sink_hashes_out_of_order_writes_like_the_file(tmp_path: Path, hold_byte
         os.close(fd)
     assert path.read_bytes() == torch.cat(chunks).numpy().tobytes()
     assert digest == _file_sha(path)
+
+
+@pytest.mark.parametrize("origin_dir", ["same", "shm"], ids=["same-filesystem", "other-filesystem"])
+def test_sink_copies_kept_bytes_from_their_origin_file_and_hashes_them(
+    tmp_path: Path, origin_dir: str
+) -> None:
+    # Parts larger than the writer's pieces, put out of order, each copied file to file from the
+    # source (copy_file_range, or pwrite where the kernel refuses between these files).
+    root = Path("/dev/shm") if origin_dir == "shm" and Path("/dev/shm").is_dir() else tmp_path
+    source = root / f"qf-test-origin-{os.getpid()}"
+    generator = torch.Generator().manual_seed(1)
+    sizes = [(32 << 20) + 4097, 5000, 1, (1 << 20) + 3]
+    data = torch.randint(0, 256, (sum(sizes) + 777,), dtype=torch.uint8, generator=generator)
+    source.write_bytes(data.numpy().tobytes())
+    try:
+        reader = TensorReader(open_storage(root))
+        starts = [777 + sum(sizes[:i]) for i in range(len(sizes))]  # where each part lies in the source
+        offsets = [sum(sizes[i + 1 :]) for i in range(len(sizes))]  # in the shard: reversed order
+        path = tmp_path / "shard"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT)
+        try:
+            os.ftruncate(fd, sum(sizes))
+            sink = ShardSink(fd, sum(sizes), torch.device("cpu"), budget_bytes=8 << 20, hold_bytes=0)
+            for size, start, offset in zip(sizes, starts, offsets, strict=True):
+                info = TensorInfo(name="t", dtype="U8", shape=(size,), begin=start, end=start + size)
+                tensor = reader.read(source.name, info)  # a map of the source, for the big parts
+                assert sink.put(tensor, offset, origin=(source, start)) == size
+            digest = sink.finish()
+        finally:
+            os.close(fd)
+            reader.close()
+        expected = b"".join(
+            data[start : start + size].numpy().tobytes()
+            for size, start in reversed(list(zip(sizes, starts, strict=True)))
+        )
+        assert path.read_bytes() == expected
+        assert digest == _file_sha(path)
+    finally:
+        source.unlink()
 
 
 def test_sink_refuses_a_shard_with_unwritten_bytes(tmp_path: Path) -> None:
