@@ -147,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("schemes", help="list the quantization schemes")
 
+    kernels = commands.add_parser(
+        "compile-kernels", help="compile the quantization kernels once, into the on-disk cache",
+        description="Compile the kernels of each scheme into quantfleet's kernel cache "
+        "($TORCHINDUCTOR_CACHE_DIR if set, else ~/.cache/quantfleet/inductor), so no later "
+        "conversion waits for the compiler. setup.sh runs it. Only tensors of at least 4M elements "
+        "use the compiled kernels; a failed compile is a warning (conversions then run eager "
+        "kernels: the same bytes, slower).",
+    )
+    kernels.add_argument("--schemes", default="all",
+                         help="comma-separated schemes (default: all of `quantfleet schemes`)")
+    kernels.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                         help="which device's kernels: auto = the GPU when there is one, else CPU")
+
     evaluate = commands.add_parser(
         "evaluate", help="compare a quantized checkpoint with its original on a text",
         description="Runs both checkpoints on the same text and prints, for causal LMs, the mean "
@@ -326,6 +339,38 @@ def _cmd_schemes() -> int:
     print(f"{'scheme':<12} {'format':<22} {'stores':<28} bits/weight")
     for name, scheme in PRESETS.items():
         print(f"{name:<12} {scheme.format:<22} {scheme.describe():<28} {scheme.bits_per_weight:.2f}")
+    return 0
+
+
+def _cmd_compile_kernels(args: argparse.Namespace) -> int:
+    import torch
+
+    from quantizers import PRESETS, get_scheme
+    from quantizers.kernels import COMPILE_MIN_ELEMENTS, compiles, failed_kernels
+    from workers.kernel_cache import use_kernel_cache
+    from workers.warmup import warm_up
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("--device cuda: this machine's torch sees no CUDA GPU")
+    if not compiles(COMPILE_MIN_ELEMENTS):
+        print("compile-kernels: QUANTFLEET_COMPILE turns compiling off; nothing to do")
+        return 0
+    names = list(PRESETS) if args.schemes.strip().lower() == "all" else [
+        n.strip() for n in args.schemes.split(",") if n.strip()]
+    schemes = [(name, get_scheme(name)) for name in names]  # every name checked before compiling
+    directory = use_kernel_cache()
+    print(f"compile-kernels: into {directory or 'Inductor default cache'}")
+    total = 0.0
+    for name, scheme in schemes:
+        seconds = warm_up((scheme,), (COMPILE_MIN_ELEMENTS,), args.device)
+        total += seconds
+        print(f"  {name:<12} {seconds:5.1f} s", flush=True)
+    failed = failed_kernels()
+    if failed:
+        print(f"compile-kernels: {len(failed)} kernel(s) did not compile ({', '.join(failed)}); "
+              "conversions use eager kernels for them", file=sys.stderr)
+        return 1
+    print(f"compile-kernels: done in {total:.1f} s")
     return 0
 
 
@@ -671,6 +716,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     commands = {"schemes": lambda: _cmd_schemes(), "plan": lambda: _cmd_plan(args),
+                "compile-kernels": lambda: _cmd_compile_kernels(args),
                 "convert": lambda: _cmd_convert(args), "demo": lambda: _cmd_demo(args),
                 "evaluate": lambda: _cmd_evaluate(args), "sweep": lambda: _cmd_sweep(args),
                 "sync": lambda: _cmd_sync(args), "schedule": lambda: _cmd_schedule(args),

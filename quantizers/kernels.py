@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["COMPILE_MIN_ELEMENTS", "maybe_compiled", "compile_seconds", "compiles"]
+__all__ = ["COMPILE_MIN_ELEMENTS", "maybe_compiled", "compile_seconds", "compiles", "failed_kernels"]
 
 _log = logging.getLogger(__name__)
 
@@ -41,6 +41,11 @@ _warned = False
 def compile_seconds() -> dict[str, float]:
     """Wall time spent in first calls of compiled kernels, by kernel name (for reports)."""
     return dict(_compile_seconds)
+
+
+def failed_kernels() -> tuple[str, ...]:
+    """Names of the kernels whose compile failed in this process (they run eager from then on)."""
+    return tuple(sorted(kernel.__name__ for kernel in _broken))
 
 
 def _wants_compile(numel: int, force: bool | None) -> bool:

@@ -12,6 +12,7 @@ import torch
 from infra.errors import TransientStorageError
 from quantizers.scheme import QuantScheme
 from workers.convert_unit import convert_unit
+from workers.kernel_cache import use_kernel_cache
 from workers.measure_unit import MeasureContext, TensorMeasure, measure_unit
 from workers.records import UnitContext, UnitResult
 from workers.units import WorkUnit
@@ -27,21 +28,23 @@ def node_name() -> str:
     return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
 
-def _use_assigned_cores() -> None:
-    """torch's threads = the CPUs Ray gave this task. Ray passes num_cpus as OMP_NUM_THREADS in
-    the environment it starts a worker with, which torch reads once: a reused process would keep
-    the count of whatever task started it."""
+def _prepare_process() -> None:
+    """Before each task: compiled kernels come from quantfleet's on-disk cache
+    (`workers.kernel_cache`), and torch's threads = the CPUs Ray gave this task. Ray passes
+    num_cpus as OMP_NUM_THREADS in the environment it starts a worker with, which torch reads
+    once: a reused process would keep the count of whatever task started it."""
+    use_kernel_cache()
     cores = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
     torch.set_num_threads(max(1, cores))
 
 
 def _convert_on_node(unit: WorkUnit, context: UnitContext) -> UnitResult:
-    _use_assigned_cores()
+    _prepare_process()
     return convert_unit(unit, context, node=node_name())
 
 
 def _warm_up(schemes: tuple[QuantScheme, ...], largest: tuple[int, ...], device: str) -> float:
-    _use_assigned_cores()
+    _prepare_process()
     return warm_up(schemes, largest, device)
 
 
@@ -60,6 +63,7 @@ warm_up_remote = ray.remote(max_retries=0, max_calls=0)(_warm_up)  # type: ignor
 
 
 def _measure_on_node(unit: WorkUnit, context: MeasureContext) -> tuple[TensorMeasure, ...]:
+    _prepare_process()
     return measure_unit(unit, context)
 
 

@@ -40,6 +40,7 @@ def test_help_explains_every_option(capsys) -> None:
         (["plan", "ftp://host/x"], "quantfleet: error: "),
         (["plan", "{minilm}", "--scheme", "NVFP4A16", "--group-size", "32"],
          "quantfleet: error: scheme NVFP4A16: the format fixes the group size at 16"),
+        (["compile-kernels", "--schemes", "FP8,W3A16"], "quantfleet: error: unknown scheme 'W3A16'"),
     ],
 )
 def test_user_mistakes_get_one_line(minilm, capsys, args, message) -> None:
@@ -140,3 +141,16 @@ def test_a_bad_recipe_names_the_file_and_field(minilm, tmp_path, capsys):
     assert main(["plan", minilm, "--recipe", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"quantfleet: error: {recipe}: gates.min_sqnr: Extra inputs are not permitted")
+
+
+def test_compile_kernels_fills_the_kernel_cache_that_workers_use(tmp_path) -> None:
+    # A fresh process and an empty cache: the compile really happens and lands in the directory
+    # named by XDG_CACHE_HOME (what ~/.cache is to a user), which later processes then reuse.
+    env = {"XDG_CACHE_HOME": str(tmp_path), "QUANTFLEET_COMPILE": "auto"}
+    env_without = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "compile-kernels", "--schemes", "FP8"],
+                            capture_output=True, text=True, env={**env_without, **env}, timeout=600)
+    assert result.returncode == 0, result.stderr
+    cache = tmp_path / "quantfleet" / "inductor"
+    assert f"into {cache}" in result.stdout and "FP8" in result.stdout
+    assert any(path.is_file() for path in cache.rglob("*")), "nothing was compiled into the cache"
