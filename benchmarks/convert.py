@@ -2,6 +2,7 @@
 llm-compressor's `model_free_ptq` on the same input in the same run.
 
     .venv/bin/python benchmarks/convert.py [--workdir /tmp/qf-bench] [--layers 10] [--device cuda]
+        [--kernel-cache ready|cold|both]
 
 Each tool runs as a user runs it, in its own process: `quantfleet convert` (Prefect local mode,
 local Ray; on a GPU node units share the GPU) and `model_free_ptq` (llmcompressor 0.14, which needs
@@ -187,8 +188,10 @@ PASS_THROUGH_RECIPE = "scheme: W4A16\nignore: ['re:.*']\nuse_default_ignore: tru
 
 
 def run_quantfleet(
-    source: Path, dest: Path, scheme: str, shard_size: str, device: str = "cpu"
+    source: Path, dest: Path, scheme: str, shard_size: str, device: str = "cpu", cold_kernels: bool = False
 ) -> dict[str, object]:
+    """`cold_kernels`: an empty kernel cache (a machine where setup.sh's compile-kernels never ran),
+    else the kernels compiled beforehand, untimed, as setup.sh does."""
     shutil.rmtree(dest, ignore_errors=True)
     if scheme == "pass-through":
         recipe = dest.parent / "pass-through.yaml"
@@ -198,10 +201,19 @@ def run_quantfleet(
         choice = ["--scheme", scheme]
     quantfleet = ROOT / ".venv" / "bin" / "quantfleet"
     launcher = [str(quantfleet)] if quantfleet.exists() else [sys.executable, "-m", "flows.cli"]
+    env = {"PREFECT_API_URL": "", "RAY_AUTH_MODE": "disabled"}  # empty: a temporary server
+    target = "cuda" if device == "cuda" else "auto"
+    if cold_kernels:
+        cache = dest.parent / "cold-kernel-cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    elif scheme != "pass-through":
+        subprocess.run([*launcher, "compile-kernels", "--schemes", scheme, "--device", target],
+                       check=True, capture_output=True)
     result = measure(
         [*launcher, "convert", str(source), str(dest), *choice, "--shard-size", shard_size,
-         "--device", "cuda" if device == "cuda" else "auto"],
-        env={"PREFECT_API_URL": "", "RAY_AUTH_MODE": "disabled"},  # empty: a temporary server
+         "--device", target],
+        env=env,
         gpu=device == "cuda",
     )
     match = re.search(
@@ -263,6 +275,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: quantfleet on the GPU node's GPU, model_free_ptq on cuda:0 with 1 and 4 "
                         "workers, GPU busy fraction sampled with nvidia-smi")
+    parser.add_argument("--kernel-cache", choices=["ready", "cold", "both"], default="ready",
+                        help="ready: kernels compiled beforehand, as setup.sh does (untimed); cold: an "
+                        "empty kernel cache, a machine's very first conversion; both: a row each")
     parser.add_argument(
         "--shard-size",
         default="400MB",
@@ -276,8 +291,17 @@ def main() -> None:
     peer = None if args.skip_peer else ensure_peer()
     rows = []
     for scheme in args.schemes.split(","):
-        ours = run_quantfleet(source, args.workdir / f"qf-{scheme}", scheme, args.shard_size, args.device)
-        runs = [("quantfleet", ours)]
+        states = {"ready": [False], "cold": [True], "both": [False, True]}[args.kernel_cache]
+        if scheme == "pass-through":
+            states = [False]  # keeps every tensor: compiles nothing
+        runs = [
+            (
+                "quantfleet, cold kernel cache" if cold else "quantfleet",
+                run_quantfleet(source, args.workdir / f"qf-{scheme}", scheme, args.shard_size, args.device,
+                               cold_kernels=cold),
+            )
+            for cold in states
+        ]
         if scheme == "pass-through":
             runs.append(("cp -r (same files, same disk)", run_cp(source, args.workdir / "cp")))
         elif peer is not None:
@@ -312,12 +336,15 @@ def main() -> None:
     update_section(
         "Conversion" if args.device == "cpu" else "Conversion on a GPU node",
         f"Measured with `.venv/bin/python benchmarks/convert.py --layers {args.layers} "
-        f"--device {args.device} --schemes {args.schemes} --shard-size {args.shard_size}` "
+        f"--device {args.device} --schemes {args.schemes} --shard-size {args.shard_size} "
+        f"--kernel-cache {args.kernel_cache}` "
         f"({machine_line()}, load average "
         f"{os.getloadavg()[0]:.1f} at the end) "
         f"on a generated Llama-shaped bf16 checkpoint of {mib:,.0f} MiB in 3 shards (hidden 4096, "
         f"MLP 11008), output shards of {args.shard_size} (one work unit each), "
-        "converted to local disk. quantfleet runs `quantfleet convert` with Prefect's "
+        "converted to local disk. Before each quantfleet row its kernels are compiled into the "
+        "kernel cache, untimed, as setup.sh does; a 'cold kernel cache' row starts from an empty "
+        "one. quantfleet runs `quantfleet convert` with Prefect's "
         "local mode and a local Ray; its fixed start-up (Prefect's temporary "
         "server, Ray, planning) is reported apart from converting. model_free_ptq's start-up is its "
         "import time. pass-through keeps every tensor (only the data path: read, write, hash, "
