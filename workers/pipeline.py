@@ -386,11 +386,10 @@ class ShardSink:
             offset, view = part.offset, None
             try:
                 if self._error is None:
+                    view = part.data if part.ready is None else self._to_host(part.data, part.ready)
                     if part.origin is not None:
-                        view = part.data
                         self._copy(part.origin, view, offset)
                     else:
-                        view = part.data if part.ready is None else self._to_host(part.data, part.ready)
                         self._write(view, offset)
             except BaseException as error:  # noqa: BLE001 - reported by the next put or finish
                 self._error = error

@@ -110,12 +110,20 @@ class LocalStorage(Storage):
             raise ObjectNotFound(f"{self.uri(key)}: not a file")
         return ObjectInfo(key=key, size=st.st_size, etag=_etag(st), sha256=_get_sha256(path))
 
-    def read_range_into(self, key: str, offset: int, buffer: memoryview) -> None:
-        path = self.path(key)
+    def _open_for_reading(self, key: str) -> int:
         try:
-            fd = os.open(path, os.O_RDONLY)
+            return os.open(self.path(key), os.O_RDONLY)
         except OSError as exc:
             _raise_os_error(exc, self.uri(key), "open")
+
+    def _short_read(self, key: str, wanted: int, offset: int, ends: int) -> StorageError:
+        return StorageError(
+            f"{self.uri(key)}: short read: wanted {wanted} bytes at offset {offset}, "
+            f"the file ends after {ends}"
+        )
+
+    def read_range_into(self, key: str, offset: int, buffer: memoryview) -> None:
+        fd = self._open_for_reading(key)
         try:
             self._pread_exact(fd, offset, buffer.cast("B"), key)
         finally:
@@ -130,19 +138,12 @@ class LocalStorage(Storage):
         # change the source file. Madvised WILLNEED so the kernel starts reading a cold file now.
         if length <= 0:
             return None
-        path = self.path(key)
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            _raise_os_error(exc, self.uri(key), "open")
+        fd = self._open_for_reading(key)
         try:
             size = os.fstat(fd).st_size
             if offset + length > size:
-                raise StorageError(
-                    f"{self.uri(key)}: short read: wanted {length} bytes at offset {offset}, "
-                    f"the file ends after {size}"
-                )
+                raise self._short_read(key, length, offset, size)
             mapped = mmap.mmap(fd, offset + length - start, offset=start, access=mmap.ACCESS_COPY)
         except OSError as exc:
             _raise_os_error(exc, self.uri(key), "map")
@@ -161,10 +162,7 @@ class LocalStorage(Storage):
             except OSError as exc:
                 _raise_os_error(exc, self.uri(key), "read")
             if n == 0:
-                raise StorageError(
-                    f"{self.uri(key)}: short read: wanted {len(view)} bytes at offset {offset}, "
-                    f"the file ends after {offset + done}"
-                )
+                raise self._short_read(key, len(view), offset, offset + done)
             done += n
 
     # --- writing -----------------------------------------------------------------------
