@@ -674,8 +674,6 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from botocore.exceptions import BotoCoreError
-
     from flows.destination import DestinationRefused
     from flows.execute import ConversionFailed
     from flows.gates import QualityGateFailed
@@ -686,9 +684,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from quantizers import QuantizationError
     from workers.errors import ConversionError
 
-    return (InfraError, QuantizationError, ConversionError, ConversionFailed, RecipeError,
-            SourceError, BotoCoreError, QualityGateFailed, DestinationRefused, argparse.ArgumentTypeError,
-            PrefectServerError)
+    errors: tuple[type[BaseException], ...] = (
+        InfraError, QuantizationError, ConversionError, ConversionFailed, RecipeError, SourceError,
+        QualityGateFailed, DestinationRefused, argparse.ArgumentTypeError, PrefectServerError,
+    )
+    try:  # boto3 is only needed for s3:// URIs (a GPU node's image may lack it)
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        return errors
+    return (*errors, BotoCoreError)
 
 
 def _configure_logging(verbose: bool) -> None:

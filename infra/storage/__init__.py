@@ -8,12 +8,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from infra.storage.base import ObjectInfo, ObjectWriter, Storage, WriteResult, join_key
 from infra.storage.local import LocalStorage
-from infra.storage.s3 import S3Options, S3Storage
 from infra.storage.uri import StorageURI, parse_uri
+
+if TYPE_CHECKING:
+    from infra.storage.s3 import S3Options, S3Storage
 
 __all__ = [
     "LocalStorage",
@@ -28,6 +30,16 @@ __all__ = [
     "open_storage",
     "parse_uri",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The S3 backend (and so boto3) loads on first use: a conversion between local paths, e.g. on
+    # a GPU node whose image has no boto3, never imports it.
+    if name in ("S3Options", "S3Storage"):
+        from infra.storage import s3
+
+        return getattr(s3, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_storage(uri: str | Path, **opts: Any) -> Storage:
@@ -48,5 +60,7 @@ def open_storage(uri: str | Path, **opts: Any) -> Storage:
     parsed = parse_uri(uri)
     if parsed.scheme == "file":
         return LocalStorage(parsed.path, **opts)
+    from infra.storage.s3 import S3Options, S3Storage
+
     client = opts.pop("client", None)
     return S3Storage(parsed.bucket, parsed.path, S3Options(**opts), client=client)

@@ -154,3 +154,21 @@ def test_compile_kernels_fills_the_kernel_cache_that_workers_use(tmp_path) -> No
     cache = tmp_path / "quantfleet" / "inductor"
     assert f"into {cache}" in result.stdout and "FP8" in result.stdout
     assert any(path.is_file() for path in cache.rglob("*")), "nothing was compiled into the cache"
+
+
+def test_local_conversion_without_prefect_or_boto3(minilm, tmp_path) -> None:
+    """A GPU node's image has neither Prefect nor boto3 (scripts/gpu_node/): `convert --no-prefect`
+    between local paths must not import them, in the driver or in its Ray workers (which inherit
+    PYTHONPATH, so the stand-ins that refuse to import shadow the real packages there too)."""
+    blocked = tmp_path / "blocked"
+    for package in ("prefect", "boto3", "botocore"):
+        (blocked / package).mkdir(parents=True)
+        (blocked / package / "__init__.py").write_text(f"raise ImportError('{package} is not installed')\n")
+    env = {"PYTHONPATH": f"{blocked}{os.pathsep}{Path(__file__).resolve().parents[2]}"}
+    result = run_cli("convert", minilm, str(tmp_path / "out"), "--scheme", "W4A16", "--no-prefect", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "out" / "_QUANTFLEET_PUBLISHED.json").exists()
+    # the stand-ins really shadow the packages: the S3 backend cannot load in that environment
+    probe = subprocess.run([sys.executable, "-c", "from infra.storage import S3Storage"], text=True,
+                           capture_output=True, env={**os.environ, **env})
+    assert "boto3 is not installed" in probe.stderr
