@@ -2,17 +2,22 @@
 llm-compressor's `model_free_ptq` on the same input in the same run.
 
     .venv/bin/python benchmarks/convert.py [--workdir /tmp/qf-bench] [--layers 10] [--device cuda]
-        [--kernel-cache ready|cold|both]
+        [--kernel-cache ready|cold|both] [--methods rtn,search,hqq] [--no-prefect]
+        [--mlp 14336 --shards 4] [--peer-python python3 --peer-path DIR]
 
 Each tool runs as a user runs it, in its own process: `quantfleet convert` (Prefect local mode,
 local Ray; on a GPU node units share the GPU) and `model_free_ptq` (llmcompressor 0.14, which needs
 older transformers/compressed-tensors, so it runs from `benchmarks/.peer-venv`, created on first
-use; on `--device cuda` with 1 and with 4 workers on cuda:0). A pass-through row (a recipe that
+use, or `--peer-python`/`--peer-path` where packages cannot be installed, as on a lent GPU node;
+on `--device cuda` with 1 and with 4 workers on cuda:0). A pass-through row (a recipe that
 keeps every tensor, so only the data path is measured) runs against plain `cp -r` of the same
 files to the same disk. Figures per run: wall time, converting time, throughput (bf16 input /
 converting time), the fixed start-up quantfleet reports separately (Prefect, Ray, planning), the
 peak RSS of the largest process (sampled over the whole process tree, Ray workers included) and,
 on CUDA, the GPU busy fraction (`nvidia-smi` utilisation sampled every 0.2 s during the run).
+`--methods` adds a quantfleet row per data-free method (issue 12's GPU cost budget: `search` and
+`hqq` at most 3x `rtn`'s converting time). `--layers 32 --mlp 14336 --shards 4` is the Llama-3-8B
+shape of the GPU figures (13.5 GiB); with CUDA the random weights are drawn on the GPU (~20 s).
 """
 
 from __future__ import annotations
@@ -41,14 +46,15 @@ PEER_PACKAGES = ["torch==2.13.0", "llmcompressor==0.14.0.1"]
 MFP_SCHEMES = {"W4A16": "W4A16", "FP8": "FP8_DYNAMIC"}  # same weight layout as our FP8
 
 
-def generate(path: Path, layers: int) -> int:
-    """A Llama-shaped bf16 checkpoint (hidden 4096, MLP 11008) in 3 shards; returns its bytes."""
+def generate(path: Path, layers: int, mlp: int = 11008, shard_count: int = 3) -> int:
+    """A Llama-shaped bf16 checkpoint (hidden 4096, MLP `mlp`) in `shard_count` shards; returns its
+    bytes. The weights are drawn on the GPU when there is one (an 8B shape takes minutes on CPUs)."""
     if (path / "model.safetensors.index.json").exists():
         return sum(p.stat().st_size for p in path.glob("*.safetensors"))
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    hidden, mlp, vocab, kv = 4096, 11008, 32000, 1024
+    hidden, vocab, kv = 4096, 32000, 1024
     names: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}"
@@ -65,7 +71,7 @@ def generate(path: Path, layers: int) -> int:
         ]
     names += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
     total = sum(2 * torch.Size(s).numel() for _, s in names)
-    per_shard = total // 3 + 1
+    per_shard = total // shard_count + 1
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, shape in names:
@@ -74,11 +80,15 @@ def generate(path: Path, layers: int) -> int:
             size = 0
         shards[-1].append((name, shape))
         size += 2 * torch.Size(shape).numel()
-    generator = torch.Generator().manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(device).manual_seed(0)
     weight_map = {}
     for index, shard in enumerate(shards):
         file = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: (torch.randn(s, generator=generator) * 0.02).to(torch.bfloat16) for n, s in shard}
+        tensors = {
+            n: (torch.randn(s, generator=generator, device=device) * 0.02).to(torch.bfloat16).cpu()
+            for n, s in shard
+        }
         save_file(tensors, str(path / file), metadata={"format": "pt"})
         weight_map.update({n: file for n, _ in shard})
         del tensors
@@ -175,7 +185,10 @@ def measure(
     }
 
 
-def ensure_peer() -> Path:
+def ensure_peer(python_override: str | None = None) -> Path:
+    """The peer's interpreter: `python_override` as it is, else benchmarks/.peer-venv, made on first use."""
+    if python_override:
+        return Path(shutil.which(python_override) or python_override)
     python = PEER / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(PEER)], check=True)
@@ -188,17 +201,19 @@ PASS_THROUGH_RECIPE = "scheme: W4A16\nignore: ['re:.*']\nuse_default_ignore: tru
 
 
 def run_quantfleet(
-    source: Path, dest: Path, scheme: str, shard_size: str, device: str = "cpu", cold_kernels: bool = False
+    source: Path, dest: Path, scheme: str, shard_size: str, device: str = "cpu", cold_kernels: bool = False,
+    method: str = "rtn", prefect: bool = True,
 ) -> dict[str, object]:
     """`cold_kernels`: an empty kernel cache (a machine where setup.sh's compile-kernels never ran),
-    else the kernels compiled beforehand, untimed, as setup.sh does."""
+    else the kernels compiled beforehand, untimed, as setup.sh does. `prefect=False` runs
+    `convert --no-prefect` (Ray only), for nodes without Prefect installed."""
     shutil.rmtree(dest, ignore_errors=True)
     if scheme == "pass-through":
         recipe = dest.parent / "pass-through.yaml"
         recipe.write_text(PASS_THROUGH_RECIPE)
         choice = ["--recipe", str(recipe)]
     else:
-        choice = ["--scheme", scheme]
+        choice = ["--scheme", scheme, "--method", method]
     quantfleet = ROOT / ".venv" / "bin" / "quantfleet"
     launcher = [str(quantfleet)] if quantfleet.exists() else [sys.executable, "-m", "flows.cli"]
     env = {"PREFECT_API_URL": "", "RAY_AUTH_MODE": "disabled"}  # empty: a temporary server
@@ -212,7 +227,7 @@ def run_quantfleet(
                        check=True, capture_output=True)
     result = measure(
         [*launcher, "convert", str(source), str(dest), *choice, "--shard-size", shard_size,
-         "--device", target],
+         "--device", target, *([] if prefect else ["--no-prefect"])],
         env=env,
         gpu=device == "cuda",
     )
@@ -235,8 +250,10 @@ def run_cp(source: Path, dest: Path) -> dict[str, object]:
 
 
 def run_model_free_ptq(
-    python: Path, source: Path, dest: Path, scheme: str, device: str = "cpu", workers: int = 1
+    python: Path, source: Path, dest: Path, scheme: str, device: str = "cpu", workers: int = 1,
+    path: str | None = None,
 ) -> dict[str, object]:
+    """`path`: prepended to the peer's PYTHONPATH (its own site of wheels on a lent GPU node)."""
     shutil.rmtree(dest, ignore_errors=True)
     target = "cuda:0" if device == "cuda" else "cpu"
     code = (
@@ -245,7 +262,8 @@ def run_model_free_ptq(
         f"model_free_ptq({str(source)!r}, {str(dest)!r}, scheme={scheme!r}, ignore=['lm_head'], "
         f"max_workers={workers}, device={target!r}); print('CONVERT', time.perf_counter()-t, 'IMPORT', i)"
     )
-    result = measure([str(python), "-c", code], gpu=device == "cuda")
+    env = {"PYTHONPATH": path + os.pathsep + os.environ.get("PYTHONPATH", "")} if path else None
+    result = measure([str(python), "-c", code], env=env, gpu=device == "cuda")
     match = re.search(r"CONVERT ([0-9.]+) IMPORT ([0-9.]+)", str(result["output"]))
     assert match, result["output"]
     result["convert"] = float(match.group(1))
@@ -262,12 +280,34 @@ def _row(tool: str, scheme: str, mib: float, r: dict[str, object]) -> tuple[obje
     )
 
 
+TARGETS_CPU = ("Targets (CPU): whole process >= 1.5x faster than model_free_ptq, largest process <= "
+               "1.2 GB, pass-through >= 80% of cp's throughput.")
+TARGETS_GPU = ("Targets (GPU node): W4A16 and FP8 converting throughput >= 3x the peer's best and >= 50% "
+               "of the node's `cat` read rate; search and hqq converting time <= 3x rtn's.")
+
+
+def _gpu_name() -> str:
+    return f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qf-bench"))
     parser.add_argument("--layers", type=int, default=12, help="decoder layers (12: 4.45 GiB)")
+    parser.add_argument("--mlp", type=int, default=11008,
+                        help="MLP width (14336 with --layers 32: the Llama-3-8B shape, 13.5 GiB)")
+    parser.add_argument("--shards", type=int, default=3, help="source shards (default 3)")
+    parser.add_argument("--methods", default="rtn",
+                        help="comma-separated data-free methods, a quantfleet row each (rtn, search, hqq)")
+    parser.add_argument("--no-prefect", action="store_true",
+                        help="run `quantfleet convert --no-prefect` (Ray only; a node without Prefect)")
+    parser.add_argument("--peer-python", default=None,
+                        help="the peer's interpreter as it is, instead of making benchmarks/.peer-venv")
+    parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md")
+    parser.add_argument("--peer-path", default=None,
+                        help="prepended to the peer's PYTHONPATH (a folder of its installed wheels)")
     parser.add_argument("--schemes", default="W4A16,FP8",
                         help="comma-separated schemes; 'pass-through' keeps every tensor and runs cp "
                         "beside it")
@@ -285,10 +325,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     source = args.workdir / "source"
-    size = generate(source, args.layers)
+    size = generate(source, args.layers, args.mlp, args.shards)
     mib = size / 2**20
     print(f"source: {mib:,.0f} MiB in {len(list(source.glob('*.safetensors')))} shards", flush=True)
-    peer = None if args.skip_peer else ensure_peer()
+    peer = None if args.skip_peer else ensure_peer(args.peer_python)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     rows = []
     for scheme in args.schemes.split(","):
         states = {"ready": [False], "cold": [True], "both": [False, True]}[args.kernel_cache]
@@ -296,10 +337,12 @@ def main() -> None:
             states = [False]  # keeps every tensor: compiles nothing
         runs = [
             (
-                "quantfleet, cold kernel cache" if cold else "quantfleet",
+                "quantfleet" + ("" if method == "rtn" else f", {method}")
+                + (", cold kernel cache" if cold else ""),
                 run_quantfleet(source, args.workdir / f"qf-{scheme}", scheme, args.shard_size, args.device,
-                               cold_kernels=cold),
+                               cold_kernels=cold, method=method, prefect=not args.no_prefect),
             )
+            for method in (["rtn"] if scheme == "pass-through" else methods)
             for cold in states
         ]
         if scheme == "pass-through":
@@ -307,7 +350,8 @@ def main() -> None:
         elif peer is not None:
             for workers in (1, 4) if args.device == "cuda" else (1,):
                 result = run_model_free_ptq(
-                    peer, source, args.workdir / f"mfp-{scheme}", MFP_SCHEMES[scheme], args.device, workers
+                    peer, source, args.workdir / f"mfp-{scheme}", MFP_SCHEMES[scheme], args.device, workers,
+                    args.peer_path,
                 )
                 runs.append((f"llm-compressor model_free_ptq, {workers} worker(s)", result))
         for tool, r in runs:
@@ -333,25 +377,29 @@ def main() -> None:
         f"| {t} | {s} | {w:.1f} s | {c:.1f} s | {tp:,.0f} | {st:.1f} s | {p:.2f} GiB ({n}) | {g} |"
         for t, s, w, c, st, tp, p, n, g in rows
     ]
+    if args.no_doc:
+        return
     update_section(
-        "Conversion" if args.device == "cpu" else "Conversion on a GPU node",
-        f"Measured with `.venv/bin/python benchmarks/convert.py --layers {args.layers} "
-        f"--device {args.device} --schemes {args.schemes} --shard-size {args.shard_size} "
-        f"--kernel-cache {args.kernel_cache}` "
-        f"({machine_line()}, load average "
+        ("Conversion" if args.device == "cpu" else "Conversion on a GPU node")
+        + ("" if methods == ["rtn"] else ": methods"),
+        f"Measured with `.venv/bin/python benchmarks/convert.py --layers {args.layers} --mlp {args.mlp} "
+        f"--shards {args.shards} --device {args.device} --schemes {args.schemes} --methods {args.methods} "
+        f"--shard-size {args.shard_size} --kernel-cache {args.kernel_cache}"
+        f"{' --no-prefect' if args.no_prefect else ''}` "
+        f"({machine_line()}{_gpu_name()}, load average "
         f"{os.getloadavg()[0]:.1f} at the end) "
-        f"on a generated Llama-shaped bf16 checkpoint of {mib:,.0f} MiB in 3 shards (hidden 4096, "
-        f"MLP 11008), output shards of {args.shard_size} (one work unit each), "
-        "converted to local disk. Before each quantfleet row its kernels are compiled into the "
+        f"on a generated Llama-shaped bf16 checkpoint of {mib:,.0f} MiB in {args.shards} shards (hidden "
+        f"4096, MLP {args.mlp}, {args.layers} layers), output shards of {args.shard_size} (one work unit "
+        "each), converted to local disk. Before each quantfleet row its kernels are compiled into the "
         "kernel cache, untimed, as setup.sh does; a 'cold kernel cache' row starts from an empty "
-        "one. quantfleet runs `quantfleet convert` with Prefect's "
-        "local mode and a local Ray; its fixed start-up (Prefect's temporary "
+        "one. quantfleet runs `quantfleet convert` with "
+        + ("no Prefect (`--no-prefect`)" if args.no_prefect else "Prefect's local mode")
+        + " and a local Ray; its fixed start-up (Prefect's temporary "
         "server, Ray, planning) is reported apart from converting. model_free_ptq's start-up is its "
         "import time. pass-through keeps every tensor (only the data path: read, write, hash, "
         "publish); `cp -r` + `sync` copies the same files to the same disk. Peak RSS is the largest "
-        "single process, sampled every 0.1 s over each run's process tree. Targets (CPU): whole "
-        "process >= 1.5x faster than model_free_ptq, largest process <= 1.2 GB, pass-through >= 80% "
-        "of cp's throughput.\n\n" + "\n".join(table),
+        "single process, sampled every 0.1 s over each run's process tree. "
+        + (TARGETS_CPU if args.device == "cpu" else TARGETS_GPU) + "\n\n" + "\n".join(table),
     )
 
 
