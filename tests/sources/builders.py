@@ -153,3 +153,14 @@ def run_plain(source: str, dest: str, scheme: str, shard_size: int = 5_000_000_0
     results = [convert_unit(unit, context) for unit in plan.units]
     finalize_and_publish(plan, dest, results)
     return plan
+
+
+def dequantized_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a compressed-tensors result run through quantfleet's own dequantizing loader (what
+    `quantfleet evaluate` runs): for NVFP4 experts of fused-experts models, which transformers 5.23
+    folds without their global scale. Where both load, the two give the same logits."""
+    from workers.evaluation.dequantized import load_dequantized
+
+    model = load_dequantized(path, causal=True, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        return model(ids).logits.float()

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from flows.cli import main
 from flows.pipeline import SourceError, plan_conversion
 from flows.recipe import Recipe
-from tests.sources.builders import run_plain, save_block_fp8, tiny_deepseek
+from tests.sources.builders import dequantized_logits, run_plain, save_block_fp8, tiny_deepseek
 
 
 @pytest.fixture(scope="module")
@@ -165,10 +165,10 @@ def test_a_bad_source_is_refused_with_one_line_and_nothing_published(sources, tm
         assert not dest.exists() or not [p for p in dest.rglob("*") if p.is_file()]  # nothing written
 
 
-# (target, bound on the mean |logit difference| relative to the dequantized source's mean |logit|;
-# None: transformers 5.23 cannot load NVFP4 experts of a fused-experts model, see README).
-# Measured on this model: W8A16 0.023, FP8 (one scale per row of random weights) 0.087.
-OTHER_TARGETS = [("W8A16", 0.05), ("FP8", 0.15), ("NVFP4A16", None)]
+# (target, bound on the mean |logit difference| relative to the dequantized source's mean |logit|).
+# Measured on this model (random weights, so 4-bit with one scale per 128 columns is coarse):
+# W4A16 0.30, W8A16 0.023, FP8 (one scale per row) 0.087, NVFP4A16 0.27 (through our loader).
+OTHER_TARGETS = [("W4A16", 0.4), ("W8A16", 0.05), ("FP8", 0.15), ("NVFP4A16", 0.35)]
 
 
 def test_block_fp8_converts_to_the_other_targets(sources, tmp_path) -> None:
@@ -184,9 +184,7 @@ def test_block_fp8_converts_to_the_other_targets(sources, tmp_path) -> None:
         cosines = [t["cosine"] for t in manifest["tensors"] if t["scheme"] is not None]
         assert len(cosines) > 20 and min(cosines) >= 0.97, target
         assert not [n for n in _tensors(out) if n.endswith("_scale_inv")]
-        if bound is None:
-            continue
-        got = _logits(out, ids)
+        got = (dequantized_logits if target == "NVFP4A16" else _logits)(out, ids)
         error = float((got - want).abs().mean() / want.abs().mean())
         print(f"{target}: mean relative logit difference {error:.4f}")
         assert torch.isfinite(got).all() and error <= bound, (target, error)

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tests.sources.builders import run_plain
+from tests.sources.builders import dequantized_logits, run_plain
 
 
 def _save_fused_qwen3_moe(path: Path) -> Path:
@@ -75,7 +75,9 @@ def test_fused_experts_are_quantized_per_expert_and_load(fused, tmp_path) -> Non
 
 # (target, bound on the mean |logit difference| relative to the dequantized source's mean |logit|):
 # a mean, since a tiny MoE's routing flips on near-ties and moves single logits by a lot.
-TARGETS = [("W8A16", 0.05), ("FP8", 0.1), ("NVFP4A16", None)]
+# (target, bound on the mean |logit difference| relative to the dequantized source's mean |logit|).
+# Measured: W4A16 (re-quantized from its own dequantized int4) 0.11, W8A16 0.020, NVFP4A16 0.20.
+TARGETS = [("W4A16", 0.18), ("W8A16", 0.05), ("FP8", 0.1), ("NVFP4A16", 0.3)]
 
 
 def test_a_compressed_tensors_int4_source_converts_to_other_schemes(fused, tmp_path) -> None:
@@ -91,15 +93,14 @@ def test_a_compressed_tensors_int4_source_converts_to_other_schemes(fused, tmp_p
         assert manifest["source"]["reference"] == "dequantized quantized source"
         config = json.loads((out / "config.json").read_text())["quantization_config"]
         assert {g["weights"]["num_bits"] for g in config["config_groups"].values()} == (
-            {8} if target != "NVFP4A16" else {4})
+            {4} if target in ("W4A16", "NVFP4A16") else {8})
         # Every weight against the dequantized source (the manifest's reference), on the workers.
         cosines = [t["cosine"] for t in manifest["tensors"] if t["scheme"] is not None]
         assert len(cosines) == 2 * (4 + 3 * 4) and min(cosines) >= 0.97, target
-        if target == "NVFP4A16":
-            # transformers 5.23 folds per-expert NVFP4 weights into its fused experts without their
-            # global scale (CompressedTensorsDequantize), so no logits check here; vLLM loads them.
-            continue
-        got = _logits(out, ids)
+        # transformers 5.23 folds per-expert NVFP4 weights into its fused experts without their
+        # global scale (CompressedTensorsDequantize; vLLM loads them): those logits come from
+        # quantfleet's own dequantizing loader, which gives transformers' logits where both load.
+        got = (dequantized_logits if target == "NVFP4A16" else _logits)(out, ids)
         assert torch.isfinite(got).all()
         error = float((got - dequantized_source).abs().mean() / dequantized_source.abs().mean())
         print(f"{target}: mean relative logit difference {error:.4f}")
