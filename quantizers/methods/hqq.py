@@ -35,10 +35,25 @@ PASSES = ITERATIONS + 1  # each iteration: one rounding, one shrink and one fit 
 
 
 def shrink(residual: torch.Tensor, beta: float, p: float = P) -> torch.Tensor:
-    """The lp (p < 1) proximal operator HQQ uses: sign(r) * relu(|r| - |r|^(p-1) / beta)."""
-    magnitude = residual.abs()
-    threshold = magnitude.clamp(min=1e-12).pow(p - 1) / beta
-    return torch.sign(residual) * torch.relu(magnitude - threshold)
+    """The lp (p < 1) proximal operator HQQ uses: sign(r) * relu(|r| - |r|^(p-1) / beta).
+
+    On the CPU the power, ~40% of hqq's time there, is taken only where the result can be nonzero:
+    relu(...) is zero wherever |r|^(2-p) <= 1/beta, i.e. |r| <= beta^(-1/(2-p)) (>= 0.51 steps for
+    the betas used), which with nearest rounding is every element but the clipped ones. Elements
+    below 0.99x that bound get the formula's signed zero directly: the 1.3% margin in
+    |r|^(p-1)/beta dwarfs float rounding. On a GPU the power is cheap and a gather would wait for
+    the device, so it runs dense there.
+    """
+    if residual.is_cuda:
+        magnitude = residual.abs()
+        return torch.sign(residual) * torch.relu(magnitude - magnitude.clamp(min=1e-12).pow(p - 1) / beta)
+    candidates = residual.abs() > 0.99 * beta ** (-1.0 / (2.0 - p))
+    out = torch.sign(residual).mul_(0.0)  # sign(r) * 0: the formula's zeros, signs included
+    outliers = residual[candidates]
+    if outliers.numel():
+        magnitude = outliers.abs()
+        out[candidates] = torch.sign(outliers) * torch.relu(magnitude - magnitude.pow(p - 1) / beta)
+    return out
 
 
 def scale_only(x: torch.Tensor, scale: torch.Tensor, grid: Grid) -> torch.Tensor:
