@@ -1,33 +1,34 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 10 and 12, prepared to run on a lent GPU node (the device tool) in two
-# calls of under 10 minutes each, within a session's 15 minutes of device time.
+# The GPU checks of issues 10 and 12, prepared to run on a lent GPU node (the device tool) in one
+# call of under 10 minutes: a session has 15 minutes of device time, the node's start included.
 #
 # Here, first (once): scripts/gpu_node/fetch_wheels.sh        # fills .whl/ (~46 MB, git-ignored)
-# Then, with the device tool, back to back so the node stays warm (its kernel cache too):
-#   run(command="bash scripts/gpu_node/run_checks.sh correctness", carry=[".whl"], timeout_s=360)
-#   run(command="bash scripts/gpu_node/run_checks.sh speed", carry=[".whl"], timeout_s=590)
+# Then, with the device tool:
+#   run(command="bash scripts/gpu_node/run_checks.sh all", carry=[".whl"], timeout_s=600)
 #
-# Phases (`all` runs both, for a node with more time):
-#   correctness  benchmarks/gpu_check.py (every scheme on an 8192x3072 weight, eager and compiled:
-#                CUDA bytes = CPU bytes, and kernel throughput), then the GPU tests
-#                (tests/quantizers/test_gpu.py, tests/workers/test_gpu_units.py: whole units on CUDA
-#                give the CPU's shard bytes; search/hqq repeat exactly).
-#   speed        a Llama-3-8B-shaped bf16 checkpoint (13.5 GiB, 4 shards) drawn on the GPU; the
-#                node's `cat` read rate of it; benchmarks/convert.py --device cuda: W4A16, FP8 and
-#                pass-through against model_free_ptq on cuda:0 with 1 and 4 workers and `cp`; then
-#                W4A16 with search and hqq beside rtn (issue 12: at most 3x rtn's converting time).
+# Steps, most important first, each under its own time limit so that one slow step cannot starve
+# the rest (`all`; or name one or more of them):
+#   gpu_check    benchmarks/gpu_check.py: every scheme on an 8192x3072 weight, eager and compiled,
+#                CUDA bytes = CPU bytes, and kernel throughput
+#   checkpoint   a Llama-3-8B-shaped bf16 checkpoint (13.5 GiB, 4 shards) drawn on the GPU, and the
+#                node's `cat` read rate of it
+#   convert      benchmarks/convert.py --device cuda: W4A16, pass-through (against `cp`) and FP8,
+#                against model_free_ptq on cuda:0 with 1 and 4 workers (issue 10)
+#   methods      the same W4A16 conversion with search and hqq (issue 12: at most 3x rtn's
+#                converting time, rtn's row being the convert step's)
+#   tests        the GPU tests: whole units on CUDA give the CPU's shard bytes, search/hqq repeat
+#                exactly (tests/workers/test_gpu_units.py), then tests/quantizers/test_gpu.py
 # The node's python3 (3.12, CUDA torch, transformers) runs everything; .whl/ours (Ray, pydantic,
 # compressed-tensors, ...) installs to /tmp/site, .whl/peer (llm-compressor and its pins) to
 # /tmp/peer-site, which only the peer sees. quantfleet runs `convert --no-prefect` (no Prefect or
-# boto3 on the node). Output goes to $OUT/<phase>.log, and docs/benchmarks.md (which the benchmarks
+# boto3 on the node). Output goes to $OUT/checks.log, and docs/benchmarks.md (which the benchmarks
 # update) is copied to $OUT after every step, so a call cut off at its limit still returns what
-# was measured. Record the figures in docs/benchmarks.md here afterwards.
+# was measured (rows are printed as each run ends). Record the figures here afterwards.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-phase=${1:-all}
 OUT=${OUT:-/tmp/qf-gpu-out}
 mkdir -p "$OUT"
-exec > >(tee -a "$OUT/$phase.log") 2>&1
+exec > >(tee -a "$OUT/checks.log") 2>&1
 export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1
 PYTHON=${PYTHON:-python3}
 WORK=${QF_GPU_WORK:-/tmp/qf-bench}
@@ -58,36 +59,47 @@ install() {
   "$PYTHON" -c "import sys, torch, transformers, ray, pydantic, compressed_tensors; \
 print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', \
 transformers.__version__, 'ray', ray.__version__, 'cuda', torch.cuda.is_available())" || exit 1
-  "$PYTHON" -m flows.cli compile-kernels --device cuda || echo "compile-kernels failed: eager kernels"
 }
 
-correctness() {
-  step 150 "gpu_check (CUDA bytes vs CPU, kernel throughput)" "$PYTHON" benchmarks/gpu_check.py
-  step 170 "GPU tests" "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" \
-    tests/quantizers/test_gpu.py tests/workers/test_gpu_units.py
+SHAPE=(--workdir "$WORK" --layers 32 --mlp 14336 --shards 4 --shard-size 2GB --device cuda --no-prefect)
+
+gpu_check() {
+  step 100 "gpu_check (CUDA bytes vs CPU, kernel throughput)" "$PYTHON" benchmarks/gpu_check.py
 }
 
-speed() {
-  local shape=(--workdir "$WORK" --layers 32 --mlp 14336 --shards 4 --shard-size 2GB --device cuda
-               --no-prefect)
-  step 60 "generate the 8B-shaped checkpoint on the GPU" "$PYTHON" -c "
+checkpoint() {
+  step 45 "generate the 8B-shaped checkpoint on the GPU" "$PYTHON" -c "
 import sys; from pathlib import Path; sys.path.insert(0, '.')
 from benchmarks.convert import generate
 print(generate(Path('$WORK/source'), 32, 14336, 4) / 2**30, 'GiB')"
   for run in 1 2; do
-    step 60 "cat of the source, run $run" bash -c "TIMEFORMAT='cat: %R s'; time cat $WORK/source/*.safetensors > /dev/null"
+    step 20 "cat of the source, run $run" bash -c "TIMEFORMAT='cat: %R s'; time cat $WORK/source/*.safetensors > /dev/null"
   done
-  step 330 "convert: W4A16, FP8, pass-through vs model_free_ptq and cp" "$PYTHON" benchmarks/convert.py \
-    "${shape[@]}" --schemes W4A16,FP8,pass-through --peer-python "$PYTHON" --peer-path /tmp/peer-site
-  step 200 "convert: W4A16 with rtn, search, hqq" "$PYTHON" benchmarks/convert.py "${shape[@]}" \
-    --schemes W4A16 --methods rtn,search,hqq --skip-peer
 }
 
+convert() {
+  step 220 "convert: W4A16, pass-through, FP8 vs model_free_ptq and cp" "$PYTHON" benchmarks/convert.py \
+    "${SHAPE[@]}" --schemes W4A16,pass-through,FP8 --peer-python "$PYTHON" --peer-path /tmp/peer-site
+}
+
+methods() {
+  step 110 "convert: W4A16 with search and hqq" "$PYTHON" benchmarks/convert.py "${SHAPE[@]}" \
+    --schemes W4A16 --methods search,hqq --skip-peer
+}
+
+tests() {
+  step 50 "GPU tests" "$PYTHON" -m pytest -v -p no:cacheprovider -o addopts="" \
+    tests/workers/test_gpu_units.py tests/quantizers/test_gpu.py
+}
+
+[ $# -gt 0 ] || { echo "usage: $0 all | STEP... (gpu_check checkpoint convert methods tests)" >&2; exit 2; }
+[ "$1" = all ] && set -- gpu_check checkpoint convert methods tests
+for name in "$@"; do
+  case $name in
+    gpu_check|checkpoint|convert|methods|tests) ;;
+    *) echo "unknown step: $name (gpu_check checkpoint convert methods tests)" >&2; exit 2 ;;
+  esac
+done
 install
-case $phase in
-  correctness) correctness ;;
-  speed) speed ;;
-  all) correctness; speed ;;
-  *) echo "usage: $0 correctness|speed|all" >&2; exit 2 ;;
-esac
-echo "=== done: $phase, $SECONDS s"
+for name in "$@"; do "$name"; done
+echo "=== done: $*, $SECONDS s"
