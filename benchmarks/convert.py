@@ -333,40 +333,45 @@ def main() -> None:
     peer = None if args.skip_peer else ensure_peer(args.peer_python)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     rows = []
+
+    def record(tool: str, scheme: str, result: dict[str, object]) -> None:
+        """One row, printed as soon as its run ends (a run cut off later loses none before it)."""
+        result.pop("output", None)
+        row = _row(tool, scheme, mib, result)
+        rows.append(row)
+        print(
+            f"{tool:<30} {scheme:<12} wall {row[2]:6.1f} s, converting {row[3]:6.1f} s "
+            f"({row[5]:6.0f} MiB/s), start-up {row[4]:5.1f} s, largest process {row[6]:.2f} GiB "
+            f"({row[7]}), GPU busy {row[8]}",
+            flush=True,
+        )
+
     for scheme in args.schemes.split(","):
         states = {"ready": [False], "cold": [True], "both": [False, True]}[args.kernel_cache]
         if scheme == "pass-through":
             states = [False]  # keeps every tensor: compiles nothing
-        runs = [
-            (
-                "quantfleet" + ("" if method == "rtn" else f", {method}")
-                + (", cold kernel cache" if cold else ""),
-                run_quantfleet(source, args.workdir / f"qf-{scheme}", scheme, args.shard_size, args.device,
-                               cold_kernels=cold, method=method, prefect=not args.no_prefect),
-            )
-            for method in (["rtn"] if scheme == "pass-through" else methods)
-            for cold in states
-        ]
+        for method in ["rtn"] if scheme == "pass-through" else methods:
+            for cold in states:
+                tool = ("quantfleet" + ("" if method == "rtn" else f", {method}")
+                        + (", cold kernel cache" if cold else ""))
+                record(tool, scheme, run_quantfleet(
+                    source, args.workdir / f"qf-{scheme}", scheme, args.shard_size, args.device,
+                    cold_kernels=cold, method=method, prefect=not args.no_prefect,
+                ))
         if scheme == "pass-through":
-            runs.append(("cp -r (same files, same disk)", run_cp(source, args.workdir / "cp")))
+            record("cp -r (same files, same disk)", scheme, run_cp(source, args.workdir / "cp"))
         elif peer is not None:
             for workers in (1, 4) if args.device == "cuda" else (1,):
-                result = run_model_free_ptq(
-                    peer, source, args.workdir / f"mfp-{scheme}", MFP_SCHEMES[scheme], args.device, workers,
-                    args.peer_path,
-                )
-                runs.append((f"llm-compressor model_free_ptq, {workers} worker(s)", result))
-        for tool, r in runs:
-            row = _row(tool, scheme, mib, r)
-            rows.append(row)
-            print(
-                f"{tool:<30} {scheme:<12} wall {row[2]:6.1f} s, converting {row[3]:6.1f} s "
-                f"({row[5]:6.0f} MiB/s), start-up {row[4]:5.1f} s, largest process {row[6]:.2f} GiB "
-                f"({row[7]}), GPU busy {row[8]}",
-                flush=True,
-            )
-        for _, r in runs:
-            r.pop("output", None)
+                try:
+                    result = run_model_free_ptq(
+                        peer, source, args.workdir / f"mfp-{scheme}", MFP_SCHEMES[scheme], args.device,
+                        workers, args.peer_path,
+                    )
+                except (SystemExit, OSError) as error:  # the peer's failure: our rows still count
+                    print(f"model_free_ptq, {workers} worker(s), {scheme}: failed: {error}"[:2000],
+                          flush=True)
+                    continue
+                record(f"llm-compressor model_free_ptq, {workers} worker(s)", scheme, result)
         for path in args.workdir.glob("*"):
             if path.name != "source":
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()

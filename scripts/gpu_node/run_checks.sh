@@ -3,19 +3,24 @@
 # call of under 10 minutes: a session has 15 minutes of device time, the node's start included.
 #
 # Here, first (once): scripts/gpu_node/fetch_wheels.sh        # fills .whl/ (~46 MB, git-ignored)
-# Then, with the device tool:
+# Then, with the device tool (15 minutes of device time: a start of 1-2 minutes, then these):
 #   run(command="bash scripts/gpu_node/run_checks.sh all", carry=[".whl"], timeout_s=600)
+#   run(command="bash scripts/gpu_node/run_checks.sh extra", carry=[".whl"], timeout_s=170)
+# The second only if the first left time (the node stays warm 30 s after a call, and keeps the
+# checkpoint the first one drew).
 #
 # Steps, most important first, each under its own time limit so that one slow step cannot starve
-# the rest (`all`; or name one or more of them):
+# the rest (`all` is the first four, `extra` the last two; or name steps one by one):
 #   gpu_check    benchmarks/gpu_check.py: every scheme on an 8192x3072 weight, eager and compiled,
 #                CUDA bytes = CPU bytes, and kernel throughput
 #   checkpoint   a Llama-3-8B-shaped bf16 checkpoint (13.5 GiB, 4 shards) drawn on the GPU, and the
 #                node's `cat` read rate of it
 #   convert      benchmarks/convert.py --device cuda: W4A16, pass-through (against `cp`) and FP8,
-#                against model_free_ptq on cuda:0 with 1 and 4 workers (issue 10)
+#                against model_free_ptq on cuda:0 with 1 and 4 workers (issue 10); should it fail,
+#                benchmarks/profile_unit.py times one W4A16 unit on the GPU without Ray instead
 #   methods      the same W4A16 conversion with search and hqq (issue 12: at most 3x rtn's
 #                converting time, rtn's row being the convert step's)
+#   units        W4A16 again with 500 MB output shards: 8 units sharing the GPU instead of 2
 #   tests        the GPU tests: whole units on CUDA give the CPU's shard bytes, search/hqq repeat
 #                exactly (tests/workers/test_gpu_units.py), then tests/quantizers/test_gpu.py
 # The node's python3 (3.12, CUDA torch, transformers) runs everything; .whl/ours (Ray, pydantic,
@@ -38,8 +43,8 @@ step() {  # step SECONDS NAME COMMAND...: run one check under a time limit, say 
   local started=$SECONDS
   echo "=== $name (limit ${limit}s) $(date +%T)"
   timeout --kill-after=10 "$limit" "$@"
-  local rc=$?
-  echo "=== $name: exit $rc after $((SECONDS - started)) s"
+  LAST_RC=$?
+  echo "=== $name: exit $LAST_RC after $((SECONDS - started)) s"
   cp docs/benchmarks.md "$OUT/benchmarks.md" 2>/dev/null
   return 0
 }
@@ -61,7 +66,8 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformer
 transformers.__version__, 'ray', ray.__version__, 'cuda', torch.cuda.is_available())" || exit 1
 }
 
-SHAPE=(--workdir "$WORK" --layers 32 --mlp 14336 --shards 4 --shard-size 2GB --device cuda --no-prefect)
+LAST_RC=0
+SHAPE=(--workdir "$WORK" --layers 32 --mlp 14336 --shards 4 --device cuda --no-prefect)
 
 gpu_check() {
   step 100 "gpu_check (CUDA bytes vs CPU, kernel throughput)" "$PYTHON" benchmarks/gpu_check.py
@@ -79,12 +85,23 @@ print(generate(Path('$WORK/source'), 32, 14336, 4) / 2**30, 'GiB')"
 
 convert() {
   step 220 "convert: W4A16, pass-through, FP8 vs model_free_ptq and cp" "$PYTHON" benchmarks/convert.py \
-    "${SHAPE[@]}" --schemes W4A16,pass-through,FP8 --peer-python "$PYTHON" --peer-path /tmp/peer-site
+    "${SHAPE[@]}" --shard-size 2GB --schemes W4A16,pass-through,FP8 --peer-python "$PYTHON" \
+    --peer-path /tmp/peer-site
+  if [ "$LAST_RC" -ne 0 ]; then
+    step 90 "fallback: one W4A16 unit on the GPU, in-process (no Ray)" "$PYTHON" benchmarks/profile_unit.py \
+      "$WORK/source" --scheme W4A16 --shard-size 2GB --device cuda --runs 2 --top 15
+  fi
 }
 
 methods() {
   step 110 "convert: W4A16 with search and hqq" "$PYTHON" benchmarks/convert.py "${SHAPE[@]}" \
-    --schemes W4A16 --methods search,hqq --skip-peer
+    --shard-size 2GB --schemes W4A16 --methods search,hqq --skip-peer
+}
+
+units() {
+  [ -f "$WORK/source/model.safetensors.index.json" ] || checkpoint
+  step 70 "convert: W4A16 in 500 MB shards (8 units)" "$PYTHON" benchmarks/convert.py "${SHAPE[@]}" \
+    --shard-size 500MB --schemes W4A16 --skip-peer --no-doc
 }
 
 tests() {
@@ -92,12 +109,14 @@ tests() {
     tests/workers/test_gpu_units.py tests/quantizers/test_gpu.py
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 all | STEP... (gpu_check checkpoint convert methods tests)" >&2; exit 2; }
-[ "$1" = all ] && set -- gpu_check checkpoint convert methods tests
+STEPS="gpu_check checkpoint convert methods units tests"
+[ $# -gt 0 ] || { echo "usage: $0 all | extra | STEP... ($STEPS)" >&2; exit 2; }
+[ "$1" = all ] && set -- gpu_check checkpoint convert methods
+[ "$1" = extra ] && set -- units tests
 for name in "$@"; do
-  case $name in
-    gpu_check|checkpoint|convert|methods|tests) ;;
-    *) echo "unknown step: $name (gpu_check checkpoint convert methods tests)" >&2; exit 2 ;;
+  case " $STEPS " in
+    *" $name "*) ;;
+    *) echo "unknown step: $name ($STEPS)" >&2; exit 2 ;;
   esac
 done
 install
