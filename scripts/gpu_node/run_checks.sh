@@ -16,8 +16,8 @@
 #   checkpoint   a Llama-3-8B-shaped bf16 checkpoint (13.5 GiB, 4 shards) drawn on the GPU, and the
 #                node's `cat` read rate of it
 #   convert      benchmarks/convert.py --device cuda: W4A16, pass-through (against `cp`) and FP8,
-#                against model_free_ptq on cuda:0 with 1 and 4 workers (issue 10); should it fail,
-#                benchmarks/profile_unit.py times one W4A16 unit on the GPU without Ray instead
+#                against model_free_ptq on cuda:0 with 1 and 4 workers (issue 10); should no quantfleet
+#                row come out, benchmarks/profile_unit.py times one W4A16 unit on the GPU without Ray
 #   methods      the same W4A16 conversion with search and hqq (issue 12: at most 3x rtn's
 #                converting time, rtn's row being the convert step's)
 #   units        W4A16 again with 500 MB output shards: 8 units sharing the GPU instead of 2
@@ -45,6 +45,11 @@ step() {  # step SECONDS NAME COMMAND...: run one check under a time limit, say 
   timeout --kill-after=10 "$limit" "$@"
   LAST_RC=$?
   echo "=== $name: exit $LAST_RC after $((SECONDS - started)) s"
+  if [ "$LAST_RC" -eq 124 ] || [ "$LAST_RC" -eq 137 ]; then
+    # Cut off: whatever it started (Ray's processes, a conversion) must not run into the next step.
+    pkill -9 -f 'raylet|gcs_server|ray::|flows.cli convert|model_free_ptq|dashboard/agent.py' 2>/dev/null
+    sleep 1
+  fi
   cp docs/benchmarks.md "$OUT/benchmarks.md" 2>/dev/null
   return 0
 }
@@ -70,11 +75,11 @@ LAST_RC=0
 SHAPE=(--workdir "$WORK" --layers 32 --mlp 14336 --shards 4 --device cuda --no-prefect)
 
 gpu_check() {
-  step 100 "gpu_check (CUDA bytes vs CPU, kernel throughput)" "$PYTHON" benchmarks/gpu_check.py
+  step 90 "gpu_check (CUDA bytes vs CPU, kernel throughput)" "$PYTHON" benchmarks/gpu_check.py
 }
 
 checkpoint() {
-  step 45 "generate the 8B-shaped checkpoint on the GPU" "$PYTHON" -c "
+  step 60 "generate the 8B-shaped checkpoint on the GPU" "$PYTHON" -c "
 import sys; from pathlib import Path; sys.path.insert(0, '.')
 from benchmarks.convert import generate
 print(generate(Path('$WORK/source'), 32, 14336, 4) / 2**30, 'GiB')"
@@ -83,11 +88,17 @@ print(generate(Path('$WORK/source'), 32, 14336, 4) / 2**30, 'GiB')"
   done
 }
 
+rows() {  # quantfleet rows printed so far (0 before tee has made the log)
+  local n; n=$(grep -c '^quantfleet ' "$OUT/checks.log" 2>/dev/null); echo "${n:-0}"
+}
+
 convert() {
+  local before; before=$(rows)
   step 220 "convert: W4A16, pass-through, FP8 vs model_free_ptq and cp" "$PYTHON" benchmarks/convert.py \
     "${SHAPE[@]}" --shard-size 2GB --schemes W4A16,pass-through,FP8 --peer-python "$PYTHON" \
     --peer-path /tmp/peer-site
-  if [ "$LAST_RC" -ne 0 ]; then
+  sleep 1  # tee's copy of the last rows
+  if [ "$(rows)" -eq "$before" ]; then  # not one quantfleet row: time one unit without Ray instead
     step 90 "fallback: one W4A16 unit on the GPU, in-process (no Ray)" "$PYTHON" benchmarks/profile_unit.py \
       "$WORK/source" --scheme W4A16 --shard-size 2GB --device cuda --runs 2 --top 15
   fi
