@@ -262,7 +262,8 @@ def run_model_free_ptq(
         f"model_free_ptq({str(source)!r}, {str(dest)!r}, scheme={scheme!r}, ignore=['lm_head'], "
         f"max_workers={workers}, device={target!r}); print('CONVERT', time.perf_counter()-t, 'IMPORT', i)"
     )
-    env = {"PYTHONPATH": path + os.pathsep + os.environ.get("PYTHONPATH", "")} if path else None
+    inherited = os.environ.get("PYTHONPATH")
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [path, inherited]))} if path else None
     result = measure([str(python), "-c", code], env=env, gpu=device == "cuda")
     match = re.search(r"CONVERT ([0-9.]+) IMPORT ([0-9.]+)", str(result["output"]))
     assert match, result["output"]
@@ -307,9 +308,9 @@ def main() -> None:
                         help="run `quantfleet convert --no-prefect` (Ray only; a node without Prefect)")
     parser.add_argument("--peer-python", default=None,
                         help="the peer's interpreter as it is, instead of making benchmarks/.peer-venv")
-    parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md")
     parser.add_argument("--peer-path", default=None,
                         help="prepended to the peer's PYTHONPATH (a folder of its installed wheels)")
+    parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md")
     parser.add_argument("--schemes", default="W4A16,FP8",
                         help="comma-separated schemes; 'pass-through' keeps every tensor and runs cp "
                         "beside it")

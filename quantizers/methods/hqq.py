@@ -45,15 +45,16 @@ def shrink(residual: torch.Tensor, beta: float, p: float = P) -> torch.Tensor:
     the device, so it runs dense there.
     """
     if residual.is_cuda:
-        magnitude = residual.abs()
-        return torch.sign(residual) * torch.relu(magnitude - magnitude.clamp(min=1e-12).pow(p - 1) / beta)
+        return _shrink_formula(residual, beta, p)
     candidates = residual.abs() > 0.99 * beta ** (-1.0 / (2.0 - p))
     out = torch.sign(residual).mul_(0.0)  # sign(r) * 0: the formula's zeros, signs included
-    outliers = residual[candidates]
-    if outliers.numel():
-        magnitude = outliers.abs()
-        out[candidates] = torch.sign(outliers) * torch.relu(magnitude - magnitude.pow(p - 1) / beta)
+    out[candidates] = _shrink_formula(residual[candidates], beta, p)
     return out
+
+
+def _shrink_formula(residual: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+    magnitude = residual.abs()
+    return torch.sign(residual) * torch.relu(magnitude - magnitude.clamp(min=1e-12).pow(p - 1) / beta)
 
 
 def scale_only(x: torch.Tensor, scale: torch.Tensor, grid: Grid) -> torch.Tensor:
