@@ -18,9 +18,13 @@ download() {  # download DEST SPEC...: cp312 manylinux wheels, no dependencies (
     -d "$dest" "$@" 2>&1 | grep -v "^WARNING: Location" || true
 }
 rm -rf .whl
+# typing-extensions too, though the node has one: pydantic(-core) 2.14 want >= 4.16 and fail to
+# import under < 4.14 (no typing_extensions.Sentinel); ours, ahead on PYTHONPATH, is newer than
+# whatever the image pinned, and typing-extensions only ever adds names.
 download .whl/ours ray==2.60.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
-  typing-inspection==0.4.5 compressed-tensors==0.20.0 gguf==0.19.0 loguru==0.7.3 \
-  jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
+  typing-inspection==0.4.5 typing-extensions==4.16.0 compressed-tensors==0.20.0 gguf==0.19.0 \
+  loguru==0.7.3 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 \
+  rpds-py==2026.9.1
 "$PYTHON" scripts/gpu_node/slim_wheel.py .whl/ours/ray-*.whl ray/jars/ ray/dashboard/client/ ray/rllib/
 # llmcompressor 0.14.0.1 wants compressed-tensors 0.19.0 and transformers <= 5.17 (the node has
 # 5.17): it gets a site of its own, ahead of ours on its PYTHONPATH.
