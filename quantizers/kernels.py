@@ -76,6 +76,17 @@ def _report_fallback(name: str, exc: Exception) -> None:
     _log.debug("compile failure of %s", name, exc_info=exc)
 
 
+def _detached(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The tensor arguments detached: same storage, but no longer views of another tensor.
+
+    Dynamo guards a view argument's `_base` (its sizes, dtype and how they relate to the view's),
+    so a kernel warmed on a fresh tensor compiled again for the first weight read from a file (a
+    view of the flat byte buffer it was read or mapped into): seconds, in every worker's first
+    unit. The kernels only read their arguments, so one compiled graph can serve both.
+    """
+    return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+
+
 def maybe_compiled(kernel: F, numel: int, force: bool | None = None) -> F:
     """`kernel` itself, or its compiled form when that is worth it (see module docstring).
 
@@ -94,7 +105,7 @@ def maybe_compiled(kernel: F, numel: int, force: bool | None = None) -> F:
         first = kernel.__name__ not in _compile_seconds
         start = time.perf_counter()
         try:
-            result = compiled(*args, **kwargs)
+            result = compiled(*_detached(args), **kwargs)
         except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
             _broken.add(kernel)
             _report_fallback(kernel.__name__, exc)

@@ -27,7 +27,11 @@ __all__ = ["warm_up", "WARM_SHAPE"]
 
 # Rows a multiple of FP8_BLOCK's 128-row blocks, columns of every group size (16 to 128); neither
 # 0 nor 1 in any dimension, so the dynamic-shape kernels compiled here serve every real shape.
-WARM_SHAPE = (256, 512)
+# Every dimension differs from the others (rows, columns, groups at each group size, packed words):
+# Dynamo gives equal sizes one symbol and guards that they stay equal, so a square shape would
+# compile again for the first weight that is not. At least COMPILE_MIN_ELEMENTS, so the packing
+# kernels, which decide by their own size, compile here too rather than in the first unit.
+WARM_SHAPE = (1280, 3584)
 
 
 def _device(preference: str) -> torch.device:

@@ -31,9 +31,55 @@ def test_warm_up_compiles_the_kernels_the_plan_will_compile() -> None:
     done = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True,
                           timeout=600, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    # The int kernels: scales and codes (quantize), and the dequantizer (the output-error probes).
+    # The int kernels: scales and codes (quantize), and the dequantizer (the output-error probes);
+    # 8-bit codes pack without a kernel.
     assert result["compiled"] == ["_int_codes", "_int_dequant_kernel", "_int_scales"]
     assert result["seconds"] > 0
+
+
+# After warming, a unit's weights compile nothing more: one read from a file as units read it (a
+# view of the buffer it was mapped or read into), a fresh one, both of shapes unlike the warm-up's.
+_FIRST_UNIT_SCRIPT = """
+import json, sys
+import torch
+from safetensors.torch import save_file
+from torch._dynamo.utils import counters
+from infra.safetensors.header import read_header
+from infra.safetensors.reader import TensorReader
+from infra.storage import open_storage
+from quantizers import dequantize, quantize
+from quantizers.kernels import COMPILE_MIN_ELEMENTS, compile_seconds
+from quantizers.presets import get_scheme
+from workers.warmup import warm_up
+
+scheme = get_scheme("W4A16")
+warm_up((scheme,), (COMPILE_MIN_ELEMENTS,), "cpu")
+warmed = sorted(compile_seconds())
+frames = counters["frames"]["ok"]
+folder = sys.argv[1]
+save_file({"w": (torch.randn(2304, 3072) * 0.02).to(torch.bfloat16)}, folder + "/w.safetensors")
+storage = open_storage(folder)
+with TensorReader(storage) as reader:
+    read = reader.read("w.safetensors", read_header(storage, "w.safetensors").tensors[0])
+fresh = (torch.randn(3328, 2560) * 0.02).to(torch.bfloat16)
+for weight in (read, fresh):
+    result = quantize(weight, scheme, name="w")
+    dequantize(result.tensors, scheme)
+print(json.dumps({"warmed": warmed, "base": read._base is not None,
+                  "compiled after warming": counters["frames"]["ok"] - frames}))
+"""
+
+
+def test_after_warm_up_a_units_weights_compile_nothing(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "QUANTFLEET_COMPILE": "auto"}
+    done = subprocess.run([sys.executable, "-c", _FIRST_UNIT_SCRIPT, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["base"], "the read weight should be a view of its read buffer, as in a unit"
+    # The packing kernels too: they decide by their own size, and the warm-up weight is large enough.
+    assert result["warmed"] == ["_int_codes", "_int_dequant_kernel", "_int_scales",
+                                "_nibbles_from_words", "_words_from_nibbles"]
+    assert result["compiled after warming"] == 0
 
 
 def test_warm_up_of_small_tensors_compiles_nothing() -> None:
