@@ -75,7 +75,6 @@ def test_fused_experts_are_quantized_per_expert_and_load(fused, tmp_path) -> Non
 
 # (target, bound on the mean |logit difference| relative to the dequantized source's mean |logit|):
 # a mean, since a tiny MoE's routing flips on near-ties and moves single logits by a lot.
-# (target, bound on the mean |logit difference| relative to the dequantized source's mean |logit|).
 # Measured: W4A16 (re-quantized from its own dequantized int4) 0.11, W8A16 0.020, NVFP4A16 0.20.
 TARGETS = [("W4A16", 0.18), ("W8A16", 0.05), ("FP8", 0.1), ("NVFP4A16", 0.3)]
 

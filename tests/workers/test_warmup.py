@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,11 +27,16 @@ print(json.dumps({"seconds": seconds, "compiled": sorted(compile_seconds())}))
 """
 
 
-def test_warm_up_compiles_the_kernels_the_plan_will_compile() -> None:
+def _run_fresh(script: str, *args: str) -> dict[str, Any]:
+    """`script` in a fresh interpreter (compiling by size, as workers do); its last line, as JSON."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "QUANTFLEET_COMPILE": "auto"}
-    done = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600, check=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
+                          text=True, timeout=600, check=True)
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_warm_up_compiles_the_kernels_the_plan_will_compile() -> None:
+    result = _run_fresh(_SCRIPT)
     # The int kernels: scales and codes (quantize), and the dequantizer (the output-error probes);
     # 8-bit codes pack without a kernel.
     assert result["compiled"] == ["_int_codes", "_int_dequant_kernel", "_int_scales"]
@@ -71,10 +77,7 @@ print(json.dumps({"warmed": warmed, "base": read._base is not None,
 
 
 def test_after_warm_up_a_units_weights_compile_nothing(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "QUANTFLEET_COMPILE": "auto"}
-    done = subprocess.run([sys.executable, "-c", _FIRST_UNIT_SCRIPT, str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=600, check=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = _run_fresh(_FIRST_UNIT_SCRIPT, str(tmp_path))
     assert result["base"], "the read weight should be a view of its read buffer, as in a unit"
     # The packing kernels too: they decide by their own size, and the warm-up weight is large enough.
     assert result["warmed"] == ["_int_codes", "_int_dequant_kernel", "_int_scales",
@@ -83,8 +86,5 @@ def test_after_warm_up_a_units_weights_compile_nothing(tmp_path: Path) -> None:
 
 
 def test_warm_up_of_small_tensors_compiles_nothing() -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "QUANTFLEET_COMPILE": "auto"}
     script = _SCRIPT.replace("(COMPILE_MIN_ELEMENTS, 1000)", "(1000, 1000)")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=600, check=True)
-    assert json.loads(done.stdout.strip().splitlines()[-1])["compiled"] == []
+    assert _run_fresh(script)["compiled"] == []
