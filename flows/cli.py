@@ -738,12 +738,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The `quantfleet` command: `main`, the exit handlers (Ray's shutdown, Prefect's temporary
+    """The `quantfleet` command: `main`, Ray's shutdown, the exit handlers (Prefect's temporary
     server stop, log flushing), then exit without tearing the interpreter down module by module:
     after a conversion has loaded torch, Ray and Prefect that takes seconds and saves nothing
     (every output is written, synced and published before `main` returns). An unexpected error
     still propagates as usual, with its traceback."""
     code = main()
+    if "ray" in sys.modules:  # a command that used Ray: stopped without Ray's exit-time pause
+        from flows.execute import stop_ray
+
+        stop_ray()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -78,6 +78,19 @@ def start_ray(address: str | None = None) -> ClusterInfo:
     )
 
 
+def stop_ray() -> None:
+    """Stop the Ray this process started (or leave the cluster it joined), if any.
+
+    The CLI calls this before the interpreter's exit handlers: Ray's own handler first sleeps
+    0.5 s so that late worker logs can print, which a finished conversion does not need (every
+    task has returned and reported by then). Measured on the 2-core machine: 1.9 s -> 1.2-1.4 s.
+    """
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def warm_workers(
     cluster: ClusterInfo,
     schemes: Sequence[Any],

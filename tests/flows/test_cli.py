@@ -73,10 +73,28 @@ def test_plan_prints_a_table_and_json(minilm, capsys) -> None:
     assert len(plan["units"]) == 1 and plan["schemes"][0]["name"] == "W4A16"
 
 
+def processes_started_with(marker: str) -> list[int]:
+    """The live processes whose environment holds `marker` (every process a command started
+    inherits its environment: Ray's, Prefect's server, workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
 def test_demo_converts_the_bundled_model_with_prefect_local_mode(tmp_path) -> None:
-    env = {"PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path / "prefect")}
+    marker = f"QUANTFLEET_TEST_RUN={tmp_path.name}"
+    env = {"PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path / "prefect"),
+           "QUANTFLEET_TEST_RUN": tmp_path.name}
     first = run_cli("demo", str(tmp_path / "demo"), env=env)
     assert first.returncode == 0, first.stdout + first.stderr
+    # The command stops Ray and Prefect's temporary server itself before it exits (flows.cli.entry):
+    # nothing it started outlives it.
+    assert processes_started_with(marker) == []
     assert "Published: file://" in first.stdout and "compression ratio" in first.stdout
     # An empty PREFECT_API_URL means a temporary server; Prefect's events worker would take it
     # for a server's address and print a traceback for every event.
