@@ -153,6 +153,10 @@ def _peak_tree_rss(process: subprocess.Popen[str], stop: threading.Event, out: d
 def measure(
     command: list[str], env: dict[str, str] | None = None, gpu: bool = False
 ) -> dict[str, object]:
+    # Every run starts with nothing left to write back: a checkpoint generated just before (or the
+    # previous run's output) would otherwise be flushed to disk during the next run, which then
+    # competes with it for the disk (the first quantfleet row after a generate ran 32 s against 20 s).
+    os.sync()
     stop, peak = threading.Event(), {}
     busy: dict[str, list[float]] = {}
     gpu_sampler = threading.Thread(target=_gpu_busy, args=(stop, busy)) if gpu else None
