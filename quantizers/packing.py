@@ -25,6 +25,7 @@ __all__ = [
     "pack_int_along_rows",
     "unpack_int_along_rows",
     "fp4_codes",
+    "fp4_values",
     "fp4_nibbles",
     "pack_nibbles",
     "unpack_nibbles",
@@ -119,26 +120,42 @@ def unpack_int_along_rows(packed: torch.Tensor, num_bits: int, rows: int) -> tor
     return unpack_int(packed.t().contiguous(), num_bits, rows).t().contiguous()
 
 
+def _fp4_magnitudes(y: torch.Tensor) -> torch.Tensor:
+    """|y| (float32, at most 6) rounded to the nearest E2M1 magnitude, ties to the even mantissa.
+
+    E2M1's magnitudes are spaced 0.5 below 2, 1 below 4 and 2 up to 6, so rounding is one
+    `round` (half to even) in units of the local step, a power of two, so scaling by it is exact.
+    Ties go as compressed-tensors' `cast_to_fp4` sends them (0.25 -> 0, 0.75 -> 1, 1.25 -> 1,
+    1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4). The step comes from the float exponent (128 in
+    [2, 4), 129 in [4, 8)) rather than from comparisons: eager `torch.where` is ~10x slower than
+    arithmetic on the CPU, and this runs eagerly in every NVFP4 scale search.
+    """
+    a = y.abs()
+    exponent = (a.view(torch.int32) >> 23).clamp(127, 129) - 1  # the step's, biased
+    # Multiplying by the exact power-of-two inverse, not dividing: exact on every device.
+    inverse = ((254 - exponent) << 23).view(torch.float32)
+    return (a * inverse).round().mul((exponent << 23).view(torch.float32))
+
+
+def fp4_values(y: torch.Tensor) -> torch.Tensor:
+    """float32 values already clamped to [-6, 6], rounded to E2M1 values (see `fp4_codes`).
+
+    The scale searches' grid: zeros may carry either sign (they only enter products and sums).
+    """
+    return _fp4_magnitudes(y).copysign(y)
+
+
 def fp4_codes(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Round float32 values already clamped to [-6, 6] to E2M1: (nibble as float, its value).
 
-    Ties go the way compressed-tensors' `cast_to_fp4` sends them (0.25 -> 0, 0.75 -> 1, 1.25 -> 1,
-    1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4), i.e. to the even mantissa. Negative values that round
-    to zero keep their sign bit, as compressed-tensors packs -0.0. Everything stays in float32
-    until the caller's final cast: Inductor vectorises uint8 arithmetic poorly (10x slower).
+    Ties go to the even mantissa, as compressed-tensors rounds (`_fp4_magnitudes`). Negative
+    values that round to zero keep their sign bit, as compressed-tensors packs -0.0. Everything
+    stays in float32 until the caller's final cast: Inductor vectorises uint8 arithmetic poorly
+    (10x slower).
     """
-    a = y.abs()
-    index = (
-        (a > 0.25).float()
-        + (a >= 0.75).float()
-        + (a > 1.25).float()
-        + (a >= 1.75).float()
-        + (a > 2.5).float()
-        + (a >= 3.5).float()
-        + (a > 5.0).float()
-    )
-    # index 0..3 -> 0, .5, 1, 1.5 (index/2); 4..7 -> 2, 3, 4, 6.
-    magnitude = torch.where(index < 4, index * 0.5, torch.where(index < 7, index - 2, 6.0))
+    magnitude = _fp4_magnitudes(y)
+    # 0, .5, 1, 1.5 -> index 0..3 (2m); 2, 3, 4 -> 4..6 (m + 2); 6 -> 7.
+    index = torch.where(magnitude < 2.0, magnitude * 2.0, torch.where(magnitude < 6.0, magnitude + 2.0, 7.0))
     negative = y < 0
     code = index + torch.where(negative, 8.0, 0.0)
     return code, torch.where(negative, -magnitude, magnitude)

@@ -19,7 +19,7 @@ from quantizers.formats._common import (
     round_to_dtype,
     signed_absmax,
 )
-from quantizers.formats.fp8_bits import from_e4m3, to_e4m3
+from quantizers.formats.fp8_bits import e4m3_values, from_e4m3, to_e4m3
 from quantizers.kernels import maybe_compiled
 from quantizers.methods import Grid, refine_scale
 from quantizers.scheme import QuantScheme
@@ -78,7 +78,7 @@ def _from_tiles(tiles: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
 def fp8_grid(dtype: torch.dtype) -> Grid:
     """E4M3 values; scales stored in the weight's dtype."""
     return Grid(
-        values=lambda y: to_e4m3(y.clamp(-FP8_MAX, FP8_MAX))[1],
+        values=lambda y: e4m3_values(y.clamp(-FP8_MAX, FP8_MAX)),
         store=lambda s: round_to_dtype(s, dtype),
     )
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["to_e4m3", "from_e4m3"]
+__all__ = ["to_e4m3", "e4m3_values", "from_e4m3"]
 
 _MIN_NORMAL = 2.0**-6
 _SUBNORMAL_STEP = 2.0**-9
@@ -34,6 +34,19 @@ def to_e4m3(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     negative = torch.signbit(values)
     code = code | (negative.to(torch.int32) << 7)
     return code.to(torch.uint8), torch.where(negative, -value, value)
+
+
+def e4m3_values(values: torch.Tensor) -> torch.Tensor:
+    """float32 in [-448, 448] -> the E4M3 values `to_e4m3` rounds them to (zeros of either sign).
+
+    For the scale searches, which need the values only, ~4x faster eagerly on the CPU: one round
+    in units of the local step, 2^(e-3) for exponent e (2^-9 for subnormals), read from the bits
+    instead of chosen by `torch.where`, which eager CPU torch runs ~10x slower than arithmetic.
+    """
+    magnitude = values.abs()
+    exponent = (magnitude.view(torch.int32) >> 23).clamp(min=127 - 6) - 3  # the step's, biased
+    inverse = ((254 - exponent) << 23).view(torch.float32)  # exact: no division on any device
+    return (magnitude * inverse).round().mul((exponent << 23).view(torch.float32)).copysign(values)
 
 
 def from_e4m3(codes: torch.Tensor) -> torch.Tensor:

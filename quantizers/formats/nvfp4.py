@@ -24,7 +24,7 @@ from quantizers.formats._common import (
 from quantizers.formats.fp8_bits import to_e4m3
 from quantizers.kernels import maybe_compiled
 from quantizers.methods import Grid, refine_scale
-from quantizers.packing import fp4_codes, pack_nibbles, unpack_nibbles
+from quantizers.packing import fp4_codes, fp4_values, pack_nibbles, unpack_nibbles
 from quantizers.scheme import QuantScheme
 
 __all__ = [
@@ -99,7 +99,7 @@ def nvfp4_grid(global_scale: torch.Tensor) -> Grid:
     The global scale stays RTN's: fused partners must share it, and it only sets FP8's range.
     """
     return Grid(
-        values=lambda y: fp4_codes(y.clamp(-FP4_MAX, FP4_MAX))[1],
+        values=lambda y: fp4_values(y.clamp(-FP4_MAX, FP4_MAX)),
         store=lambda s: to_e4m3((s * global_scale).clamp(max=FP8_MAX))[1] / global_scale,
     )
 

@@ -50,3 +50,25 @@ def test_exponent_bits_equal_log2_of_powers_of_two() -> None:
     tiny = torch.tensor([0.0, 2.0**-130, 2.0**-140, 2.0**-127])
     clamped = (torch.log2(tiny).floor() + 127 - 2).clamp(0, 255).to(torch.int32)
     assert torch.equal((exponent_of_power_of_two(tiny) - 2).clamp(0, 255), clamped)
+
+
+def test_e4m3_values_equal_torchs_float8_conversion() -> None:
+    # The scale searches' FP8 grid rounds by the exponent bits; torch's cast is the reference.
+    # Every code, every midpoint between neighbours and the 32 floats either side of each, every
+    # bf16 in range, and random values across the normal and subnormal ranges; both signs.
+    from quantizers.formats.fp8_bits import e4m3_values
+
+    codes = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    points = torch.cat([codes, (codes[1:] + codes[:-1]) / 2])
+    near = [points]
+    for direction in (-1.0, 500.0):
+        value = points
+        for _ in range(32):
+            value = torch.nextafter(value, torch.full_like(value, direction))
+            near.append(value)
+    generator = torch.Generator().manual_seed(2)
+    spread = [torch.rand(1 << 18, generator=generator) * 448,
+              torch.rand(1 << 14, generator=generator) * 2**-6]
+    magnitudes = torch.cat([*near, _every_bf16().abs(), *spread]).clamp(0, 448)
+    values = torch.cat([magnitudes, -magnitudes])
+    assert torch.equal(e4m3_values(values), values.to(torch.float8_e4m3fn).float())

@@ -6,7 +6,9 @@ from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
 from quantizers.packing import (
+    fp4_codes,
     fp4_nibbles,
+    fp4_values,
     pack_int,
     pack_int_along_rows,
     pack_nibbles,
@@ -59,3 +61,34 @@ def _ct_round(v: float) -> float:
     from compressed_tensors.quantization.quant_args import FP4_E2M1_DATA
 
     return float(FP4_E2M1_DATA.cast_to_fp4(torch.tensor([v])).item())
+
+
+def _around(points: list[float], ulps: int) -> torch.Tensor:
+    """Every float32 within `ulps` representable steps of each point, both sides."""
+    out = []
+    for point in points:
+        for direction in (-1.0, 7.0):
+            value = torch.tensor(point, dtype=torch.float32)
+            for _ in range(ulps):
+                value = torch.nextafter(value, torch.tensor(direction))
+                out.append(value.item())
+    return torch.tensor(points + out, dtype=torch.float32)
+
+
+def test_fp4_rounding_matches_compressed_tensors_around_every_boundary() -> None:
+    # The rounding is arithmetic (one round in units of the local step), not a comparison per
+    # boundary: check it bit for bit where it could go wrong, the 64 floats either side of every
+    # tie and grid point, and on a random spread, both signs.
+    from compressed_tensors.quantization.quant_args import FP4_E2M1_DATA
+
+    points = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0]
+    spread = torch.rand(200_000, generator=torch.Generator().manual_seed(5)) * 6
+    magnitudes = torch.cat([_around(points, 64), spread]).clamp(0, 6)
+    magnitudes = magnitudes[: magnitudes.numel() // 2 * 2]  # nibbles pack in pairs
+    values = torch.cat([magnitudes, -magnitudes]).reshape(2, -1)
+    theirs = FP4_E2M1_DATA.cast_to_fp4(values)
+    codes, rounded = fp4_codes(values)
+    assert torch.equal(rounded, theirs)
+    assert torch.equal(torch.signbit(rounded), values < 0)  # negative zeros kept, as they pack
+    assert torch.equal(pack_nibbles(codes.to(torch.uint8)), pack_fp4_to_uint8(theirs))
+    assert torch.equal(fp4_values(values), rounded)
