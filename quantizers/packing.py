@@ -154,11 +154,11 @@ def fp4_codes(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (10x slower).
     """
     magnitude = _fp4_magnitudes(y)
-    # 0, .5, 1, 1.5 -> index 0..3 (2m); 2, 3, 4 -> 4..6 (m + 2); 6 -> 7.
-    index = torch.where(magnitude < 2.0, magnitude * 2.0, torch.where(magnitude < 6.0, magnitude + 2.0, 7.0))
-    negative = y < 0
-    code = index + torch.where(negative, 8.0, 0.0)
-    return code, torch.where(negative, -magnitude, magnitude)
+    # 0, .5, 1, 1.5 -> index 0..3 (2m); 2, 3, 4 -> 4..6 (m + 2); 6 -> 7 (m/2 + 4): the smallest of
+    # the three lines is the right one at every magnitude, and min is arithmetic, not a where.
+    index = torch.minimum(torch.minimum(magnitude * 2.0, magnitude + 2.0), magnitude * 0.5 + 4.0)
+    negative = (y < 0).float()
+    return index + negative * 8.0, magnitude * (1.0 - 2.0 * negative)
 
 
 def fp4_nibbles(y: torch.Tensor) -> torch.Tensor:
