@@ -136,6 +136,8 @@ class TemporaryServer:
         """Stop the server (at once, or from the exit handler) and restore the settings."""
         process, self.process = self.process, None
         if self._environment is not None:
+            if process is not None:
+                _drain_prefect_workers()
             if self._environment:
                 os.environ["PREFECT_API_URL"] = self._environment
             else:
@@ -152,3 +154,20 @@ class TemporaryServer:
             process.kill()
             process.wait()
         self._stderr.close()
+
+
+def _drain_prefect_workers() -> None:
+    """Send what Prefect's log and event workers still hold, while the server can take it.
+
+    They drain in threading's interpreter-shutdown hooks, which `quantfleet` never reaches (it
+    ends with os._exit after the exit handlers): a failed run's last logs (its task failures)
+    were then sent while this server was stopping, and Prefect printed "--- Error logging to
+    API ---" under the CLI's one-line error in most runs. Bounded: a stuck worker costs 5 s, not
+    the exit.
+    """
+    workers = (("prefect.logging.handlers", "APILogWorker"), ("prefect.events.worker", "EventsWorker"))
+    for module, worker in workers:
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            with contextlib.suppress(Exception):  # exiting anyway: nothing here may stop the exit
+                getattr(loaded, worker).drain_all(timeout=5)
