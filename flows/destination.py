@@ -258,7 +258,9 @@ def foreign_files(storage: Storage) -> list[str]:
     return sorted(key for key in objects if not ours(key))
 
 
-def _open_without_creating(parsed: StorageURI) -> Storage:
+def open_without_creating(uri: str | StorageURI) -> Storage:
+    """The storage `uri` names; a local folder is not made until something is written to it."""
+    parsed = uri if isinstance(uri, StorageURI) else parse_uri(uri)
     if parsed.scheme == "file":
         return LocalStorage(parsed.path, create=False)
     return open_storage(str(parsed))
@@ -288,7 +290,7 @@ def check_destination(
         return
     if dest.scheme == "file" and os.path.lexists(dest.path) and not os.path.isdir(dest.path):
         raise DestinationRefused(f"{dest}: is a file, not a folder: choose a folder to publish into")
-    foreign = foreign_files(_open_without_creating(dest))
+    foreign = foreign_files(open_without_creating(dest))
     if foreign:
         shown = ", ".join(foreign[:_SHOWN]) + (f" and {len(foreign) - _SHOWN} more" if len(foreign) > _SHOWN
                                                else "")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict
 
-from flows.destination import check_destination
+from flows.destination import check_destination, open_without_creating
 from flows.execute import ClusterInfo, run_evaluation, run_units, start_ray, warm_workers
 from flows.finalize import REPORT_NAME, stage_model_files, stage_report_files, worst_tensors
 from flows.gates import GateResult, QualityGateFailed, describe_failures, failed_gates, gate_results
@@ -150,7 +150,8 @@ def warm_workers_for(plan: Plan, cluster: ClusterInfo, device: str) -> None:
 
 
 def check_not_published(dest_uri: str) -> Storage:
-    dest = open_storage(dest_uri)
+    # Not made here: a run refused before it writes anything leaves no empty folder behind.
+    dest = open_without_creating(dest_uri)
     if is_published(dest, ""):
         raise AlreadyExists(
             f"{dest.uri()}: already holds a published conversion; choose another destination "
