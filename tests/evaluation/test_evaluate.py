@@ -105,3 +105,15 @@ def test_cli_evaluate_user_errors_are_one_line(tmp_path, capsys) -> None:
     assert main(["evaluate", str(tmp_path / "nope"), str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("quantfleet: error:") and err.count("\n") == 1
+
+
+def test_checkpoints_without_tokenizer_files_are_named(tmp_path, capsys) -> None:
+    # From a Qwen2 config with no tokenizer files, transformers builds an empty tokenizer (one
+    # token) instead of failing; the error must say what is missing, not that the text is short.
+    from tests.flows.conftest import save_tiny_model
+
+    bare = save_tiny_model("qwen", tmp_path / "bare")
+    assert main(["evaluate", str(bare), str(bare)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("quantfleet: error: no tokenizer in either checkpoint"), err
+    assert "no tokenizer files" in err and err.count("\n") == 1, err

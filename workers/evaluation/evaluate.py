@@ -122,9 +122,16 @@ def _tokenizer(*paths: Path) -> Any:
     errors = []
     for path in paths:
         try:
-            return AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as error:
             errors.append(f"{path}: {error}".splitlines()[0])
+            continue
+        # With a config but no tokenizer files, transformers 5 builds an empty tokenizer (one
+        # token) instead of failing: every text then "gives fewer than 2 tokens".
+        if len(tokenizer) < 2:
+            errors.append(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model, vocab...)")
+            continue
+        return tokenizer
     raise EvaluationError("no tokenizer in either checkpoint: " + "; ".join(errors))
 
 
