@@ -1,15 +1,17 @@
-"""Record benchmark figures: replace one `## section` of docs/benchmarks.md, keep the others."""
+"""Record benchmark figures: replace one `## section` of docs/benchmarks.md, keep the others; and
+the measuring helpers the benchmarks share (best-of timing, RSS)."""
 
 from __future__ import annotations
 
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-__all__ = ["DOC", "machine_line", "update_section", "peak_rss_bytes", "reset_peak_rss"]
+__all__ = ["DOC", "best_seconds", "machine_line", "update_section", "peak_rss_bytes", "reset_peak_rss"]
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
@@ -17,6 +19,16 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 def machine_line() -> str:
     return (f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs, "
             f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def best_seconds(fn: Callable[[], object], reps: int = 5) -> float:
+    """The fastest of `reps` timed calls of `fn`: the one least disturbed by other work."""
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def update_section(title: str, body: str) -> None:

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._doc import peak_rss_bytes, update_section  # noqa: E402
+from benchmarks._doc import best_seconds, peak_rss_bytes, update_section  # noqa: E402
 from infra.safetensors import TensorReader, TensorSpec, build_catalog, open_safetensors_writer
 from infra.storage import S3Options, S3Storage, Storage, open_storage
 
@@ -71,15 +70,6 @@ def _write_file(store: Storage, key: str, tensors: dict[str, torch.Tensor]) -> N
         w.close()
 
 
-def _best(fn: Callable[[], None], reps: int = 3) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def _bench_reads(
     store: Storage, label: str, *, chunk_bytes: int, small_files: int, reps: int
 ) -> list[tuple[str, str, str]]:
@@ -99,7 +89,7 @@ def _bench_reads(
     with TensorReader(store, max_concurrent_reads=8, chunk_bytes=chunk_bytes) as reader:
         cat = build_catalog(store, "big")
         e = cat.tensors["big"]
-        secs = _best(lambda: reader.read(e.file, e.info), reps)
+        secs = best_seconds(lambda: reader.read(e.file, e.info), reps)
         rows.append((label, "1 x 512 MiB tensor", f"{512 / secs:,.0f} MiB/s ({secs:.2f} s)"))
         cat = build_catalog(store, "small")
         entries = list(cat.tensors.values())
@@ -108,7 +98,7 @@ def _bench_reads(
             def read_all() -> None:
                 list(pool.map(lambda x: reader.read(x.file, x.info), entries))
 
-            secs = _best(read_all, reps)
+            secs = best_seconds(read_all, reps)
         rows.append(
             (
                 label,

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._doc import machine_line, update_section  # noqa: E402
+from benchmarks._doc import best_seconds, machine_line, update_section  # noqa: E402
 from quantizers import get_scheme, quantize  # noqa: E402
 from quantizers.kernels import compiles  # noqa: E402
 
@@ -37,13 +36,8 @@ def _best_seconds(weight: torch.Tensor, scheme: str, method: str, reps: int = 5)
         if weight.is_cuda:
             torch.cuda.synchronize()
 
-    once()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    once()  # warm-up: first-call costs are not the method's
+    return best_seconds(once, reps)
 
 
 def main() -> None:

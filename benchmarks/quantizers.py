@@ -24,7 +24,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._doc import machine_line, peak_rss_bytes, reset_peak_rss, rss_bytes, update_section  # noqa: E402
+from benchmarks._doc import (  # noqa: E402
+    best_seconds,
+    machine_line,
+    peak_rss_bytes,
+    reset_peak_rss,
+    rss_bytes,
+    update_section,
+)
 from quantizers import get_scheme, quantize, scheme_names  # noqa: E402
 
 SHAPE = (8192, 3072)
@@ -34,15 +41,6 @@ TARGETS = {"W8A16": 1024, "W4A16": 1024, "W4A16_ASYM": 1024, "FP8": 2048, "FP8_B
 
 def _weight() -> torch.Tensor:
     return (torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
-
-
-def _best(fn, reps: int = 5) -> float:  # noqa: ANN001
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def child(name: str) -> None:
@@ -83,8 +81,8 @@ def main() -> None:
         finally:
             shutil.rmtree(cold_dir, ignore_errors=True)
         quantize(weight, scheme, compile=True)
-        compiled = _best(lambda: quantize(weight, scheme, compile=True))  # noqa: B023
-        eager = _best(lambda: quantize(weight, scheme, compile=False), reps=2)  # noqa: B023
+        compiled = best_seconds(lambda: quantize(weight, scheme, compile=True))  # noqa: B023
+        eager = best_seconds(lambda: quantize(weight, scheme, compile=False), reps=2)  # noqa: B023
         saved_per_mib = eager / mib - compiled / mib
         break_even = cold["first_call_s"] / saved_per_mib if saved_per_mib > 0 else float("inf")
         rows.append({
