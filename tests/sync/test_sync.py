@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -130,3 +131,31 @@ def test_overlapping_runs_publish_a_version_once(
     assert len(written) == 1, "the marker was written once"
     assert _versions(dest, "llama", "W4A16") == [version]
     assert all(r.ok for r in verify_uri(f"{dest}llama/W4A16"))
+
+
+def test_the_sync_command_starts_ray_on_its_main_thread_and_only_when_there_is_work(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    # The pairs run in worker threads; Ray started from one warned that it could not set its
+    # SIGTERM handler and took ~13 s to stop at exit. A sync that finds everything published
+    # starts no Ray: RAY_TMPDIR (short, for Ray's socket paths) shows whether a session began.
+    from tests.flows.test_cli import run_cli
+
+    source, dest = tmp_path / "incoming", tmp_path / "bucket"
+    shutil.copytree(tiny_llama, source / "llama")
+    ray_dirs = [Path(tempfile.mkdtemp(prefix="qf-ray-", dir="/tmp")) for _ in range(2)]
+    try:
+        runs = []
+        for ray_dir in ray_dirs:
+            env = {"PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path / "prefect"),
+                   "RAY_TMPDIR": str(ray_dir), "RAY_ADDRESS": ""}
+            runs.append(run_cli("sync", str(source), str(dest), "--recipe", "W8A16", env=env))
+        first, second = runs
+        assert first.returncode == 0 and "1 converted" in first.stdout, first.stdout + first.stderr
+        assert "SIGTERM handler is not set" not in first.stderr, first.stderr
+        assert list(ray_dirs[0].rglob("session_*")), "the first sync converted on a Ray it started"
+        assert second.returncode == 0 and "1 skipped" in second.stdout, second.stdout + second.stderr
+        assert not list(ray_dirs[1].rglob("session_*")), "nothing to convert: no Ray started"
+    finally:
+        for ray_dir in ray_dirs:
+            shutil.rmtree(ray_dir, ignore_errors=True)
