@@ -10,7 +10,7 @@
 # checkpoint the first one drew).
 #
 # Steps, most important first, each under its own time limit so that one slow step cannot starve
-# the rest (`all` is the first four, `extra` the last two; or name steps one by one):
+# the rest (`all` is the first four, `extra` the last three; or name steps one by one):
 #   gpu_check    benchmarks/gpu_check.py: every scheme on an 8192x3072 weight, eager and compiled,
 #                CUDA bytes = CPU bytes, and kernel throughput
 #   checkpoint   a Llama-3-8B-shaped bf16 checkpoint (13.5 GiB, 4 shards) drawn on the GPU, and the
@@ -23,6 +23,8 @@
 #   units        W4A16 again with 500 MB output shards: 8 units sharing the GPU instead of 2
 #   tests        the GPU tests: whole units on CUDA give the CPU's shard bytes, search/hqq repeat
 #                exactly (tests/workers/test_gpu_units.py), then tests/quantizers/test_gpu.py
+#   method_cost  benchmarks/method_cost.py --device cuda: search and hqq per tensor next to rtn, on
+#                a routed expert's shape (1024x2048), every scheme (where issue 12's budget goes)
 # The node's python3 (3.12, CUDA torch, transformers) runs everything; .whl/ours (Ray, pydantic,
 # compressed-tensors, ...) installs to /tmp/site, .whl/peer (llm-compressor and its pins) to
 # /tmp/peer-site, which only the peer sees. quantfleet runs `convert --no-prefect` (no Prefect or
@@ -120,10 +122,14 @@ tests() {
     tests/workers/test_gpu_units.py tests/quantizers/test_gpu.py
 }
 
-STEPS="gpu_check checkpoint convert methods units tests"
+method_cost() {
+  step 25 "per-tensor cost of search and hqq next to rtn" "$PYTHON" benchmarks/method_cost.py --device cuda
+}
+
+STEPS="gpu_check checkpoint convert methods units tests method_cost"
 [ $# -gt 0 ] || { echo "usage: $0 all | extra | STEP... ($STEPS)" >&2; exit 2; }
 [ "$1" = all ] && set -- gpu_check checkpoint convert methods
-[ "$1" = extra ] && set -- units tests
+[ "$1" = extra ] && set -- units tests method_cost
 for name in "$@"; do
   case " $STEPS " in
     *" $name "*) ;;
