@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import boto3
 import botocore.exceptions as bce
@@ -130,6 +131,12 @@ def translate_error(exc: BaseException, uri: str, op: str) -> StorageError:
         return AccessDenied(
             f"{uri}: no usable AWS credentials ({op}); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
             "or AWS_PROFILE"
+        )
+    if isinstance(exc, bce.EndpointConnectionError):  # say where: most often a wrong endpoint
+        endpoint = urlsplit(str(exc.kwargs.get("endpoint_url", "")))
+        return TransientStorageError(
+            f"{uri}: {op} failed transiently: cannot connect to {endpoint.scheme}://{endpoint.netloc} "
+            f"(the S3 endpoint: AWS_ENDPOINT_URL or {ENDPOINT_ENV})"
         )
     transient = (
         bce.HTTPClientError,  # connection closed, read timeout, response streaming error

@@ -184,3 +184,22 @@ def test_local_map_range_is_the_files_bytes_copy_on_write_and_bounded(tmp_path) 
         store.map_range("d/f.bin", len(data) - 10, 11)
     with pytest.raises(ObjectNotFound):
         store.map_range("d/missing.bin", 0, 1)
+
+
+def test_an_unreachable_endpoint_is_named() -> None:
+    # Nothing listens on a port just freed: the error says which endpoint, not only the class name.
+    import socket
+
+    from infra.errors import TransientStorageError
+    from infra.retry import RetryPolicy
+    from infra.storage import S3Options
+    from tests.s3_server import aws_test_env
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    options = S3Options(endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1",
+                        retry=RetryPolicy(max_attempts=1), connect_timeout_s=2)
+    expected = rf"list failed transiently: cannot connect to http://127\.0\.0\.1:{port} \(the S3 endpoint"
+    with aws_test_env(), pytest.raises(TransientStorageError, match=expected):
+        list(open_storage("s3://bucket/prefix", **options.model_dump()).list())
