@@ -37,7 +37,7 @@ def to_e4m3(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def e4m3_values(values: torch.Tensor) -> torch.Tensor:
-    """float32 in [-448, 448] -> the E4M3 values `to_e4m3` rounds them to (zeros of either sign).
+    """float32 in [-448, 448] -> the very values `to_e4m3` returns (signs of zero included).
 
     For the scale searches, which need the values only, ~4x faster eagerly on the CPU: one round
     in units of the local step, 2^(e-3) for exponent e (2^-9 for subnormals), read from the bits
