@@ -26,6 +26,7 @@ __all__ = [
     "unpack_int_along_rows",
     "fp4_codes",
     "fp4_values",
+    "round_to_minifloat",
     "fp4_nibbles",
     "pack_nibbles",
     "unpack_nibbles",
@@ -120,21 +121,30 @@ def unpack_int_along_rows(packed: torch.Tensor, num_bits: int, rows: int) -> tor
     return unpack_int(packed.t().contiguous(), num_bits, rows).t().contiguous()
 
 
-def _fp4_magnitudes(y: torch.Tensor) -> torch.Tensor:
-    """|y| (float32, at most 6) rounded to the nearest E2M1 magnitude, ties to the even mantissa.
+def round_to_minifloat(
+    magnitude: torch.Tensor, mantissa_bits: int, min_exponent: int, max_exponent: int
+) -> torch.Tensor:
+    """Non-negative float32 rounded to nearest (ties to even) in a small float format.
 
-    E2M1's magnitudes are spaced 0.5 below 2, 1 below 4 and 2 up to 6, so rounding is one
-    `round` (half to even) in units of the local step, a power of two, so scaling by it is exact.
-    Ties go as compressed-tensors' `cast_to_fp4` sends them (0.25 -> 0, 0.75 -> 1, 1.25 -> 1,
-    1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4). The step comes from the float exponent (128 in
-    [2, 4), 129 in [4, 8)) rather than from comparisons: eager `torch.where` is ~10x slower than
-    arithmetic on the CPU, and this runs eagerly in every NVFP4 scale search.
+    The format keeps `mantissa_bits` bits after the point in each binade whose biased float32
+    exponent lies in [min_exponent, max_exponent]; below, values are subnormals spaced as the
+    lowest binade is. So rounding is one `round` in units of the local step, a power of two
+    read from the float's exponent bits, and scaling by it (or its inverse, never a division)
+    is exact on every device. Used instead of comparisons against each rounding boundary:
+    eager `torch.where` is ~10x slower than arithmetic on the CPU, and the scale searches round
+    every candidate eagerly.
     """
-    a = y.abs()
-    exponent = (a.view(torch.int32) >> 23).clamp(127, 129) - 1  # the step's, biased
-    # Multiplying by the exact power-of-two inverse, not dividing: exact on every device.
+    exponent = (magnitude.view(torch.int32) >> 23).clamp(min_exponent, max_exponent) - mantissa_bits
     inverse = ((254 - exponent) << 23).view(torch.float32)
-    return (a * inverse).round().mul((exponent << 23).view(torch.float32))
+    return (magnitude * inverse).round().mul((exponent << 23).view(torch.float32))
+
+
+def _fp4_magnitudes(y: torch.Tensor) -> torch.Tensor:
+    """|y| (float32, at most 6) rounded to the nearest E2M1 magnitude, ties to the even mantissa:
+    one mantissa bit, binades [1, 2) to [4, 8), so steps of 0.5 below 2, 1 below 4, 2 up to 6.
+    Ties go as compressed-tensors' `cast_to_fp4` sends them (0.25 -> 0, 0.75 -> 1, 1.25 -> 1,
+    1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4)."""
+    return round_to_minifloat(y.abs(), mantissa_bits=1, min_exponent=127, max_exponent=129)
 
 
 def fp4_values(y: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from quantizers.packing import round_to_minifloat
+
 __all__ = ["to_e4m3", "e4m3_values", "from_e4m3"]
 
 _MIN_NORMAL = 2.0**-6
@@ -39,14 +41,11 @@ def to_e4m3(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def e4m3_values(values: torch.Tensor) -> torch.Tensor:
     """float32 in [-448, 448] -> the very values `to_e4m3` returns (signs of zero included).
 
-    For the scale searches, which need the values only, ~4x faster eagerly on the CPU: one round
-    in units of the local step, 2^(e-3) for exponent e (2^-9 for subnormals), read from the bits
-    instead of chosen by `torch.where`, which eager CPU torch runs ~10x slower than arithmetic.
+    For the scale searches, which need the values only: ~4x faster eagerly on the CPU, as one
+    rounding in units of the local step (`round_to_minifloat`: 3 mantissa bits, normal from 2^-6).
     """
-    magnitude = values.abs()
-    exponent = (magnitude.view(torch.int32) >> 23).clamp(min=127 - 6) - 3  # the step's, biased
-    inverse = ((254 - exponent) << 23).view(torch.float32)  # exact: no division on any device
-    return (magnitude * inverse).round().mul((exponent << 23).view(torch.float32)).copysign(values)
+    magnitude = round_to_minifloat(values.abs(), mantissa_bits=3, min_exponent=127 - 6, max_exponent=127 + 8)
+    return magnitude.copysign(values)
 
 
 def from_e4m3(codes: torch.Tensor) -> torch.Tensor:
