@@ -30,7 +30,7 @@ METHODS = ("rtn", "search", "hqq")
 NAME = "model.layers.0.mlp.experts.0.up_proj.weight"
 
 
-def _best_seconds(weight: torch.Tensor, scheme: str, method: str, reps: int = 5) -> float:
+def _method_seconds(weight: torch.Tensor, scheme: str, method: str, reps: int = 5) -> float:
     def once() -> None:
         quantize(weight, get_scheme(scheme), name=NAME, method=method)
         if weight.is_cuda:
@@ -52,7 +52,7 @@ def main() -> None:
     path = "compiled" if compiles(weight.numel()) else "eager"
     table = ["| scheme | rtn | search | hqq |", "|---|---|---|---|"]
     for scheme in SCHEMES:
-        seconds = {method: _best_seconds(weight, scheme, method) for method in METHODS}
+        seconds = {method: _method_seconds(weight, scheme, method) for method in METHODS}
         rtn = seconds["rtn"]
         cells = [f"{rtn * 1e3:.1f} ms"] + [
             f"{seconds[m] * 1e3:.1f} ms ({seconds[m] / rtn:.1f}x)" for m in METHODS[1:]

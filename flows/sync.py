@@ -220,7 +220,9 @@ def _start_ray_if_work(
     (a warning on the console) and took ~13 s to shut down when the command exited, against ~1 s
     from the main thread. A sync that finds everything published starts no Ray at all. A pair
     that cannot even be planned counts as work (`sync_one` reports why it fails), and so does a
-    mixed-precision recipe: its plan needs the measure pass, which runs on Ray.
+    mixed-precision recipe: its plan needs the measure pass, which runs on Ray. The plans made
+    here are not handed on: `sync_one` plans again just before it converts (headers only), so a
+    conversion never works from a plan older than its own start.
     """
     dest = open_storage(dest_uri)
     for checkpoint, recipe in work:
