@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pydantic import BaseModel, ConfigDict
 
 from flows.destination import check_destination, open_without_creating
+from flows.eval_inputs import check_evaluation_inputs
 from flows.execute import ClusterInfo, run_evaluation, run_units, start_ray, warm_workers
 from flows.finalize import REPORT_NAME, stage_model_files, stage_report_files, worst_tensors
 from flows.gates import GateResult, QualityGateFailed, describe_failures, failed_gates, gate_results
@@ -96,6 +97,9 @@ def plan_conversion(
     source = open_storage(source_uri)
     config = json.loads(source.read_bytes("config.json")) if source.exists("config.json") else None
     catalog = build_catalog(source)
+    if recipe.evaluates:
+        why = "--evaluate" if recipe.evaluate.enabled else "the recipe's model-level gates"
+        check_evaluation_inputs(source, catalog.side_files, recipe.evaluate.text, why=why)
     tags = {}
     for key in catalog.files:
         info = source.stat(key)

@@ -20,10 +20,12 @@ from pydantic import BaseModel, ConfigDict
 
 from flows.charts import scatter_chart
 from flows.destination import check_destination
+from flows.eval_inputs import check_evaluation_inputs
 from flows.finalize import MANIFEST_NAME
 from flows.recipe import Recipe
 from flows.source_eval import source_model
 from infra.publish import is_published
+from infra.safetensors import build_catalog
 from infra.storage import open_storage
 from workers.evaluation import Evaluation
 from workers.records import TensorRecord
@@ -154,10 +156,13 @@ def run_sweep(
     schemes = [label for label, _ in points_to_run]
     recipes = [recipe for _, recipe in points_to_run]
     check_destination(model, str(out_dir))  # OUT/<SCHEME>/ versions and sweep.* only, apart from MODEL
+    original_source = source_model(model)  # a quantized MODEL is compared as the dense model it means
+    source = open_storage(model)
+    # Each point is evaluated after converting it: refuse before the first conversion instead.
+    check_evaluation_inputs(source, build_catalog(source).side_files, text, why="sweep")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points = []
-    original_source = source_model(model)  # a quantized MODEL is compared as the dense model it means
     for scheme, recipe in zip(schemes, recipes, strict=True):
         dest = out / scheme.upper()
         if is_published(open_storage(dest), ""):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,17 @@ def test_cli_sweep_rejects_an_unknown_scheme_in_one_line(minilm, tmp_path, capsy
     assert main(["sweep", minilm, "--schemes", "W8A16,W3A16", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("quantfleet: error:") and "W3A16" in err and err.count("\n") == 1
+
+
+def test_cli_sweep_without_a_tokenizer_is_refused_before_converting(minilm, tmp_path, capsys) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    # tokenizer_config.json alone is no tokenizer
+    for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
+        (bare / name).write_bytes((Path(minilm) / name).read_bytes())
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(bare), "--schemes", "W8A16", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"quantfleet: error: file://{bare}: no tokenizer files"), err
+    assert err.count("\n") == 1, err
+    assert not out.exists()

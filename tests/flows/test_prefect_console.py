@@ -110,3 +110,26 @@ def test_verbose_shows_prefects_traceback(cli_env, minilm, tmp_path) -> None:
     assert result.returncode == 2
     assert "Traceback" in result.stderr and "non-finite value" in result.stderr
     assert torch.isnan(load_file(source / "model.safetensors")[TENSOR]).any()  # the input is untouched
+
+
+def test_an_evaluation_that_cannot_run_is_refused_before_converting(cli_env, minilm, tmp_path) -> None:
+    # Evaluating comes after converting: a missing tokenizer or text must stop the run at the
+    # start (nothing converted, no destination folder), not after hours of converting.
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(minilm) / name, bare / name)
+    cases = {
+        "no tokenizer": (["convert", str(bare), str(tmp_path / "out-tok"), "--evaluate"],
+                         f"{bare}: no tokenizer files"),
+        "no text": (["convert", minilm, str(tmp_path / "out-text"), "--evaluate",
+                     "--eval-text", str(tmp_path / "missing.txt")],
+                    "missing.txt: cannot read the evaluation text"),
+    }
+    for case, (args, expected) in cases.items():
+        result = run_cli(*args, env=cli_env)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2, f"{case}:\n{result.stderr}"
+        assert len(lines) == 1 and lines[0].startswith("quantfleet: error:"), f"{case}:\n{result.stderr}"
+        assert expected in lines[0] and "--evaluate" in lines[0], f"{case}:\n{result.stderr}"
+        assert not Path(args[2]).exists(), case  # not converted, not even an empty folder
