@@ -274,7 +274,10 @@ def _add_sync_commands(commands: argparse._SubParsersAction) -> None:  # type: i
         "a missing file or a mismatch, 0 when everything checks out.",
     )
     verify.add_argument("uri", metavar="URI", help="folder, file:// or s3:// URI")
-    verify.add_argument("-q", "--quiet", action="store_true", help="print only problems and the result")
+    verify.add_argument("-q", "--quiet", action="store_true",
+                        help="print only problems and the result (no progress bar)")
+    verify.add_argument("--parallel", type=int, default=8, metavar="N",
+                        help="files hashed at once (default: %(default)s)")
 
 
 def _recipe(args: argparse.Namespace):  # noqa: ANN202 - imported lazily for a fast --help
@@ -660,9 +663,20 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from flows.versions import verify_uri
+    from tqdm import tqdm
 
-    reports = verify_uri(args.uri, on_file=None if args.quiet else (lambda uri: print(f"checking {uri}")))
+    from flows.versions import published_bytes, published_versions, verify_version
+
+    if args.parallel < 1:
+        raise argparse.ArgumentTypeError(f"--parallel must be at least 1, got {args.parallel}")
+    versions = published_versions(args.uri)
+    total = sum(published_bytes(storage, prefix) for storage, prefix, _ in versions)
+    reports = []
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verifying",
+              disable=args.quiet, dynamic_ncols=True) as bar:
+        for storage, prefix, manifest_sha in versions:
+            reports.append(verify_version(storage, prefix, manifest_sha256=manifest_sha,
+                                          on_bytes=bar.update, parallel=args.parallel))
     for report in reports:
         for warning in report.warnings:
             print(f"warning: {warning}")

@@ -23,6 +23,7 @@ from flows.gguf_output.companion import GGUF_FOLDER, gguf_manifest, gguf_records
 from flows.gguf_output.report import gguf_lines
 from flows.plan import Plan
 from flows.source_report import source_fields, source_lines
+from flows.versions import MANIFEST_NAME
 from infra.publish import DEFAULT_MARKER, Expected, Publisher
 from infra.safetensors import INDEX_NAME
 from infra.storage import Storage
@@ -42,7 +43,6 @@ __all__ = [
     "bits_per_weight",
 ]
 
-MANIFEST_NAME = "quantfleet.json"
 REPORT_NAME = "report.md"
 CHART_NAME = "per_layer_error.png"
 # Figures of an evaluation that depend on the run, not on the artifact: kept out of the manifest.

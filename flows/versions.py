@@ -19,11 +19,11 @@ from __future__ import annotations
 import json
 import posixpath
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict
 
-from flows.finalize import MANIFEST_NAME
 from infra.errors import ObjectNotFound
 from infra.publish import DEFAULT_MARKER, is_published
 from infra.storage import Storage, join_key, open_storage
@@ -31,9 +31,13 @@ from infra.storage.uri import parse_uri
 
 __all__ = [
     "LATEST_NAME",
+    "MANIFEST_NAME",
     "Checkpoint",
     "Latest",
     "VerifyReport",
+    "DEFAULT_VERIFY_PARALLEL",
+    "published_versions",
+    "published_bytes",
     "find_checkpoints",
     "version_prefix",
     "read_latest",
@@ -44,6 +48,9 @@ __all__ = [
 ]
 
 LATEST_NAME = "LATEST"
+MANIFEST_NAME = "quantfleet.json"  # a version's manifest (flows.finalize writes it)
+# Files hashed at once by `verify`: enough streams to fill a node's link to object storage.
+DEFAULT_VERIFY_PARALLEL = 8
 
 
 def utc_now() -> str:
@@ -181,11 +188,15 @@ def verify_version(
     prefix: str = "",
     *,
     manifest_sha256: str | None = None,
-    on_file: Callable[[str], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    parallel: int = DEFAULT_VERIFY_PARALLEL,
 ) -> VerifyReport:
     """Re-hash every file the marker of `prefix` lists; check the manifest agrees with the marker.
 
-    `manifest_sha256` (from LATEST) is checked too when given.
+    `parallel` files are hashed at once: object storage serves one stream at a fraction of a
+    node's bandwidth, and a local disk's hashing is bound by one core per file. `on_bytes(n)` is
+    called (from those threads) as bytes are hashed. `manifest_sha256` (from LATEST) is checked
+    too when given. Problems are listed in file order, whatever order the hashing finished in.
     """
     problems: list[str] = []
     warnings: list[str] = []
@@ -197,24 +208,29 @@ def verify_version(
         return VerifyReport(uri=uri, files=0, bytes=0, problems=(missing,))
     except (ValueError, json.JSONDecodeError) as error:
         return VerifyReport(uri=uri, files=0, bytes=0, problems=(f"{uri}: unreadable marker: {error}",))
-    total = 0
-    for key, entry in sorted(files.items()):
+
+    def check(key: str) -> tuple[str | None, int]:
+        """(the problem or None, bytes hashed) of one listed file."""
         full = join_key(prefix, key)
-        if on_file is not None:
-            on_file(storage.uri(full))
+        entry = files[key]
         want_size, want_sha = int(entry["size"]), str(entry["sha256"])  # type: ignore[call-overload]
         try:
             info = storage.stat(full)
         except ObjectNotFound:
-            problems.append(f"{storage.uri(full)}: missing")
-            continue
+            return f"{storage.uri(full)}: missing", 0
         if info.size != want_size:
-            problems.append(f"{storage.uri(full)}: {info.size} bytes, published with {want_size}")
-            continue
-        sha = storage.hash_object(full)
-        total += info.size
+            return f"{storage.uri(full)}: {info.size} bytes, published with {want_size}", 0
+        sha = storage.hash_object(full, on_bytes=on_bytes)
         if sha != want_sha:
-            problems.append(f"{storage.uri(full)}: SHA-256 {sha}, published with {want_sha}")
+            return f"{storage.uri(full)}: SHA-256 {sha}, published with {want_sha}", info.size
+        return None, info.size
+
+    # Largest first, so a big shard does not start last and run alone at the end.
+    order = sorted(files, key=lambda k: -int(files[k].get("size", 0)))  # type: ignore[call-overload]
+    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(order) or 1))) as pool:
+        checked = dict(zip(order, pool.map(check, order), strict=True))
+    total = sum(hashed for _, hashed in checked.values())
+    problems += [problem for key in sorted(checked) if (problem := checked[key][0]) is not None]
     manifest_entry = files.get(MANIFEST_NAME)
     if not isinstance(manifest_entry, dict):
         problems.append(f"{uri}: the marker lists no {MANIFEST_NAME}")
@@ -261,23 +277,39 @@ def _published_prefixes(storage: Storage) -> Iterator[str]:
             yield info.key[: -len(suffix)]
 
 
-def verify_uri(uri: str, *, on_file: Callable[[str], None] | None = None) -> list[VerifyReport]:
-    """Verify what `uri` names: a version (it holds the marker), a `<model>/<recipe>` prefix
-    (the version its LATEST names), or any prefix (every published version under it).
+def published_versions(uri: str) -> list[tuple[Storage, str, str | None]]:
+    """What `uri` names, as (storage, version prefix, the manifest SHA-256 LATEST names or None):
+    a version (it holds the marker), a `<model>/<recipe>` prefix (the version its LATEST names),
+    or any prefix (every published version under it).
 
     Raises ObjectNotFound when there is nothing published there.
     """
     storage = open_storage(uri)
     if is_published(storage, ""):
-        return [verify_version(storage, "", on_file=on_file)]
+        return [(storage, "", None)]
     try:
         latest = Latest.model_validate_json(storage.read_bytes(LATEST_NAME))
     except ObjectNotFound:
         latest = None
     if latest is not None:
-        return [verify_version(storage, latest.version, manifest_sha256=latest.manifest_sha256,
-                               on_file=on_file)]
+        return [(storage, latest.version, latest.manifest_sha256)]
     prefixes = list(_published_prefixes(storage))
     if not prefixes:
         raise ObjectNotFound(f"{storage.uri()}: no published version here (no {DEFAULT_MARKER}, no LATEST)")
-    return [verify_version(storage, p, on_file=on_file) for p in prefixes]
+    return [(storage, p, None) for p in prefixes]
+
+
+def published_bytes(storage: Storage, prefix: str) -> int:
+    """What verifying the version at `prefix` re-reads: the sizes its marker lists (0 if none)."""
+    try:
+        files = _marker_files(storage, prefix)
+    except (ObjectNotFound, ValueError, json.JSONDecodeError):
+        return 0
+    return sum(int(entry.get("size", 0)) for entry in files.values())  # type: ignore[call-overload]
+
+
+def verify_uri(uri: str, *, on_bytes: Callable[[int], None] | None = None,
+               parallel: int = DEFAULT_VERIFY_PARALLEL) -> list[VerifyReport]:
+    """Verify every version `published_versions(uri)` names (see `verify_version`)."""
+    return [verify_version(storage, prefix, manifest_sha256=sha, on_bytes=on_bytes, parallel=parallel)
+            for storage, prefix, sha in published_versions(uri)]

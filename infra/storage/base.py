@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -258,8 +258,10 @@ class Storage(abc.ABC):
         computed it while writing, spares hashing the file again."""
         raise NotImplementedError(f"{type(self).__name__} cannot adopt local files")
 
-    def hash_object(self, key: str, *, chunk_bytes: int = 8 << 20) -> str:
-        """Re-read the whole object and return its hex SHA-256 (end-to-end verification)."""
+    def hash_object(self, key: str, *, chunk_bytes: int = 8 << 20,
+                    on_bytes: Callable[[int], None] | None = None) -> str:
+        """Re-read the whole object and return its hex SHA-256 (end-to-end verification);
+        `on_bytes(n)` is called as each chunk of n bytes is hashed (progress)."""
         size = self.stat(key).size
         digest = hashlib.sha256()
         buf = bytearray(min(chunk_bytes, max(size, 1)))
@@ -270,4 +272,6 @@ class Storage(abc.ABC):
             self.read_range_into(key, offset, view)
             digest.update(view)
             offset += n
+            if on_bytes is not None:
+                on_bytes(n)
         return digest.hexdigest()

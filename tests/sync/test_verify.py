@@ -61,3 +61,32 @@ def test_nothing_published_is_a_user_error(tmp_path: Path, capsys: pytest.Captur
     assert main(["verify", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("quantfleet: error: ") and "no published version" in err[0]
+
+
+def test_several_problems_found_in_parallel_are_listed_in_file_order(published: Path, tmp_path: Path) -> None:
+    from flows.versions import published_bytes, verify_version
+    from infra.storage import open_storage
+
+    _, version = _copy(published, tmp_path)
+    shards = sorted(version.glob("*.safetensors"))
+    assert len(shards) >= 3, "the fixture publishes several shards"
+    shards[0].unlink()
+    shards[1].write_bytes(shards[1].read_bytes()[:-1])
+    last = bytearray(shards[-1].read_bytes())
+    last[100] ^= 0x01
+    shards[-1].write_bytes(bytes(last))
+    storage = open_storage(version)
+    hashed: list[int] = []
+    report = verify_version(storage, "", parallel=4, on_bytes=hashed.append)
+    assert [p.split(": ")[0].removeprefix("file://") for p in report.problems] == [
+        str(shards[0]), str(shards[1]), str(shards[-1])]
+    assert "missing" in report.problems[0] and "bytes, published with" in report.problems[1]
+    assert sum(hashed) == report.bytes  # the progress adds up to what was re-hashed
+    untouched = sum(s.stat().st_size for s in shards[2:])
+    assert report.bytes < published_bytes(storage, "") and report.bytes >= untouched
+
+
+def test_parallel_below_one_is_a_user_error(published: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["verify", "--parallel", "0", str(published)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["quantfleet: error: --parallel must be at least 1, got 0"]
