@@ -3,6 +3,9 @@
 Inductor turns `.to(torch.float8_e4m3fn)` into a scalar loop on AVX2 machines; these integer
 versions vectorise and give the same bytes as torch's conversion (round to nearest even) for
 every finite input already clamped to [-448, 448] (a test sweeps all of them near each code).
+Run eagerly (kernels below the compile threshold, or compiling off), the same functions use
+torch's own conversion instead: ATen's is vectorised, about 30x faster than the bit version's
+chain of eager ops on this CPU (1.9 ms against 62 ms for 4M floats), with the same bytes.
 
 E4M3: bias 7, 3 mantissa bits, no infinities. Below 2^-6 values are subnormal, multiples of
 2^-9; rounding |x| * 2^9 to an integer m in [0, 8] gives the code directly (8 is the first normal).
@@ -14,15 +17,44 @@ import torch
 
 from quantizers.packing import round_to_minifloat
 
-__all__ = ["to_e4m3", "e4m3_values", "from_e4m3"]
+__all__ = ["to_e4m3", "e4m3_values", "from_e4m3", "to_e4m3_bits", "e4m3_values_bits", "from_e4m3_bits"]
 
 _MIN_NORMAL = 2.0**-6
 _SUBNORMAL_STEP = 2.0**-9
 _REBIAS = (127 - 7) << 3  # float32 exponent bias minus E4M3's, in code units
+_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
 def to_e4m3(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 in [-448, 448] -> (uint8 E4M3 codes, the float32 values those codes hold)."""
+    if torch.compiler.is_compiling():
+        return to_e4m3_bits(values)
+    codes = values.to(torch.float8_e4m3fn).view(torch.uint8)
+    return codes, from_e4m3(codes)
+
+
+def e4m3_values(values: torch.Tensor) -> torch.Tensor:
+    """float32 in [-448, 448] -> the very values `to_e4m3` returns (signs of zero included)."""
+    if torch.compiler.is_compiling():
+        return e4m3_values_bits(values)
+    return from_e4m3(values.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+def from_e4m3(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 E4M3 codes -> float32 values. The NaN codes (0x7F, 0xFF) give NaN eagerly and 480
+    compiled: callers never pass them (sources are checked, quantizers write none)."""
+    if torch.compiler.is_compiling():
+        return from_e4m3_bits(codes)
+    # A 256-entry table: about twice as fast as ATen's fp8 -> float32 conversion, a scalar loop.
+    table = _TABLES.get(codes.device)
+    if table is None:
+        every_code = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+        table = _TABLES[codes.device] = every_code.view(torch.float8_e4m3fn).float().to(codes.device)
+    return table.take(codes.long())
+
+
+def to_e4m3_bits(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`to_e4m3` in integer arithmetic, for compiled kernels."""
     magnitude = values.abs()
     bits = magnitude.view(torch.int32)
     # Round the mantissa to 3 bits, to nearest even, then keep exponent and mantissa.
@@ -38,18 +70,15 @@ def to_e4m3(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return code.to(torch.uint8), torch.where(negative, -value, value)
 
 
-def e4m3_values(values: torch.Tensor) -> torch.Tensor:
-    """float32 in [-448, 448] -> the very values `to_e4m3` returns (signs of zero included).
-
-    For the scale searches, which need the values only: ~4x faster eagerly on the CPU, as one
-    rounding in units of the local step (`round_to_minifloat`: 3 mantissa bits, normal from 2^-6).
-    """
+def e4m3_values_bits(values: torch.Tensor) -> torch.Tensor:
+    """`e4m3_values` for compiled kernels: one rounding in units of the local step
+    (`round_to_minifloat`: 3 mantissa bits, normal from 2^-6)."""
     magnitude = round_to_minifloat(values.abs(), mantissa_bits=3, min_exponent=127 - 6, max_exponent=127 + 8)
     return magnitude.copysign(values)
 
 
-def from_e4m3(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 E4M3 codes (no NaN) -> float32 values."""
+def from_e4m3_bits(codes: torch.Tensor) -> torch.Tensor:
+    """`from_e4m3` in integer arithmetic, for compiled kernels (the NaN codes decode as 480)."""
     code = codes.to(torch.int32)
     body = code & 0x7F
     normal = ((body + _REBIAS) << 20).view(torch.float32)

@@ -69,7 +69,8 @@ _TABLES: dict[torch.device, torch.Tensor] = {}
 
 
 def _table(device: torch.device) -> torch.Tensor:
-    """float32 value of every E4M3 code (0x7F/0xFF, NaN in E4M3, decode as 480: never stored)."""
+    """float32 value of every E4M3 code; the NaN codes (0x7F, 0xFF) give NaN, so a source that
+    holds one is refused by the quantizer's non-finite check, naming the tensor."""
     table = _TABLES.get(device)
     if table is None:
         table = _TABLES[device] = from_e4m3(torch.arange(256, dtype=torch.int32).to(torch.uint8)).to(device)

@@ -52,11 +52,18 @@ def test_exponent_bits_equal_log2_of_powers_of_two() -> None:
     assert torch.equal((exponent_of_power_of_two(tiny) - 2).clamp(0, 255), clamped)
 
 
-def test_e4m3_values_equal_torchs_float8_conversion() -> None:
-    # The scale searches' FP8 grid rounds by the exponent bits; torch's cast is the reference.
-    # Every code, every midpoint between neighbours and the 32 floats either side of each, every
-    # bf16 in range, and random values across the normal and subnormal ranges; both signs.
-    from quantizers.formats.fp8_bits import e4m3_values
+def test_e4m3_conversions_equal_torchs_float8_conversion() -> None:
+    # Compiled kernels convert on the bits, eager ones with torch's cast: the same bytes either
+    # way. Every code, every midpoint between neighbours and the 32 floats either side of each,
+    # every bf16 in range, and random values across the normal and subnormal ranges; both signs.
+    from quantizers.formats.fp8_bits import (
+        e4m3_values,
+        e4m3_values_bits,
+        from_e4m3,
+        from_e4m3_bits,
+        to_e4m3,
+        to_e4m3_bits,
+    )
 
     codes = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     points = torch.cat([codes, (codes[1:] + codes[:-1]) / 2])
@@ -71,4 +78,13 @@ def test_e4m3_values_equal_torchs_float8_conversion() -> None:
               torch.rand(1 << 14, generator=generator) * 2**-6]
     magnitudes = torch.cat([*near, _every_bf16().abs(), *spread]).clamp(0, 448)
     values = torch.cat([magnitudes, -magnitudes])
-    assert torch.equal(e4m3_values(values), values.to(torch.float8_e4m3fn).float())
+    reference = values.to(torch.float8_e4m3fn)
+    for convert in (to_e4m3, to_e4m3_bits):
+        codes, held = convert(values)
+        assert torch.equal(codes, reference.view(torch.uint8)), convert.__name__
+        assert torch.equal(held.view(torch.int32), reference.float().view(torch.int32)), convert.__name__
+    for values_of in (e4m3_values, e4m3_values_bits):  # signs of zero included: compare the bits
+        assert torch.equal(values_of(values).view(torch.int32), reference.float().view(torch.int32))
+    every_code = torch.cat([torch.arange(0, 127), torch.arange(128, 255)]).to(torch.uint8)  # no NaN
+    for decode in (from_e4m3, from_e4m3_bits):
+        assert torch.equal(decode(every_code), every_code.view(torch.float8_e4m3fn).float()), decode.__name__

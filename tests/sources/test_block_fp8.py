@@ -165,6 +165,29 @@ def test_a_bad_source_is_refused_with_one_line_and_nothing_published(sources, tm
         assert not dest.exists() or not [p for p in dest.rglob("*") if p.is_file()]  # nothing written
 
 
+def test_a_nan_code_in_a_block_fp8_weight_is_refused_naming_the_tensor(sources, tmp_path, capsys) -> None:
+    # E4M3 has NaN codes (0x7F, 0xFF); one must not be read as a large finite weight and published.
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan"
+    broken.mkdir()
+    for path in sources[0].iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    shard = broken / "model-00001-of-00002.safetensors"
+    tensors = load_file(shard)
+    codes = tensors[NAME].view(torch.uint8).clone()
+    codes[1, 2] = 0xFF
+    tensors[NAME] = codes.view(torch.float8_e4m3fn)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    for mode in (["--no-prefect"], []):
+        dest = tmp_path / f"dest{len(mode)}"
+        assert main(["convert", str(broken), str(dest), "--scheme", "W4A16", *mode]) == 2
+        err = capsys.readouterr().err
+        assert f"{NAME} (in model-00001-of-00002.safetensors): 1 non-finite value(s) (first: nan at row 1, " \
+               "column 2)" in err, (mode, err)
+        assert "Traceback" not in err and not (dest / "_QUANTFLEET_PUBLISHED.json").exists()
+
+
 # (target, bound on the mean |logit difference| relative to the dequantized source's mean |logit|).
 # Measured on this model (random weights, so 4-bit with one scale per 128 columns is coarse):
 # W4A16 0.30, W8A16 0.023, FP8 (one scale per row) 0.087, NVFP4A16 0.27 (through our loader).
