@@ -121,16 +121,18 @@ def test_hqq_shrink_is_the_lp_proximal_operator() -> None:
     assert 3.5 < float(-shrink(r, beta)[0]) < 4.0
 
 
+@pytest.mark.parametrize("spread", [0.8, 3.0])  # few residuals past the threshold (int), most (FP8)
 @pytest.mark.parametrize("beta", [1.0, 1.1**5, 1.1**9, 1.1**15])
-def test_hqq_shrink_takes_the_power_only_where_it_matters_and_equals_the_formula(beta) -> None:
-    """The CPU path skips the power below the threshold; every element still equals the formula
-    (to the last bit where it is zero, signed zeros included; within one rounding elsewhere, as
-    vectorised and scalar powers may differ by one ulp)."""
+def test_hqq_shrink_takes_the_power_only_where_it_matters_and_equals_the_formula(beta, spread) -> None:
+    """The CPU path skips the power below the threshold (when few elements pass it); every element
+    still equals the formula (to the last bit where it is zero, signed zeros included; within one
+    rounding elsewhere, as vectorised and scalar powers may differ by one ulp)."""
     generator = torch.Generator().manual_seed(5)
-    r = torch.randn(100_003, generator=generator) * 0.8
-    r[::13], r[1::17] = 0.0, -0.0
+    r = torch.randn(7, 14_287, 1, generator=generator) * spread  # (rows, groups, group) like a tensor
+    r.view(-1)[::13], r.view(-1)[1::17] = 0.0, -0.0
     formula = torch.sign(r) * torch.relu(r.abs() - r.abs().clamp(min=1e-12).pow(-0.3) / beta)
     got = shrink(r, beta)
+    assert got.shape == r.shape
     zero = formula == 0
     assert 0 < int(zero.sum()) < r.numel() and 0 < int((~zero).sum())
     assert torch.equal(got[zero].view(torch.int32), formula[zero].view(torch.int32))
