@@ -50,7 +50,7 @@ def from_e4m3(codes: torch.Tensor) -> torch.Tensor:
     if table is None:
         every_code = torch.arange(256, dtype=torch.int32).to(torch.uint8)
         table = _TABLES[codes.device] = every_code.view(torch.float8_e4m3fn).float().to(codes.device)
-    return table.take(codes.long())
+    return table.index_select(0, codes.reshape(-1).int()).view(codes.shape)
 
 
 def to_e4m3_bits(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
