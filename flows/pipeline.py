@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict
 
@@ -26,6 +27,7 @@ from infra.errors import AlreadyExists
 from infra.publish import Expected, Publisher, is_published
 from infra.safetensors import build_catalog
 from infra.storage import Storage, open_storage
+from quantizers.kernels import compile_floor_for
 from workers.evaluation import Evaluation
 from workers.records import TensorRecord, UnitContext, UnitResult
 from workers.units import WorkUnit
@@ -136,7 +138,20 @@ def _context(plan: Plan, dest: Storage, device: str) -> UnitContext:
         max_output_error=plan.recipe.gates.max_output_error,
         probes=plan.recipe.probes,
         device=device,
+        compile_min_elements=plan_compile_floor(plan),
     )
+
+
+def _quantized_numels(plan: Plan) -> Iterator[int]:
+    """Element counts of the tensors the plan's workers quantize (not those they copy)."""
+    for job in plan.jobs():
+        if job.scheme is not None and not job.passthrough:
+            yield math.prod(job.shape)
+
+
+def plan_compile_floor(plan: Plan) -> int:
+    """From how many elements the plan's tensors run compiled (quantizers.kernels)."""
+    return compile_floor_for(_quantized_numels(plan))
 
 
 def warm_workers_for(plan: Plan, cluster: ClusterInfo, device: str) -> None:
@@ -145,12 +160,9 @@ def warm_workers_for(plan: Plan, cluster: ClusterInfo, device: str) -> None:
     largest = [0] * len(plan.schemes)
     for job in plan.jobs():
         if job.scheme is not None and not job.passthrough:
-            numel = 1
-            for extent in job.shape:
-                numel *= extent
-            largest[job.scheme] = max(largest[job.scheme], numel)
+            largest[job.scheme] = max(largest[job.scheme], math.prod(job.shape))
     memory = max((unit.memory_bytes for unit in plan.units), default=0)
-    warm_workers(cluster, plan.schemes, largest, len(plan.units), memory, device)
+    warm_workers(cluster, plan.schemes, largest, len(plan.units), memory, device, plan_compile_floor(plan))
 
 
 def check_not_published(dest_uri: str) -> Storage:

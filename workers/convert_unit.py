@@ -23,6 +23,7 @@ from infra.errors import StorageError
 from infra.safetensors import TensorReader, TensorSpec, layout
 from infra.storage import Storage, open_storage
 from quantizers import QuantizationError, estimate_output_error, method_passes, probe_vectors, quantize
+from quantizers.kernels import compile_floor
 from workers.batched_reads import BatchedReader
 from workers.errors import TensorQualityError, UnitFailed
 from workers.pipeline import ShardSink, run_pipelined
@@ -202,6 +203,7 @@ def convert_unit(unit: WorkUnit, ctx: UnitContext, node: str = "local") -> UnitR
         with (
             BatchedReader(source, unit.jobs, max_concurrent_reads=ctx.read_concurrency) as ahead,
             TensorReader(source, max_concurrent_reads=ctx.read_concurrency) as direct,
+            compile_floor(ctx.compile_min_elements),
         ):
             try:
                 records, sha256 = run_pipelined(

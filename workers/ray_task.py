@@ -43,9 +43,10 @@ def _convert_on_node(unit: WorkUnit, context: UnitContext) -> UnitResult:
     return convert_unit(unit, context, node=node_name())
 
 
-def _warm_up(schemes: tuple[QuantScheme, ...], largest: tuple[int, ...], device: str) -> float:
+def _warm_up(schemes: tuple[QuantScheme, ...], largest: tuple[int, ...], device: str,
+             compile_floor: int | None = None) -> float:
     _prepare_process()
-    return warm_up(schemes, largest, device)
+    return warm_up(schemes, largest, device, compile_floor)
 
 
 # Ray accepts a list of exception types here; its type stubs only know the bool form.

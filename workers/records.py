@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantizers import QuantScheme
+from quantizers.kernels import COMPILE_MIN_ELEMENTS
 
 __all__ = ["UnitContext", "TensorRecord", "UnitResult"]
 
@@ -26,6 +27,8 @@ class UnitContext(BaseModel):
     device: str = "auto"  # "auto": CUDA when this task was given a GPU, else CPU
     scratch_dir: str | None = None  # local disk for assembling shards (default: system temp)
     read_concurrency: int = 8  # ranged reads in flight per unit (S3 GETs, local preads)
+    # Tensors of at least this many elements run compiled (quantizers.kernels.compile_floor_for).
+    compile_min_elements: int = COMPILE_MIN_ELEMENTS
     # GGUF output (workers.gguf_unit): the type or mix asked for, the model's tensor count over
     # all splits (llama.cpp's split.tensors.count) and the name written as general.name.
     output_format: str = "compressed-tensors"

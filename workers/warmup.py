@@ -9,7 +9,7 @@ warm-up task per worker slot as soon as it knows the plan, so these costs overla
 start-up and planning.
 
 Warming changes no result: compiled and eager kernels store the same bytes, and whether a tensor
-uses the compiled one depends on that tensor alone (`quantizers.kernels`). Only the kernels the
+uses the compiled one depends on that tensor and its plan alone (`quantizers.kernels`). Only the kernels the
 plan will compile are warmed: a small model, whose tensors all stay eager, compiles nothing.
 """
 
@@ -20,7 +20,7 @@ import time
 import torch
 
 from quantizers import dequantize, quantize
-from quantizers.kernels import compiles
+from quantizers.kernels import COMPILE_MIN_ELEMENTS, compile_floor, compiles
 from quantizers.scheme import QuantScheme
 
 __all__ = ["warm_up", "WARM_SHAPE"]
@@ -40,17 +40,20 @@ def _device(preference: str) -> torch.device:
     return torch.device(preference)
 
 
-def warm_up(schemes: tuple[QuantScheme, ...], largest: tuple[int, ...], device: str = "auto") -> float:
+def warm_up(schemes: tuple[QuantScheme, ...], largest: tuple[int, ...], device: str = "auto",
+            floor: int | None = None) -> float:
     """Compile the kernels of each scheme whose largest tensor (elements, `largest[i]`) will be
-    compiled; returns the seconds it took. Imports and device start-up happen on the way."""
+    compiled, from `floor` elements on (the plan's `compile_floor_for`); returns the seconds it
+    took. Imports and device start-up happen on the way."""
     started = time.perf_counter()
     target = _device(device)
     generator = torch.Generator().manual_seed(0)
-    for scheme, numel in zip(schemes, largest, strict=True):
-        if not compiles(numel):
-            continue
-        weight = (torch.randn(WARM_SHAPE, generator=generator) * 0.02).to(torch.bfloat16).to(target)
-        result = quantize(weight, scheme, name="warm-up", compile=True)
-        dequantize(result.tensors, scheme, compile=True)  # the output-error probes' path
-        result.release()
+    with compile_floor(floor or COMPILE_MIN_ELEMENTS):
+        for scheme, numel in zip(schemes, largest, strict=True):
+            if not compiles(numel):
+                continue
+            weight = (torch.randn(WARM_SHAPE, generator=generator) * 0.02).to(torch.bfloat16).to(target)
+            result = quantize(weight, scheme, name="warm-up", compile=True)
+            dequantize(result.tensors, scheme, compile=True)  # the output-error probes' path
+            result.release()
     return time.perf_counter() - started

@@ -67,3 +67,24 @@ def test_compile_failure_is_one_line_once_per_process(
     assert "Dynamo failed to run FX node" in warnings[0].getMessage()
     eager = quantize(weight, get_scheme("W4A16"), compile=False)
     assert torch.equal(first.tensors["weight_packed"], eager.tensors["weight_packed"])
+
+
+def test_a_plan_that_compiles_anyway_compiles_its_mid_sized_tensors_too(monkeypatch) -> None:
+    from quantizers.kernels import (
+        COMPILE_MIN_ELEMENTS,
+        PLAN_COMPILE_MIN_ELEMENTS,
+        compile_floor,
+        compile_floor_for,
+        compiles,
+    )
+
+    monkeypatch.setenv("QUANTFLEET_COMPILE", "auto")
+    expert = 768 * 2048  # a routed expert of Qwen3-30B-A3B
+    assert PLAN_COMPILE_MIN_ELEMENTS <= expert < COMPILE_MIN_ELEMENTS
+    assert compile_floor_for([expert, 2048 * 4096]) == PLAN_COMPILE_MIN_ELEMENTS  # q_proj compiles
+    assert compile_floor_for([expert, 1000]) == COMPILE_MIN_ELEMENTS  # a small model compiles nothing
+    assert compile_floor_for([]) == COMPILE_MIN_ELEMENTS
+    assert not compiles(expert)
+    with compile_floor(PLAN_COMPILE_MIN_ELEMENTS):
+        assert compiles(expert) and not compiles(PLAN_COMPILE_MIN_ELEMENTS - 1)
+    assert not compiles(expert)  # the floor is the block's only
