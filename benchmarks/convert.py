@@ -46,9 +46,11 @@ PEER_PACKAGES = ["torch==2.13.0", "llmcompressor==0.14.0.1"]
 MFP_SCHEMES = {"W4A16": "W4A16", "FP8": "FP8_DYNAMIC"}  # same weight layout as our FP8
 
 
-def generate(path: Path, layers: int, mlp: int = 11008, shard_count: int = 3) -> int:
+def generate(path: Path, layers: int, mlp: int = 11008, shard_count: int = 3, experts: int = 0) -> int:
     """A Llama-shaped bf16 checkpoint (hidden 4096, MLP `mlp`) in `shard_count` shards; returns its
-    bytes. The weights are drawn on the GPU when there is one (an 8B shape takes minutes on CPUs)."""
+    bytes. With `experts`, a Qwen3-MoE-shaped one: each layer's MLP is that many routed experts of
+    width `mlp` and a router. The weights are drawn on the GPU when there is one (an 8B shape takes
+    minutes on CPUs)."""
     if (path / "model.safetensors.index.json").exists():
         return sum(p.stat().st_size for p in path.glob("*.safetensors"))
     from safetensors.torch import save_file
@@ -65,10 +67,12 @@ def generate(path: Path, layers: int, mlp: int = 11008, shard_count: int = 3) ->
             (f"{p}.self_attn.k_proj.weight", (kv, hidden)),
             (f"{p}.self_attn.v_proj.weight", (kv, hidden)),
             (f"{p}.self_attn.o_proj.weight", (hidden, hidden)),
-            (f"{p}.mlp.gate_proj.weight", (mlp, hidden)),
-            (f"{p}.mlp.up_proj.weight", (mlp, hidden)),
-            (f"{p}.mlp.down_proj.weight", (hidden, mlp)),
         ]
+        mlps = [f"{p}.mlp.experts.{e}" for e in range(experts)] if experts else [f"{p}.mlp"]
+        names += [(f"{p}.mlp.gate.weight", (experts, hidden))] if experts else []
+        for m in mlps:
+            names += [(f"{m}.gate_proj.weight", (mlp, hidden)), (f"{m}.up_proj.weight", (mlp, hidden)),
+                      (f"{m}.down_proj.weight", (hidden, mlp))]
     names += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
     total = sum(2 * torch.Size(s).numel() for _, s in names)
     per_shard = total // shard_count + 1
@@ -109,6 +113,10 @@ def generate(path: Path, layers: int, mlp: int = 11008, shard_count: int = 3) ->
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": False,
     }
+    if experts:
+        config.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", head_dim=128,
+                      num_experts=experts, num_experts_per_tok=min(8, experts), moe_intermediate_size=mlp,
+                      decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
     (path / "config.json").write_text(json.dumps(config))
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
@@ -306,6 +314,9 @@ def main() -> None:
     parser.add_argument("--mlp", type=int, default=11008,
                         help="MLP width (14336 with --layers 32: the Llama-3-8B shape, 13.5 GiB)")
     parser.add_argument("--shards", type=int, default=3, help="source shards (default 3)")
+    parser.add_argument("--experts", type=int, default=0,
+                        help="routed experts per layer, each of width --mlp (a Qwen3-MoE shape; "
+                        "default 0: a dense Llama shape)")
     parser.add_argument("--methods", default="rtn",
                         help="comma-separated data-free methods, a quantfleet row each (rtn, search, hqq)")
     parser.add_argument("--no-prefect", action="store_true",
@@ -332,7 +343,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     source = args.workdir / "source"
-    size = generate(source, args.layers, args.mlp, args.shards)
+    size = generate(source, args.layers, args.mlp, args.shards, args.experts)
     mib = size / 2**20
     print(f"source: {mib:,.0f} MiB in {len(list(source.glob('*.safetensors')))} shards", flush=True)
     peer = None if args.skip_peer else ensure_peer(args.peer_python)
@@ -391,18 +402,23 @@ def main() -> None:
     ]
     if args.no_doc:
         return
+    shape = (f"Qwen3-MoE-shaped bf16 checkpoint of {mib:,.0f} MiB in {args.shards} shards (hidden 4096, "
+             f"{args.experts} routed experts of width {args.mlp} per layer, {args.layers} layers)"
+             if args.experts else
+             f"Llama-shaped bf16 checkpoint of {mib:,.0f} MiB in {args.shards} shards (hidden "
+             f"4096, MLP {args.mlp}, {args.layers} layers)")
     update_section(
         ("Conversion" if args.device == "cpu" else "Conversion on a GPU node")
-        + ("" if methods == ["rtn"] else ": methods"),
+        + ("" if methods == ["rtn"] else ": methods") + (": MoE" if args.experts else ""),
         f"Measured with `.venv/bin/python benchmarks/convert.py --layers {args.layers} --mlp {args.mlp} "
-        f"--shards {args.shards} --device {args.device} --schemes {args.schemes} --methods {args.methods} "
+        f"--shards {args.shards}{f' --experts {args.experts}' if args.experts else ''} "
+        f"--device {args.device} --schemes {args.schemes} --methods {args.methods} "
         f"--shard-size {args.shard_size} --kernel-cache {args.kernel_cache}"
         f"{' --no-prefect' if args.no_prefect else ''}` "
         f"({machine_line()}{_gpu_name()}, load average "
         f"{os.getloadavg()[0]:.1f} at the end) "
-        f"on a generated Llama-shaped bf16 checkpoint of {mib:,.0f} MiB in {args.shards} shards (hidden "
-        f"4096, MLP {args.mlp}, {args.layers} layers), output shards of {args.shard_size} (one work unit "
-        "each), converted to local disk. Before each quantfleet row its kernels are compiled into the "
+        f"on a generated {shape}, output shards of {args.shard_size} (one work unit each), "
+        "converted to local disk. Before each quantfleet row its kernels are compiled into the "
         "kernel cache, untimed, as setup.sh does; a 'cold kernel cache' row starts from an empty "
         "one. quantfleet runs `quantfleet convert` with "
         + ("no Prefect (`--no-prefect`)" if args.no_prefect else "Prefect's local mode")
