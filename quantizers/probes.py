@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import torch
 
-from quantizers.quantize import quantize
+from quantizers.quantize import QuantizedTensors, quantize
 from quantizers.scheme import QuantScheme
 
 __all__ = [
@@ -108,8 +108,13 @@ def estimate_output_error(
     *,
     budget: int = SAMPLE_ROWS,
     method: str = "rtn",
+    quantized: QuantizedTensors | None = None,
 ) -> float:
     """`output_error` of quantizing `weight` with `scheme` (and `method`), measured on sampled rows.
+
+    `quantized` is the weight's own quantization, when the caller has it: where the sample is the
+    whole weight (at most `budget` rows, as most MoE experts), its dequantized weight is used
+    instead of quantizing again, which would cost as much as the conversion itself.
 
     Every scheme quantizes rows independently given the tensor-wide NVFP4 global scale and whole
     FP8 tiles, so re-quantizing a sample of whole 128-row blocks (with the full tensor's absmax)
@@ -119,6 +124,8 @@ def estimate_output_error(
     """
     picks = sampled_rows(weight.shape[0], budget)
     if len(picks) == 1 and picks[0] == slice(0, weight.shape[0]):
+        if quantized is not None:
+            return output_error(weight, quantized.dequantized, probes)
         sample = weight
     else:
         sample = torch.cat([weight[s] for s in picks])

@@ -127,7 +127,8 @@ def _convert_job(
     if ctx.probes > 0:
         probes = probe_vectors(weight.shape[1], ctx.probes, device=weight.device)
         # On at most ~1024 sampled rows: exact for those rows, a fraction of the full cost.
-        probed = estimate_output_error(weight, result.scheme, probes, method=result.method)
+        probed = estimate_output_error(weight, result.scheme, probes, method=result.method,
+                                       quantized=None if shared is not None else result)
     result.release()
     gate = ctx.min_sqnr_db[job.scheme]
     if not (error.sqnr_db >= gate and error.cosine >= ctx.min_cosine):

@@ -69,3 +69,23 @@ def test_the_sampled_estimate_uses_exact_rows_of_the_full_result() -> None:
         # And it estimates the whole layer's figure closely.
         whole = output_error(weight, full.dequantized, probes)
         assert abs(expected - whole) / whole < 0.15, name
+
+
+def test_a_whole_weight_sample_reuses_the_weights_own_quantization() -> None:
+    # At most `budget` rows: the sample is the whole weight, and the conversion's own result gives
+    # the same figure as quantizing again (which would double the cost of such tensors).
+    from quantizers import get_scheme, quantize
+    from quantizers.probes import estimate_output_error, probe_vectors
+
+    weight = (torch.randn(384, 256, generator=torch.Generator().manual_seed(5)) * 0.02).to(torch.bfloat16)
+    probes = probe_vectors(256, 8)
+    for name, method in (("W4A16", "rtn"), ("FP8", "hqq"), ("NVFP4A16", "search")):
+        full = quantize(weight, get_scheme(name), method=method)
+        again = estimate_output_error(weight, full.scheme, probes, budget=512, method=method)
+        assert estimate_output_error(weight, full.scheme, probes, budget=512, method=method,
+                                     quantized=full) == again > 0, name
+    # A weight with more rows than the budget is still sampled (its rows quantized apart).
+    tall = torch.cat([weight, weight])
+    full = quantize(tall, get_scheme("W4A16"))
+    assert estimate_output_error(tall, full.scheme, probes, budget=256, quantized=full) == \
+        estimate_output_error(tall, full.scheme, probes, budget=256)
