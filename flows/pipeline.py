@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -27,7 +27,6 @@ from infra.errors import AlreadyExists
 from infra.publish import Expected, Publisher, is_published
 from infra.safetensors import build_catalog
 from infra.storage import Storage, open_storage
-from quantizers.kernels import compile_floor_for
 from workers.evaluation import Evaluation
 from workers.records import TensorRecord, UnitContext, UnitResult
 from workers.units import WorkUnit
@@ -138,20 +137,8 @@ def _context(plan: Plan, dest: Storage, device: str) -> UnitContext:
         max_output_error=plan.recipe.gates.max_output_error,
         probes=plan.recipe.probes,
         device=device,
-        compile_min_elements=plan_compile_floor(plan),
+        compile_min_elements=plan.compile_floor(),
     )
-
-
-def _quantized_numels(plan: Plan) -> Iterator[int]:
-    """Element counts of the tensors the plan's workers quantize (not those they copy)."""
-    for job in plan.jobs():
-        if job.scheme is not None and not job.passthrough:
-            yield math.prod(job.shape)
-
-
-def plan_compile_floor(plan: Plan) -> int:
-    """From how many elements the plan's tensors run compiled (quantizers.kernels)."""
-    return compile_floor_for(_quantized_numels(plan))
 
 
 def warm_workers_for(plan: Plan, cluster: ClusterInfo, device: str) -> None:
@@ -162,7 +149,7 @@ def warm_workers_for(plan: Plan, cluster: ClusterInfo, device: str) -> None:
         if job.scheme is not None and not job.passthrough:
             largest[job.scheme] = max(largest[job.scheme], math.prod(job.shape))
     memory = max((unit.memory_bytes for unit in plan.units), default=0)
-    warm_workers(cluster, plan.schemes, largest, len(plan.units), memory, device, plan_compile_floor(plan))
+    warm_workers(cluster, plan.schemes, largest, len(plan.units), memory, device, plan.compile_floor())
 
 
 def check_not_published(dest_uri: str) -> Storage:

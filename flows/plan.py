@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 
@@ -22,6 +23,7 @@ from flows.sources import SourceSummary, SourceTensor, dense_bytes, read_source
 from infra.safetensors import DTYPE_SIZE, Catalog
 from quantizers import QuantScheme, resolve_scheme
 from quantizers.errors import QuantizationError
+from quantizers.kernels import compile_floor_for
 from workers.units import SAFETENSORS_TO_TORCH, TensorJob, WorkUnit, output_specs
 
 __all__ = ["Plan", "build_plan", "job_bytes_in", "shard_file_name", "TOOL_VERSION"]
@@ -71,6 +73,12 @@ class Plan(BaseModel):
 
     def quantized_modules(self) -> list[tuple[str, QuantScheme]]:
         return [(j.module, self.schemes[j.scheme]) for j in self.jobs() if j.scheme is not None]
+
+    def compile_floor(self) -> int:
+        """From how many elements this plan's tensors run compiled (quantizers.kernels): decided
+        by the tensors the workers quantize, not those they copy."""
+        return compile_floor_for(math.prod(j.shape) for j in self.jobs()
+                                 if j.scheme is not None and not j.passthrough)
 
 
 def shard_file_name(index: int, count: int) -> str:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from infra.storage import open_storage
 from quantizers import QuantScheme, quantize
 from quantizers.errors import InvalidWeightError, UnsupportedSchemeError
+from quantizers.kernels import COMPILE_MIN_ELEMENTS, compile_floor
 from workers.batched_reads import BatchedReader
 from workers.errors import UnitFailed
 from workers.source_read import read_dense
@@ -37,6 +38,8 @@ class MeasureContext(BaseModel):
     device: str = "auto"
     max_rows: int = 4096  # rows measured per tensor at most (0: every row)
     read_concurrency: int = 8
+    # Tensors of at least this many elements run compiled (the plan's, as in UnitContext).
+    compile_min_elements: int = COMPILE_MIN_ELEMENTS
 
 
 class TensorMeasure(BaseModel):
@@ -70,7 +73,10 @@ def measure_unit(unit: WorkUnit, ctx: MeasureContext) -> tuple[TensorMeasure, ..
     device = _device(ctx.device)
     jobs = [job for job in unit.jobs if job.scheme is not None and not job.passthrough]
     out = []
-    with BatchedReader(source, jobs, max_concurrent_reads=ctx.read_concurrency) as reader:
+    with (
+        BatchedReader(source, jobs, max_concurrent_reads=ctx.read_concurrency) as reader,
+        compile_floor(ctx.compile_min_elements),
+    ):
         for job in jobs:
             weight = sample_rows(read_dense(job, reader, device).to(device), ctx.max_rows)
             errors: list[float | None] = []

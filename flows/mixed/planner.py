@@ -125,7 +125,7 @@ def plan_mixed(
     measured = _MEASURED.get(cache_key)
     if measured is None:
         context = MeasureContext(source_uri=base.source_uri, candidates=candidates, methods=methods,
-                                 device=device, max_rows=max_rows)
+                                 device=device, max_rows=max_rows, compile_min_elements=base.compile_floor())
         measured = _MEASURED[cache_key] = measure_units(base.units, context, cluster=cluster())
     weight = {name: sensitivity(name, layers) for name in names}
     items: list[Item] = []
