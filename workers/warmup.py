@@ -9,8 +9,9 @@ warm-up task per worker slot as soon as it knows the plan, so these costs overla
 start-up and planning.
 
 Warming changes no result: compiled and eager kernels store the same bytes, and whether a tensor
-uses the compiled one depends on that tensor and its plan alone (`quantizers.kernels`). Only the kernels the
-plan will compile are warmed: a small model, whose tensors all stay eager, compiles nothing.
+uses the compiled one depends on that tensor and its plan alone (`quantizers.kernels`). Only the
+kernels the plan will compile are warmed: a small model, whose tensors all stay eager, compiles
+nothing.
 """
 
 from __future__ import annotations
