@@ -33,11 +33,11 @@ def is_tokenizer_file(key: str) -> bool:
             or name.startswith(_TOKENIZER_PREFIXES))
 
 
-def check_evaluation_inputs(source: Storage, side_files: Iterable[str], text: str | None, *,
+def check_evaluation_inputs(source: Storage, keys: Iterable[str], text: str | None, *,
                             why: str) -> None:
     """Raise `EvaluationError` (one line) if the evaluation `why` names cannot run on `source`
-    (its top-level non-weight files are `side_files`) or cannot read `text`."""
-    names = {PurePosixPath(key).name for key in side_files}
+    (`keys`: its objects; only the top-level ones count) or cannot read `text`."""
+    names = {key for key in keys if "/" not in key}
     if "config.json" not in names:
         raise EvaluationError(f"{source.uri()}: no config.json, so {why} cannot load the model with "
                               "transformers; add it to the source or drop the evaluation")

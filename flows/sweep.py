@@ -25,7 +25,6 @@ from flows.finalize import MANIFEST_NAME
 from flows.recipe import Recipe
 from flows.source_eval import source_model
 from infra.publish import is_published
-from infra.safetensors import build_catalog
 from infra.storage import open_storage
 from workers.evaluation import Evaluation
 from workers.records import TensorRecord
@@ -159,7 +158,7 @@ def run_sweep(
     original_source = source_model(model)  # a quantized MODEL is compared as the dense model it means
     source = open_storage(model)
     # Each point is evaluated after converting it: refuse before the first conversion instead.
-    check_evaluation_inputs(source, build_catalog(source).side_files, text, why="sweep")
+    check_evaluation_inputs(source, (info.key for info in source.list("")), text, why="sweep")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points = []

@@ -126,7 +126,8 @@ def _convert_job(
     probed = None
     if ctx.probes > 0:
         probes = probe_vectors(weight.shape[1], ctx.probes, device=weight.device)
-        # On at most ~1024 sampled rows: exact for those rows, a fraction of the full cost.
+        # On at most ~1024 sampled rows: exact for those rows, a fraction of the full cost. NVFP4
+        # partners (a shared global scale) keep the estimate's own, as they always have.
         probed = estimate_output_error(weight, result.scheme, probes, method=result.method,
                                        quantized=None if shared is not None else result)
     result.release()

@@ -13,7 +13,7 @@ import torch
 
 from quantizers.errors import InvalidSourceError
 from quantizers.formats._common import round_to_dtype
-from quantizers.formats.fp8_bits import from_e4m3
+from quantizers.formats.fp8_bits import e4m3_table
 from quantizers.kernels import maybe_compiled
 
 __all__ = ["dequantize", "scale_shape"]
@@ -60,21 +60,10 @@ def dequantize(
     # docs/benchmarks.md), and bit-identical to both.
     chosen = _dequant_bf16 if dtype == torch.bfloat16 else _dequant_kernel
     kernel = maybe_compiled(chosen, weight.numel(), None)
-    out = kernel(tiles, scale_inv.float().view(expected[0], 1, expected[1], 1), _table(weight.device), dtype)
+    scale = scale_inv.float().view(expected[0], 1, expected[1], 1)
+    out = kernel(tiles, scale, e4m3_table(weight.device), dtype)
     out = out.view(expected[0] * bh, expected[1] * bw)
     return out[:rows, :columns] if pad_rows or pad_cols else out
-
-
-_TABLES: dict[torch.device, torch.Tensor] = {}
-
-
-def _table(device: torch.device) -> torch.Tensor:
-    """float32 value of every E4M3 code; the NaN codes (0x7F, 0xFF) give NaN, so a source that
-    holds one is refused by the quantizer's non-finite check, naming the tensor."""
-    table = _TABLES.get(device)
-    if table is None:
-        table = _TABLES[device] = from_e4m3(torch.arange(256, dtype=torch.int32).to(torch.uint8)).to(device)
-    return table
 
 
 def _dequant_kernel(tiles: torch.Tensor, scale: torch.Tensor, table: torch.Tensor,
