@@ -10,7 +10,10 @@ routed experts of MoE models (Qwen3-30B-A3B's 768x2048) then run compiled too, 3
 eager, at no extra compile. The choice depends on the tensor and its plan alone, never on what
 the process did before: compiled and eager kernels store the same bytes, but their error figures
 (float sums in another order) differ in the last bits, and the manifest of a resumed run must
-equal an uninterrupted one.
+equal an uninterrupted one. The scale searches (`quantizers.methods`) compile their steps under
+the same rule; for them a sum in another order can also tip a near-tie between two candidate
+scales (W4A16 `search`: 2.5e-4 of the scales, same total error), so the rule keeps their bytes
+reproducible too.
 
 Every kernel is written in float32 with an explicit cast wherever eager torch would round to the
 weight's dtype, and `emulate_precision_casts` keeps Inductor from dropping those casts, so the
@@ -79,10 +82,10 @@ def _wants_compile(numel: int, force: bool | None) -> bool:
     return numel >= _floor.get()
 
 
-def compiles(numel: int) -> bool:
-    """Whether a tensor of `numel` elements runs the compiled kernels (QUANTFLEET_COMPILE and
-    the current `compile_floor` honoured)."""
-    return _wants_compile(numel, None)
+def compiles(numel: int, force: bool | None = None) -> bool:
+    """Whether a tensor of `numel` elements runs the compiled kernels: `force` when given (a
+    caller's `compile=` argument), else as QUANTFLEET_COMPILE and the current `compile_floor` say."""
+    return _wants_compile(numel, force)
 
 
 def compile_floor_for(numels: Iterable[int]) -> int:
@@ -112,7 +115,8 @@ def _report_fallback(name: str, exc: Exception) -> None:
         _log.debug("compiling %s failed too (%s); using eager torch", name, reason)
     else:
         _warned = True
-        _log.warning("compiling %s failed (%s); using eager torch (same bytes, slower)", name, reason)
+        _log.warning("compiling %s failed (%s); using eager torch (slower; same bytes, but for a "
+                     "searched scale where two candidates nearly tie)", name, reason)
     _log.debug("compile failure of %s", name, exc_info=exc)
 
 

@@ -20,7 +20,7 @@ from quantizers.formats._common import (
     signed_absmax,
 )
 from quantizers.formats.fp8_bits import e4m3_values, from_e4m3, to_e4m3
-from quantizers.kernels import maybe_compiled
+from quantizers.kernels import compiles, maybe_compiled
 from quantizers.methods import Grid, refine_scale
 from quantizers.scheme import QuantScheme
 
@@ -95,7 +95,9 @@ def quantize(
         # (R, th, C, tw) -> (R, C, th*tw): one group per tile; padding zeros add no error.
         r, th, c, tw = tiles.shape
         grouped = tiles.permute(0, 2, 1, 3).reshape(r, c, th * tw)
-        refined = refine_scale(method, grouped, scale.reshape(r, c, 1), fp8_grid(weight.dtype))
+        refined = refine_scale(
+            method, grouped, scale.reshape(r, c, 1), fp8_grid(weight.dtype), compiles(weight.numel(), compile)
+        )
         scale = refined.reshape(r, 1, c, 1)
     q, error = maybe_compiled(_fp8_codes, weight.numel(), compile)(tiles, scale)
     stored = {

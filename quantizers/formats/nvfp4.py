@@ -22,7 +22,7 @@ from quantizers.formats._common import (
     signed_absmax,
 )
 from quantizers.formats.fp8_bits import to_e4m3
-from quantizers.kernels import maybe_compiled
+from quantizers.kernels import compiles, maybe_compiled
 from quantizers.methods import Grid, refine_scale
 from quantizers.packing import fp4_codes, fp4_values, pack_nibbles, unpack_nibbles
 from quantizers.scheme import QuantScheme
@@ -120,7 +120,9 @@ def quantize(
     # Two kernels, so each block's scale is computed once, not again for every element.
     scale, scale_codes, absmax = maybe_compiled(_nvfp4_scales, weight.numel(), compile)(grouped, global_scale)
     if method != "rtn":
-        effective = refine_scale(method, grouped, scale / global_scale, nvfp4_grid(global_scale))
+        effective = refine_scale(
+            method, grouped, scale / global_scale, nvfp4_grid(global_scale), compiles(weight.numel(), compile)
+        )
         scale_codes, scale = to_e4m3((effective * global_scale).clamp(max=FP8_MAX))
     nibbles, error = maybe_compiled(_nvfp4_codes, weight.numel(), compile)(grouped, scale, global_scale)
     stored = {

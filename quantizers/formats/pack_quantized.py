@@ -24,7 +24,7 @@ from quantizers.formats._common import (
     group_view,
     round_to_dtype,
 )
-from quantizers.kernels import maybe_compiled
+from quantizers.kernels import compiles, maybe_compiled
 from quantizers.methods import Grid, refine_asymmetric, refine_scale
 from quantizers.packing import (
     pack_codes,
@@ -116,10 +116,11 @@ def quantize(
     scale, zero, absmax = scales(grouped, scheme.symmetric)
     if method != "rtn":  # RTN's parameters are the starting point (see quantizers.methods)
         grid = int_grid(scheme.num_bits, weight.dtype)
+        compiled = compiles(weight.numel(), compile)
         if scheme.symmetric:
-            scale = refine_scale(method, grouped, scale, grid)
+            scale = refine_scale(method, grouped, scale, grid, compiled)
         else:
-            scale, zero = refine_asymmetric(method, grouped, scale, zero, grid)
+            scale, zero = refine_asymmetric(method, grouped, scale, zero, grid, compiled)
     codes_of = maybe_compiled(kernels.codes, weight.numel(), compile)
     codes, error = codes_of(grouped, scale, zero, scheme.symmetric)
     stored = {

@@ -17,12 +17,17 @@ by KAPPA = 1.1 per iteration, p = 0.7 (the lp_norm of the reference), 10 iterati
 runs up to 20 with beta from 10 on raw weights; fewer, larger steps cost half as much here). The
 reference keeps the iterate with the lowest mean absolute error; here each group keeps the iterate,
 RTN's parameters included, with the lowest squared error, so a group never ends worse than RTN.
+
+Each iteration's element-wise work is one function of the chunk (`_scale_iteration`,
+`_asymmetric_iteration`), so a compiled run fuses it into one loop; beta goes in as a 0-d tensor
+there, because Dynamo would compile again for every distinct Python float.
 """
 
 from __future__ import annotations
 
 import torch
 
+from quantizers.kernels import maybe_compiled
 from quantizers.methods._grid import Grid
 
 __all__ = ["P", "BETA", "KAPPA", "ITERATIONS", "PASSES", "scale_only", "asymmetric", "shrink"]
@@ -35,7 +40,7 @@ PASSES = ITERATIONS + 1  # each iteration: one rounding, one shrink and one fit 
 _DENSE_FRACTION = 4  # `shrink` on the CPU: the power on every element once over 1/4 of them need it
 
 
-def shrink(residual: torch.Tensor, beta: float, p: float = P) -> torch.Tensor:
+def shrink(residual: torch.Tensor, beta: float | torch.Tensor, p: float = P) -> torch.Tensor:
     """The lp (p < 1) proximal operator HQQ uses: sign(r) * relu(|r| - |r|^(p-1) / beta).
 
     On the CPU the power, ~40% of hqq's time there, is taken only where the result can be nonzero:
@@ -43,9 +48,9 @@ def shrink(residual: torch.Tensor, beta: float, p: float = P) -> torch.Tensor:
     the betas used), which with nearest rounding is every element but the clipped ones. Elements
     below 0.99x that bound get the formula's signed zero directly: the 1.3% margin in
     |r|^(p-1)/beta dwarfs float rounding. On a GPU the power is cheap and a gather would wait for
-    the device, so it runs dense there.
+    the device, so it runs dense there, as it does compiled (one fused loop, no gather).
     """
-    if residual.is_cuda:
+    if residual.is_cuda or torch.compiler.is_compiling():
         return _shrink_formula(residual, beta, p)
     flat = residual.reshape(-1)
     passing = flat.abs() > 0.99 * beta ** (-1.0 / (2.0 - p))
@@ -59,47 +64,103 @@ def shrink(residual: torch.Tensor, beta: float, p: float = P) -> torch.Tensor:
     return out.view(residual.shape)
 
 
-def _shrink_formula(residual: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+def _shrink_formula(residual: torch.Tensor, beta: float | torch.Tensor, p: float) -> torch.Tensor:
     magnitude = residual.abs()
     return torch.sign(residual) * torch.relu(magnitude - magnitude.clamp(min=1e-12).pow(p - 1) / beta)
 
 
-def scale_only(x: torch.Tensor, scale: torch.Tensor, grid: Grid) -> torch.Tensor:
+def _betas(device: torch.device, compiled: bool) -> list[float] | list[torch.Tensor]:
+    """beta for each iteration: Python floats eagerly, 0-d tensors compiled (see the docstring)."""
+    betas = [BETA]
+    for _ in range(ITERATIONS - 1):
+        betas.append(betas[-1] * KAPPA)  # multiplied up, as the iterations always have
+    if not compiled:
+        return betas
+    return list(torch.tensor(betas, dtype=torch.float32, device=device).unbind())
+
+
+def _scale_error(x: torch.Tensor, current: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Per group, the squared error of `current` with nearest codes: the iterate to beat."""
+    residual = x - grid.values(x / current) * current
+    return (residual * residual).sum(-1, keepdim=True)
+
+
+def _scale_iteration(
+    x: torch.Tensor, current: torch.Tensor, beta: float | torch.Tensor, grid: Grid
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`current`'s error, and the next iterate: the least-squares scale for the de-noised target."""
+    v = grid.values(x / current)
+    residual = x - v * current
+    error = (residual * residual).sum(-1, keepdim=True)
+    target = x - shrink(residual / current, beta) * current
+    fitted = (v * target).sum(-1, keepdim=True) / (v * v).sum(-1, keepdim=True)
+    return error, grid.safe_store(fitted, current)
+
+
+def scale_only(x: torch.Tensor, scale: torch.Tensor, grid: Grid, compiled: bool = False) -> torch.Tensor:
     """Formats with no zero point (symmetric int, FP8, FP4): HQQ on the scale alone."""
+    iteration = maybe_compiled(_scale_iteration, 0, compiled)
     best_scale = current = scale
     best_error: torch.Tensor | None = None
-    beta = BETA
-    for iteration in range(ITERATIONS + 1):
-        v = grid.values(x / current)
-        residual = x - v * current
-        # The error of `current` with nearest codes: the iterate to beat.
-        error = (residual * residual).sum(-1, keepdim=True)
+    betas = _betas(x.device, compiled)
+    for step in range(ITERATIONS + 1):
+        if step == ITERATIONS:
+            error = maybe_compiled(_scale_error, 0, compiled)(x, current, grid)
+        else:
+            error, following = iteration(x, current, betas[step], grid)
         if best_error is None:
             best_error = error
         else:
             better = error < best_error
             best_scale = torch.where(better, current, best_scale)
             best_error = torch.where(better, error, best_error)
-        if iteration == ITERATIONS:
-            break
-        target = x - shrink(residual / current, beta) * current
-        fitted = (v * target).sum(-1, keepdim=True) / (v * v).sum(-1, keepdim=True)
-        current = grid.safe_store(fitted, current)
-        beta *= KAPPA
+        current = following
     return best_scale
 
 
-def asymmetric(
+def _asymmetric_codes(
     x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    q = (x / scale + zero).round().clamp(grid.q_min, grid.q_max)
+    return q, x - (q - zero) * scale
+
+
+def _asymmetric_error(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid) -> torch.Tensor:
+    residual = _asymmetric_codes(x, scale, zero, grid)[1]
+    return (residual * residual).sum(-1, keepdim=True)
+
+
+def _asymmetric_iteration(
+    x: torch.Tensor, current: torch.Tensor, current_zero: torch.Tensor, beta: float | torch.Tensor,
+    grid: Grid,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale, zero point)'s error, and the next iterate: the least-squares line for the de-noised
+    target, its slope the scale and -offset / slope the (integer) zero point."""
+    q, residual = _asymmetric_codes(x, current, current_zero, grid)
+    error = (residual * residual).sum(-1, keepdim=True)
+    target = x - shrink(residual / current, beta) * current
+    mean_q = q.mean(-1, keepdim=True)
+    mean_t = target.mean(-1, keepdim=True)
+    centred = q - mean_q
+    slope = (centred * target).sum(-1, keepdim=True) / (centred * centred).sum(-1, keepdim=True)
+    following = grid.safe_store(slope, current)
+    following_zero = torch.nan_to_num((mean_q - mean_t / following).round(), nan=0.0)
+    return error, following, following_zero.clamp(grid.q_min, grid.q_max)
+
+
+def asymmetric(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid, compiled: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric int: HQQ on the zero point and the scale; the zero point stays an integer."""
+    iteration = maybe_compiled(_asymmetric_iteration, 0, compiled)
     best_scale, best_zero = current, current_zero = scale, zero
     best_error: torch.Tensor | None = None
-    beta = BETA
-    for iteration in range(ITERATIONS + 1):
-        q = (x / current + current_zero).round().clamp(grid.q_min, grid.q_max)
-        residual = x - (q - current_zero) * current
-        error = (residual * residual).sum(-1, keepdim=True)
+    betas = _betas(x.device, compiled)
+    for step in range(ITERATIONS + 1):
+        if step == ITERATIONS:
+            error = maybe_compiled(_asymmetric_error, 0, compiled)(x, current, current_zero, grid)
+        else:
+            error, following, following_zero = iteration(x, current, current_zero, betas[step], grid)
         if best_error is None:
             best_error = error
         else:
@@ -107,16 +168,5 @@ def asymmetric(
             best_scale = torch.where(better, current, best_scale)
             best_zero = torch.where(better, current_zero, best_zero)
             best_error = torch.where(better, error, best_error)
-        if iteration == ITERATIONS:
-            break
-        target = x - shrink(residual / current, beta) * current
-        # Least squares of target ~ a q + b: a is the scale, -b / a the zero point.
-        mean_q = q.mean(-1, keepdim=True)
-        mean_t = target.mean(-1, keepdim=True)
-        centred = q - mean_q
-        slope = (centred * target).sum(-1, keepdim=True) / (centred * centred).sum(-1, keepdim=True)
-        current = grid.safe_store(slope, current)
-        current_zero = torch.nan_to_num((mean_q - mean_t / current).round(), nan=0.0)
-        current_zero = current_zero.clamp(grid.q_min, grid.q_max)
-        beta *= KAPPA
+        current, current_zero = following, following_zero
     return best_scale, best_zero

@@ -14,18 +14,27 @@ them better, so no group gets worse than RTN under the weighting.
 
 Weighting: `_grid.magnitude_weights`, rms of the group + |x| (llama.cpp's default without an
 importance matrix). Cost: about 6 element-wise passes per candidate, 12 candidates.
+
+Each candidate is one function of the chunk (`_scale_candidate`, `_asymmetric_candidate`), so a
+compiled run fuses a candidate's passes into one loop; the candidate factor goes in as a 0-d
+tensor, because Dynamo would compile again for every distinct Python float.
 """
 
 from __future__ import annotations
 
 import torch
 
+from quantizers.kernels import maybe_compiled
 from quantizers.methods._grid import Grid, magnitude_weights, squared_error
 
 __all__ = ["FACTORS", "PASSES", "scale_only", "asymmetric"]
 
 FACTORS = tuple(round(1.03 - 0.03 * k, 2) for k in range(12))  # 1.03 .. 0.70
 PASSES = len(FACTORS) + 2  # one scoring pass per candidate, RTN's and the winner's check
+
+
+def _factors(device: torch.device) -> list[torch.Tensor]:
+    return list(torch.tensor(FACTORS, dtype=torch.float32, device=device).unbind())
 
 
 def _keep_better(
@@ -35,56 +44,83 @@ def _keep_better(
     return squared_error(x, new, w) < squared_error(x, old, w)
 
 
-def scale_only(x: torch.Tensor, scale: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """x (groups..., size) float32, RTN scale (groups..., 1) -> the searched scale, same shape."""
-    w = magnitude_weights(x)
-    best_gain = torch.full_like(scale, -1.0)
-    best_fit = scale
-    for factor in FACTORS:
-        v = grid.values(x / grid.safe_store(scale * factor, scale))
-        wv = w * v
-        dot = (wv * x).sum(-1, keepdim=True)
-        norm = (wv * v).sum(-1, keepdim=True)
-        # Error of the least-squares scale dot/norm for these codes: sum w x^2 - dot^2 / norm.
-        gain = torch.nan_to_num(dot * dot / norm, nan=-1.0)
-        better = gain > best_gain
-        best_gain = torch.where(better, gain, best_gain)
-        best_fit = torch.where(better, dot / norm, best_fit)
+def _scale_candidate(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, factor: torch.Tensor,
+    best_gain: torch.Tensor, best_fit: torch.Tensor, grid: Grid,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score the scale `factor` x RTN's: the best (gain, least-squares scale) so far, per group."""
+    v = grid.values(x / grid.safe_store(scale * factor, scale))
+    wv = w * v
+    dot = (wv * x).sum(-1, keepdim=True)
+    norm = (wv * v).sum(-1, keepdim=True)
+    # Error of the least-squares scale dot/norm for these codes: sum w x^2 - dot^2 / norm.
+    gain = torch.nan_to_num(dot * dot / norm, nan=-1.0)
+    better = gain > best_gain
+    return torch.where(better, gain, best_gain), torch.where(better, dot / norm, best_fit)
+
+
+def _scale_choice(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, best_fit: torch.Tensor, grid: Grid
+) -> torch.Tensor:
+    """The winner's fitted scale as stored, or RTN's where that is better after all."""
     chosen = grid.safe_store(best_fit, scale)
     better = _keep_better(x, w, grid.values(x / scale) * scale, grid.values(x / chosen) * chosen)
     return torch.where(better, chosen, scale)
+
+
+def scale_only(x: torch.Tensor, scale: torch.Tensor, grid: Grid, compiled: bool = False) -> torch.Tensor:
+    """x (groups..., size) float32, RTN scale (groups..., 1) -> the searched scale, same shape."""
+    w = maybe_compiled(magnitude_weights, 0, compiled)(x)
+    candidate = maybe_compiled(_scale_candidate, 0, compiled)
+    best_gain = torch.full_like(scale, -1.0)
+    best_fit = scale.clone()  # not `scale` itself: Dynamo would guard (and recompile) on the alias
+    for factor in _factors(x.device):
+        best_gain, best_fit = candidate(x, w, scale, factor, best_gain, best_fit, grid)
+    return maybe_compiled(_scale_choice, 0, compiled)(x, w, scale, best_fit, grid)
 
 
 def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid) -> torch.Tensor:
     return (x / scale + zero).round().clamp(grid.q_min, grid.q_max)
 
 
-def asymmetric(
-    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric int: x, RTN scale and integer zero point -> searched (scale, zero point)."""
+def _asymmetric_start(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per chunk, what every candidate needs: weights, their sums, sum w x, the low end (<= 0)."""
     w = magnitude_weights(x)
-    total = w.sum(-1, keepdim=True)
-    sum_x = (w * x).sum(-1, keepdim=True)
     low = x.amin(dim=-1, keepdim=True).clamp(max=0)
-    best_gain = torch.full_like(scale, -1.0)
-    best_slope, best_offset = scale, -zero * scale
-    for factor in FACTORS:
-        candidate = grid.safe_store(scale * factor, scale)
-        # Shrinking the range from both ends: the zero point keeps the low end's share.
-        candidate_zero = (grid.q_min - low * factor / candidate).round().clamp(grid.q_min, grid.q_max)
-        q = _codes(x, candidate, candidate_zero, grid)
-        wq = w * q
-        sum_q = wq.sum(-1, keepdim=True)
-        covariance = (wq * x).sum(-1, keepdim=True) - sum_q * sum_x / total
-        variance = (wq * q).sum(-1, keepdim=True) - sum_q * sum_q / total
-        # Weighted least squares of x ~ a q + b leaves sum w (x - mean)^2 - cov^2 / var.
-        gain = torch.nan_to_num(covariance * covariance / variance, nan=-1.0)
-        slope = covariance / variance
-        better = gain > best_gain
-        best_gain = torch.where(better, gain, best_gain)
-        best_slope = torch.where(better, slope, best_slope)
-        best_offset = torch.where(better, (sum_x - slope * sum_q) / total, best_offset)
+    return w, w.sum(-1, keepdim=True), (w * x).sum(-1, keepdim=True), low
+
+
+def _asymmetric_candidate(
+    x: torch.Tensor, w: torch.Tensor, total: torch.Tensor, sum_x: torch.Tensor, low: torch.Tensor,
+    scale: torch.Tensor, factor: torch.Tensor, best: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    grid: Grid,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score the range `factor` x RTN's: the best (gain, slope, offset) so far, per group."""
+    best_gain, best_slope, best_offset = best
+    candidate = grid.safe_store(scale * factor, scale)
+    # Shrinking the range from both ends: the zero point keeps the low end's share.
+    candidate_zero = (grid.q_min - low * factor / candidate).round().clamp(grid.q_min, grid.q_max)
+    q = _codes(x, candidate, candidate_zero, grid)
+    wq = w * q
+    sum_q = wq.sum(-1, keepdim=True)
+    covariance = (wq * x).sum(-1, keepdim=True) - sum_q * sum_x / total
+    variance = (wq * q).sum(-1, keepdim=True) - sum_q * sum_q / total
+    # Weighted least squares of x ~ a q + b leaves sum w (x - mean)^2 - cov^2 / var.
+    gain = torch.nan_to_num(covariance * covariance / variance, nan=-1.0)
+    slope = covariance / variance
+    better = gain > best_gain
+    return (
+        torch.where(better, gain, best_gain),
+        torch.where(better, slope, best_slope),
+        torch.where(better, (sum_x - slope * sum_q) / total, best_offset),
+    )
+
+
+def _asymmetric_choice(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+    best_slope: torch.Tensor, best_offset: torch.Tensor, grid: Grid,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The winner's line as a stored scale and integer zero point, or RTN's where that is better."""
     chosen = grid.safe_store(best_slope, scale)
     chosen_zero = torch.nan_to_num((-best_offset / chosen).round(), nan=0.0).clamp(grid.q_min, grid.q_max)
     better = _keep_better(
@@ -93,3 +129,15 @@ def asymmetric(
         (_codes(x, chosen, chosen_zero, grid) - chosen_zero) * chosen,
     )
     return torch.where(better, chosen, scale), torch.where(better, chosen_zero, zero)
+
+
+def asymmetric(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid, compiled: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int: x, RTN scale and integer zero point -> searched (scale, zero point)."""
+    w, total, sum_x, low = maybe_compiled(_asymmetric_start, 0, compiled)(x)
+    candidate = maybe_compiled(_asymmetric_candidate, 0, compiled)
+    best = (torch.full_like(scale, -1.0), scale.clone(), -zero * scale)
+    for factor in _factors(x.device):
+        best = candidate(x, w, total, sum_x, low, scale, factor, best, grid)
+    return maybe_compiled(_asymmetric_choice, 0, compiled)(x, w, scale, zero, best[1], best[2], grid)
