@@ -36,10 +36,11 @@ pip_install --no-deps "llama-cpp-py-sync==0.9982"
 .venv/bin/python -c "import quantizers, infra, workers, flows, ray, prefect" \
   || { echo "setup.sh: the install did not complete; see $log" >&2; exit 1; }
 # The quantization kernels, compiled once into the user's kernel cache (workers/kernel_cache.py),
-# so a conversion never waits for the C++ compiler. Not fatal: without a compiler conversions run
-# the eager kernels (same bytes, slower).
+# so a conversion never waits for the C++ compiler; with them NVFP4A16's scale search, which the
+# default mixed-precision candidates use. Not fatal: without a compiler conversions run the eager
+# kernels (same bytes, slower).
 echo "setup.sh: compiling the quantization kernels (about a minute the first time)"
-if ! .venv/bin/quantfleet compile-kernels >> "$log" 2>&1; then
+if ! { .venv/bin/quantfleet compile-kernels && .venv/bin/quantfleet compile-kernels --schemes NVFP4A16 --methods search; } >> "$log" 2>&1; then
   echo "setup.sh: warning: some kernels did not compile; conversions will use eager ones (see $log)" >&2
 fi
 echo "setup.sh: ready (.venv/bin/quantfleet)"

@@ -235,8 +235,8 @@ def run_quantfleet(
         shutil.rmtree(cache, ignore_errors=True)
         env["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
     elif scheme != "pass-through":
-        subprocess.run([*launcher, "compile-kernels", "--schemes", scheme, "--device", target],
-                       check=True, capture_output=True)
+        subprocess.run([*launcher, "compile-kernels", "--schemes", scheme, "--methods", method,
+                        "--device", target], check=True, capture_output=True)
     result = measure(
         [*launcher, "convert", str(source), str(dest), *choice, "--shard-size", shard_size,
          "--device", target, *([] if prefect else ["--no-prefect"])],

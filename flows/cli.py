@@ -151,12 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
         "compile-kernels", help="compile the quantization kernels once, into the on-disk cache",
         description="Compile the kernels of each scheme into quantfleet's kernel cache "
         "($TORCHINDUCTOR_CACHE_DIR if set, else ~/.cache/quantfleet/inductor), so no later "
-        "conversion waits for the compiler. setup.sh runs it. Only tensors of at least 4M elements "
-        "use the compiled kernels; a failed compile is a warning (conversions then run eager "
-        "kernels: the same bytes, slower).",
+        "conversion waits for the compiler. setup.sh runs it. Tensors of at least 4M elements use "
+        "the compiled kernels, and so does every tensor from 1M elements in a model that has one "
+        "that large; a failed compile is a warning (conversions then run eager kernels: the same "
+        "bytes, slower; a searched scale may differ where two candidates nearly tie).",
     )
     kernels.add_argument("--schemes", default="all",
                          help="comma-separated schemes (default: all of `quantfleet schemes`)")
+    kernels.add_argument("--methods", default="rtn",
+                         help="comma-separated methods to compile each scheme's kernels with "
+                         "(rtn, search, hqq; default: rtn). The scale searches compile their own "
+                         "steps on top of RTN's kernels")
     kernels.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                          help="which device's kernels: auto = the GPU when there is one, else CPU")
 
@@ -350,6 +355,7 @@ def _cmd_compile_kernels(args: argparse.Namespace) -> int:
 
     from quantizers import PRESETS, get_scheme
     from quantizers.kernels import COMPILE_MIN_ELEMENTS, compiles, failed_kernels
+    from quantizers.methods import check_method
     from workers.kernel_cache import use_kernel_cache
     from workers.warmup import warm_up
 
@@ -361,13 +367,16 @@ def _cmd_compile_kernels(args: argparse.Namespace) -> int:
     names = list(PRESETS) if args.schemes.strip().lower() == "all" else [
         n.strip() for n in args.schemes.split(",") if n.strip()]
     schemes = [(name, get_scheme(name)) for name in names]  # every name checked before compiling
+    methods = [check_method(m) for m in args.methods.split(",") if m.strip()] or ["rtn"]
     directory = use_kernel_cache()
     print(f"compile-kernels: into {directory or 'Inductor default cache'}")
     total = 0.0
     for name, scheme in schemes:
-        seconds = warm_up((scheme,), (COMPILE_MIN_ELEMENTS,), args.device)
-        total += seconds
-        print(f"  {name:<12} {seconds:5.1f} s", flush=True)
+        for method in methods:
+            seconds = warm_up((scheme,), (COMPILE_MIN_ELEMENTS,), args.device, methods=(method,))
+            total += seconds
+            label = name if method == "rtn" else f"{name} {method}"
+            print(f"  {label:<19} {seconds:5.1f} s", flush=True)
     failed = failed_kernels()
     if failed:
         print(f"compile-kernels: {len(failed)} kernel(s) did not compile ({', '.join(failed)}); "

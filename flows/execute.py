@@ -99,6 +99,7 @@ def warm_workers(
     unit_memory: int,
     device: str,
     compile_floor: int | None = None,
+    methods: Sequence[str] = (),
 ) -> list[Any]:
     """Send one warm-up task per worker slot, sized as `run_units` sizes the units' tasks, and
     return at once (the refs: nobody needs to wait on them).
@@ -114,7 +115,7 @@ def warm_workers(
     return [
         warm_up_remote.options(  # type: ignore[call-arg]
             num_cpus=threads, num_gpus=num_gpus, name="warm up",
-        ).remote(tuple(schemes), tuple(largest), device, compile_floor)
+        ).remote(tuple(schemes), tuple(largest), device, compile_floor, tuple(methods))
         for _ in range(min(units, max(1, slots // threads)))
     ]
 

@@ -142,14 +142,17 @@ def _context(plan: Plan, dest: Storage, device: str) -> UnitContext:
 
 
 def warm_workers_for(plan: Plan, cluster: ClusterInfo, device: str) -> None:
-    """Warm `cluster`'s workers for `plan`: each scheme with its largest tensor's size (elements),
-    from which a worker knows which kernels the units will compile (see `workers.warmup`)."""
+    """Warm `cluster`'s workers for `plan`: each scheme and its method with its largest tensor's
+    size (elements), from which a worker knows which kernels the units will compile (see
+    `workers.warmup`)."""
     largest = [0] * len(plan.schemes)
     for job in plan.jobs():
         if job.scheme is not None and not job.passthrough:
             largest[job.scheme] = max(largest[job.scheme], math.prod(job.shape))
     memory = max((unit.memory_bytes for unit in plan.units), default=0)
-    warm_workers(cluster, plan.schemes, largest, len(plan.units), memory, device, plan.compile_floor())
+    methods = tuple(plan.method_of(index) for index in range(len(plan.schemes)))
+    warm_workers(cluster, plan.schemes, largest, len(plan.units), memory, device, plan.compile_floor(),
+                 methods)
 
 
 def check_not_published(dest_uri: str) -> Storage:

@@ -44,9 +44,9 @@ def _convert_on_node(unit: WorkUnit, context: UnitContext) -> UnitResult:
 
 
 def _warm_up(schemes: tuple[QuantScheme, ...], largest: tuple[int, ...], device: str,
-             compile_floor: int | None = None) -> float:
+             compile_floor: int | None = None, methods: tuple[str, ...] = ()) -> float:
     _prepare_process()
-    return warm_up(schemes, largest, device, compile_floor)
+    return warm_up(schemes, largest, device, compile_floor, methods)
 
 
 # Ray accepts a list of exception types here; its type stubs only know the bool form.

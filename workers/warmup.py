@@ -42,19 +42,20 @@ def _device(preference: str) -> torch.device:
 
 
 def warm_up(schemes: tuple[QuantScheme, ...], largest: tuple[int, ...], device: str = "auto",
-            floor: int | None = None) -> float:
+            floor: int | None = None, methods: tuple[str, ...] = ()) -> float:
     """Compile the kernels of each scheme whose largest tensor (elements, `largest[i]`) will be
-    compiled, from `floor` elements on (the plan's `compile_floor_for`); returns the seconds it
-    took. Imports and device start-up happen on the way."""
+    compiled, from `floor` elements on (the plan's `compile_floor_for`), with its method
+    (`methods[i]`; none given: all RTN), whose steps compile too; returns the seconds it took.
+    Imports and device start-up happen on the way."""
     started = time.perf_counter()
     target = _device(device)
     generator = torch.Generator().manual_seed(0)
     with compile_floor(floor or COMPILE_MIN_ELEMENTS):
-        for scheme, numel in zip(schemes, largest, strict=True):
+        for scheme, numel, method in zip(schemes, largest, methods or ("rtn",) * len(schemes), strict=True):
             if not compiles(numel):
                 continue
             weight = (torch.randn(WARM_SHAPE, generator=generator) * 0.02).to(torch.bfloat16).to(target)
-            result = quantize(weight, scheme, name="warm-up", compile=True)
+            result = quantize(weight, scheme, name="warm-up", compile=True, method=method)
             dequantize(result.tensors, scheme, compile=True)  # the output-error probes' path
             result.release()
     return time.perf_counter() - started

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 _SCRIPT = """
@@ -58,8 +60,8 @@ from quantizers.kernels import COMPILE_MIN_ELEMENTS, compile_seconds
 from quantizers.presets import get_scheme
 from workers.warmup import warm_up
 
-scheme = get_scheme("W4A16")
-warm_up((scheme,), (COMPILE_MIN_ELEMENTS,), "cpu")
+scheme, method = get_scheme(sys.argv[2]), sys.argv[3]
+warm_up((scheme,), (COMPILE_MIN_ELEMENTS,), "cpu", methods=(method,))
 warmed = sorted(compile_seconds())
 frames = counters["frames"]["ok"]
 folder = sys.argv[1]
@@ -69,7 +71,7 @@ with TensorReader(storage) as reader:
     read = reader.read("w.safetensors", read_header(storage, "w.safetensors").tensors[0])
 fresh = (torch.randn(3328, 2560) * 0.02).to(torch.bfloat16)
 for weight in (read, fresh):
-    result = quantize(weight, scheme, name="w")
+    result = quantize(weight, scheme, name="w", method=method)
     dequantize(result.tensors, scheme)
 print(json.dumps({"warmed": warmed, "base": read._base is not None,
                   "compiled after warming": counters["frames"]["ok"] - frames}))
@@ -77,11 +79,23 @@ print(json.dumps({"warmed": warmed, "base": read._base is not None,
 
 
 def test_after_warm_up_a_units_weights_compile_nothing(tmp_path: Path) -> None:
-    result = _run_fresh(_FIRST_UNIT_SCRIPT, str(tmp_path))
+    result = _run_fresh(_FIRST_UNIT_SCRIPT, str(tmp_path), "W4A16", "rtn")
     assert result["base"], "the read weight should be a view of its read buffer, as in a unit"
     # The packing kernels too: they decide by their own size, and the warm-up weight is large enough.
     assert result["warmed"] == ["_int_codes", "_int_dequant_kernel", "_int_scales",
                                 "_nibbles_from_words", "_words_from_nibbles"]
+    assert result["compiled after warming"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("scheme", "method", "step"), [
+    ("NVFP4A16", "search", "_scale_candidate"), ("W4A16_ASYM", "hqq", "_asymmetric_iteration")])
+def test_warm_up_compiles_a_methods_steps_for_every_shape(
+    tmp_path: Path, scheme: str, method: str, step: str
+) -> None:
+    # The steps see chunks of rows whose count varies with the weight's shape: still one graph.
+    result = _run_fresh(_FIRST_UNIT_SCRIPT, str(tmp_path), scheme, method)
+    assert step in result["warmed"]
     assert result["compiled after warming"] == 0
 
 
