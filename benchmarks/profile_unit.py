@@ -1,7 +1,7 @@
 """Where one work unit's time goes: cProfile of `workers.convert_unit.convert_unit`, in one process.
 
-    .venv/bin/python benchmarks/profile_unit.py SOURCE [--scheme W4A16|pass-through] [--shard-size 2GB]
-        [--runs 2] [--no-profile]
+    .venv/bin/python benchmarks/profile_unit.py SOURCE [--scheme W4A16|pass-through] [--method rtn]
+        [--shard-size 2GB] [--runs 2] [--no-profile]
 
 Plans SOURCE (a local checkpoint, e.g. one `benchmarks/convert.py` generated), then converts its
 first unit `--runs` times into a fresh temporary staging folder each time, without Ray; the last
@@ -46,6 +46,7 @@ def main() -> None:
     )
     parser.add_argument("source", type=Path)
     parser.add_argument("--scheme", default="W4A16")
+    parser.add_argument("--method", default="rtn", help="rtn, search or hqq (default: rtn)")
     parser.add_argument("--shard-size", default="2GB")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--device", default="auto")
@@ -55,7 +56,7 @@ def main() -> None:
     if args.scheme == "pass-through":  # every tensor kept: only the data path is measured
         recipe = Recipe.model_validate({"scheme": "W4A16", "ignore": ["re:.*"]})
     else:
-        recipe = Recipe.preset(args.scheme)
+        recipe = Recipe.preset(args.scheme, method=args.method)
     plan = plan_conversion(str(args.source), recipe, shard_size=_size(args.shard_size))
     unit = plan.units[0]
     print(f"unit 0: {len(unit.jobs)} tensors, {unit.bytes_in / 2**30:.2f} GiB in, "
