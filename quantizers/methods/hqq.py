@@ -97,25 +97,30 @@ def _scale_iteration(
     return error, grid.safe_store(fitted, current)
 
 
+def _keep_lower(
+    error: torch.Tensor, params: tuple[torch.Tensor, ...],
+    best: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Per group, (error, parameters) of whichever iterate has the lower error: `best` or this one."""
+    if best is None:
+        return error, params
+    best_error, best_params = best
+    better = error < best_error
+    kept = tuple(torch.where(better, new, old) for new, old in zip(params, best_params, strict=True))
+    return torch.where(better, error, best_error), kept
+
+
 def scale_only(x: torch.Tensor, scale: torch.Tensor, grid: Grid, compiled: bool = False) -> torch.Tensor:
     """Formats with no zero point (symmetric int, FP8, FP4): HQQ on the scale alone."""
     iteration = maybe_compiled(_scale_iteration, 0, compiled)
-    best_scale = current = scale
-    best_error: torch.Tensor | None = None
-    betas = _betas(x.device, compiled)
-    for step in range(ITERATIONS + 1):
-        if step == ITERATIONS:
-            error = maybe_compiled(_scale_error, 0, compiled)(x, current, grid)
-        else:
-            error, following = iteration(x, current, betas[step], grid)
-        if best_error is None:
-            best_error = error
-        else:
-            better = error < best_error
-            best_scale = torch.where(better, current, best_scale)
-            best_error = torch.where(better, error, best_error)
+    best = None
+    current = scale
+    for beta in _betas(x.device, compiled):
+        error, following = iteration(x, current, beta, grid)
+        best = _keep_lower(error, (current,), best)
         current = following
-    return best_scale
+    error = maybe_compiled(_scale_error, 0, compiled)(x, current, grid)
+    return _keep_lower(error, (current,), best)[1][0]
 
 
 def _asymmetric_codes(
@@ -153,20 +158,12 @@ def asymmetric(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric int: HQQ on the zero point and the scale; the zero point stays an integer."""
     iteration = maybe_compiled(_asymmetric_iteration, 0, compiled)
-    best_scale, best_zero = current, current_zero = scale, zero
-    best_error: torch.Tensor | None = None
-    betas = _betas(x.device, compiled)
-    for step in range(ITERATIONS + 1):
-        if step == ITERATIONS:
-            error = maybe_compiled(_asymmetric_error, 0, compiled)(x, current, current_zero, grid)
-        else:
-            error, following, following_zero = iteration(x, current, current_zero, betas[step], grid)
-        if best_error is None:
-            best_error = error
-        else:
-            better = error < best_error
-            best_scale = torch.where(better, current, best_scale)
-            best_zero = torch.where(better, current_zero, best_zero)
-            best_error = torch.where(better, error, best_error)
+    best = None
+    current, current_zero = scale, zero
+    for beta in _betas(x.device, compiled):
+        error, following, following_zero = iteration(x, current, current_zero, beta, grid)
+        best = _keep_lower(error, (current, current_zero), best)
         current, current_zero = following, following_zero
+    error = maybe_compiled(_asymmetric_error, 0, compiled)(x, current, current_zero, grid)
+    best_scale, best_zero = _keep_lower(error, (current, current_zero), best)[1]
     return best_scale, best_zero
