@@ -16,9 +16,11 @@ from typing import Any, TypeVar
 
 from workers.records import TensorRecord
 
-__all__ = ["layer_of", "per_layer_chart", "scatter_chart", "per_layer_series"]
+__all__ = ["layer_of", "chart_kind", "chart_legend", "integer_layers", "per_layer_chart", "scatter_chart",
+           "per_layer_series"]
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\.(.+)$")
+_EXPERT_INDEX = re.compile(r"(^|\.)experts\.\d+\.")
 
 
 def layer_of(name: str) -> tuple[int, str] | None:
@@ -27,20 +29,38 @@ def layer_of(name: str) -> tuple[int, str] | None:
     return (int(match.group(1)), match.group(2)) if match else None
 
 
+def chart_kind(module: str) -> str:
+    """A module kind as charts show it: routed experts folded into one (`mlp.experts.*.up_proj`).
+
+    An MoE layer holds 3 x 8-384 expert weights; a line or bar for each made a legend larger than
+    the plot and hid everything else.
+    """
+    return _EXPERT_INDEX.sub(r"\1experts.*.", module)
+
+
+def integer_layers(axes: Any) -> None:
+    """Layer axes tick at whole layers only."""
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _figure_value(record: TensorRecord) -> float | None:
     return record.output_error if record.output_error is not None else record.relative_error
 
 
 def per_layer_series(tensors: Sequence[TensorRecord]) -> dict[str, list[tuple[int, float]]]:
-    """Module kind -> [(layer, error)], error = probe output error (else relative weight error)."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    for record in sorted(tensors, key=lambda t: t.name):
+    """Module kind (`chart_kind`) -> [(layer, error)], error = probe output error (else relative
+    weight error); for routed experts, the worst expert's in each layer."""
+    worst: dict[str, dict[int, float]] = {}
+    for record in tensors:
         where = layer_of(record.name)
         value = _figure_value(record)
         if where is None or value is None or record.scheme is None:
             continue
-        series.setdefault(where[1], []).append((where[0], value))
-    return {kind: sorted(points) for kind, points in sorted(series.items())}
+        layers = worst.setdefault(chart_kind(where[1]), {})
+        layers[where[0]] = max(value, layers.get(where[0], value))
+    return {kind: sorted(layers.items()) for kind, layers in sorted(worst.items())}
 
 
 def _pyplot() -> Any:
@@ -73,9 +93,14 @@ def _png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
+def chart_legend(kind: str) -> str:
+    return f"{kind} (worst expert)" if "*" in kind else kind
+
+
 @_serialised
 def per_layer_chart(tensors: Sequence[TensorRecord], title: str) -> bytes | None:
-    """Per-layer error of every quantized Linear, one line per module kind; None if no layers."""
+    """Per-layer error of every quantized Linear, one line per module kind (routed experts: the
+    worst expert of each layer); None if no layers."""
     series = per_layer_series(tensors)
     if not series:
         return None
@@ -86,8 +111,10 @@ def per_layer_chart(tensors: Sequence[TensorRecord], title: str) -> bytes | None
     for i, (kind, points) in enumerate(series.items()):
         xs = [p[0] for p in points]
         ys = [max(p[1], 1e-12) for p in points]
-        axes.plot(xs, ys, marker=markers[i % len(markers)], linewidth=1, markersize=4, label=kind)
+        axes.plot(xs, ys, marker=markers[i % len(markers)], linewidth=1, markersize=4,
+                  label=chart_legend(kind))
     axes.set_yscale("log")
+    integer_layers(axes)
     axes.set_xlabel("layer")
     axes.set_ylabel("output error ||Wx - W'x|| / ||Wx||" if probed else "relative weight error")
     axes.set_title(title, fontsize=10)

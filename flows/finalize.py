@@ -379,14 +379,16 @@ def stage_report_files(
 ) -> dict[str, object]:
     """Stage the manifest, the per-layer error chart and report.md; returns the manifest."""
     tensors = [r for result in results for r in result.tensors]
-    png = per_layer_chart(tensors, f"{plan.recipe.label}: per-layer error ({plan.plan_id})")
+    # A mixed plan's recipe scheme is only its default: the charts name the budget instead.
+    label = f"mixed precision, {plan.mixed.budget}" if plan.mixed is not None else plan.recipe.label
+    png = per_layer_chart(tensors, f"{label}: per-layer error ({plan.plan_id})")
     if png is not None:
         publisher.stage_bytes(CHART_NAME, png)
     if plan.mixed is not None:
         from flows.mixed.report import CHART_NAME as MIXED_CHART
         from flows.mixed.report import bits_chart
 
-        mixed_png = bits_chart(plan.mixed, tensors, f"{plan.recipe.label}: bits and error per layer")
+        mixed_png = bits_chart(plan.mixed, tensors, f"{label}: bits and error per layer")
         if mixed_png is not None:
             publisher.stage_bytes(MIXED_CHART, mixed_png)
     data = manifest(plan, results, evaluation, gates, gguf_results, gguf_evaluation)

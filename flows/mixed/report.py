@@ -11,7 +11,16 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from flows.charts import _png, _pyplot, _serialised, layer_of
+from flows.charts import (
+    _png,
+    _pyplot,
+    _serialised,
+    chart_kind,
+    chart_legend,
+    integer_layers,
+    layer_of,
+    per_layer_series,
+)
 from flows.mixed.summary import MixedSummary
 from workers.records import TensorRecord
 
@@ -25,13 +34,17 @@ def _short(label: str) -> str:
 
 
 def layer_bits(summary: MixedSummary) -> dict[int, dict[str, float]]:
-    """Layer -> module kind -> stored bits per weight of that tensor."""
-    out: dict[int, dict[str, float]] = {}
+    """Layer -> module kind (`chart_kind`) -> stored bits per weight of that tensor (of all the
+    layer's routed experts together, for a folded kind)."""
+    totals: dict[int, dict[str, tuple[int, int]]] = {}
     for t in summary.tensors:
         where = layer_of(t.name)
         if where is not None:
-            out.setdefault(where[0], {})[where[1]] = t.bits / max(t.elements, 1)
-    return dict(sorted(out.items()))
+            kinds = totals.setdefault(where[0], {})
+            bits, elements = kinds.get(chart_kind(where[1]), (0, 0))
+            kinds[chart_kind(where[1])] = (bits + t.bits, elements + t.elements)
+    return {layer: {kind: bits / max(elements, 1) for kind, (bits, elements) in kinds.items()}
+            for layer, kinds in sorted(totals.items())}
 
 
 def plan_lines(summary: MixedSummary, *, every_tensor: bool = True) -> list[str]:
@@ -111,20 +124,14 @@ def bits_chart(summary: MixedSummary, tensors: Sequence[TensorRecord], title: st
     top.set_title(title, fontsize=10)
     top.grid(True, axis="y", alpha=0.3)
     top.legend(fontsize=7, ncol=min(len(kinds), 4), loc="upper center")
+    series = per_layer_series([measured[t.name] for t in summary.tensors if t.name in measured])
     for i, kind in enumerate(kinds):
-        points = []
-        for t in summary.tensors:
-            where, record = layer_of(t.name), measured.get(t.name)
-            if where is None or where[1] != kind or record is None:
-                continue
-            value = record.output_error if record.output_error is not None else record.relative_error
-            if value is not None:
-                points.append((where[0], max(value, 1e-12)))
+        points = series.get(kind, [])
         if points:
-            points.sort()
-            bottom.plot([p[0] for p in points], [p[1] for p in points], marker="os^vD<>ph*x+"[i % 12],
-                        linewidth=1, markersize=4, label=kind)
+            bottom.plot([p[0] for p in points], [max(p[1], 1e-12) for p in points],
+                        marker="os^vD<>ph*x+"[i % 12], linewidth=1, markersize=4, label=chart_legend(kind))
     bottom.set_yscale("log")
+    integer_layers(bottom)
     bottom.set_xlabel("layer")
     bottom.set_ylabel("measured error")
     bottom.grid(True, which="both", alpha=0.3)
