@@ -14,7 +14,9 @@ each quantized tensor has the candidate the solve chose. Steps:
    norms, embeddings and lm_head may only take candidates of 8 bits or more;
 4. `flows.mixed.solve` picks one candidate per item; the plan is rebuilt with that assignment,
    and its id covers the assignment, so a re-run that measures the same errors (deterministic on a
-   device type) resumes the same staged units.
+   device type and cluster shape: the measure tasks take `flows.execute.unit_threads` threads, as
+   conversion's do, and sums split across threads differ in the last bits) resumes the same
+   staged units.
 
 The measurement is kept for the process, so planning twice (the CLI sizes its progress bar from
 the plan, then converts) measures once.
