@@ -5,8 +5,8 @@
 One bf16 weight of `--shape` (default 1024x2048: a routed expert's size, under the compile
 threshold, so every method runs eagerly, as it does for the many small tensors of a MoE), quantized
 by `quantizers.quantize` (what a worker runs) with each method, best of 5 after one warm-up call.
-A shape of 4M elements or more runs RTN's kernels compiled (the methods themselves stay eager); in
-a conversion, so do tensors from 1M elements when the model also holds such large ones.
+A shape of 4M elements or more runs RTN's kernels and the methods' steps compiled; in a
+conversion, so do tensors from 1M elements when the model also holds such large ones.
 Only the quantize call is timed: reads, writes and the read-back check of a conversion are not, so
 these ratios are upper bounds of what a method adds to a whole conversion. Updates the section
 "Methods: cost per tensor" of docs/benchmarks.md unless --no-doc.
