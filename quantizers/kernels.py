@@ -131,6 +131,19 @@ def _detached(args: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
 
 
+# Graphs Dynamo keeps per kernel. A kernel compiles once per dtype, grid kind (a method's step:
+# int, E4M3, E2M1) and size-1 dimension (per-channel groups): 5 for `search`'s step over the
+# default mixed candidates in two dtypes. Past Dynamo's default of 8 it runs the function eagerly,
+# without an error, and for a method that can change a near-tie's bytes depending on what the
+# process compiled before; 64 keeps that out of reach.
+RECOMPILE_LIMIT = 64
+
+
+def _raise_recompile_limit() -> None:
+    config = torch._dynamo.config
+    config.recompile_limit = max(int(config.recompile_limit), RECOMPILE_LIMIT)
+
+
 def maybe_compiled(kernel: F, numel: int, force: bool | None = None) -> F:
     """`kernel` itself, or its compiled form when that is worth it (see module docstring).
 
@@ -140,6 +153,7 @@ def maybe_compiled(kernel: F, numel: int, force: bool | None = None) -> F:
     if kernel in _broken or not _wants_compile(numel, force):
         return kernel
     if kernel not in _compiled:
+        _raise_recompile_limit()
         _compiled[kernel] = torch.compile(
             kernel, dynamic=True, options={"emulate_precision_casts": True}
         )

@@ -88,3 +88,13 @@ def test_a_plan_that_compiles_anyway_compiles_its_mid_sized_tensors_too(monkeypa
     with compile_floor(PLAN_COMPILE_MIN_ELEMENTS):
         assert compiles(expert) and not compiles(PLAN_COMPILE_MIN_ELEMENTS - 1)
     assert not compiles(expert)  # the floor is the block's only
+
+
+def test_compiling_lifts_dynamos_recompile_limit_above_what_the_kernels_need() -> None:
+    # Past the limit Dynamo would run a kernel eagerly without a word: for a method's step, a
+    # near-tie's bytes would then depend on what the process compiled before.
+    from quantizers.kernels import RECOMPILE_LIMIT
+
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    quantize(weight, get_scheme("W4A16"), compile=True)
+    assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT > 8
