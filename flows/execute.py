@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
@@ -19,7 +19,7 @@ from workers.units import WorkUnit
 
 __all__ = [
     "ClusterInfo", "ConversionFailed", "start_ray", "run_units", "run_evaluation", "unit_concurrency",
-    "warm_workers", "unit_threads",
+    "warm_workers", "unit_threads", "TaskSize", "task_size",
 ]
 
 _log = logging.getLogger(__name__)
@@ -110,13 +110,12 @@ def warm_workers(
     """
     from workers.ray_task import warm_up_remote
 
-    slots, num_gpus = unit_concurrency(cluster, unit_memory)
-    threads = unit_threads(cluster, units)
+    size = task_size(cluster, unit_memory, units)
     return [
         warm_up_remote.options(  # type: ignore[call-arg]
-            num_cpus=threads, num_gpus=num_gpus, name="warm up",
+            num_cpus=size.threads, num_gpus=size.num_gpus, name="warm up",
         ).remote(tuple(schemes), tuple(largest), device, compile_floor, tuple(methods))
-        for _ in range(min(units, max(1, slots // threads)))
+        for _ in range(min(units, size.slots))
     ]
 
 
@@ -164,6 +163,20 @@ def unit_threads(cluster: ClusterInfo, units: int) -> int:
     return max(1, min(per_node, int(cluster.cpus // units)))
 
 
+class TaskSize(NamedTuple):
+    threads: int  # Ray num_cpus of each task
+    num_gpus: float  # Ray num_gpus of each task
+    slots: int  # tasks that run at once
+
+
+def task_size(cluster: ClusterInfo, unit_memory: int, units: int) -> TaskSize:
+    """How a plan's unit tasks are sized (conversion, the measure pass, the warm-up): threads by
+    `unit_threads`, GPU share and concurrency by `unit_concurrency`, each slot `threads` wide."""
+    slots, num_gpus = unit_concurrency(cluster, unit_memory)
+    threads = unit_threads(cluster, units)
+    return TaskSize(threads, num_gpus, max(1, slots // threads))
+
+
 def _describe(error: BaseException) -> str:
     # Ray wraps task errors; the cause carries our message (unit, file, tensor, figures).
     cause = getattr(error, "cause", None)
@@ -183,11 +196,9 @@ def run_units(
 
     from workers.ray_task import convert_unit_remote
 
-    slots, num_gpus = unit_concurrency(cluster, max((u.memory_bytes for u in units), default=0))
-    threads = unit_threads(cluster, len(units))
-    slots = max(1, slots // threads)
+    size = task_size(cluster, max((u.memory_bytes for u in units), default=0), len(units))
     # Twice the slots: the next unit is queued on a worker before the previous one finishes.
-    limit = max_in_flight or max(2, slots * 2)
+    limit = max_in_flight or max(2, size.slots * 2)
     if os.environ.get(READ_CONCURRENCY_ENV):
         context = context.model_copy(update={"read_concurrency": _env_int(READ_CONCURRENCY_ENV, 8)})
     pending = list(units)
@@ -199,8 +210,8 @@ def run_units(
         while pending and len(in_flight) < limit:
             unit = pending.pop()
             ref = convert_unit_remote.options(
-                num_cpus=threads,
-                num_gpus=num_gpus,
+                num_cpus=size.threads,
+                num_gpus=size.num_gpus,
                 memory=unit.memory_bytes,
                 name=f"convert {unit.file_name}",
             ).remote(unit, context)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from flows.execute import ClusterInfo, ConversionFailed, unit_concurrency, unit_threads
+from flows.execute import ClusterInfo, ConversionFailed, task_size
 from workers.measure_unit import MeasureContext, TensorMeasure
 from workers.units import WorkUnit
 
@@ -32,10 +32,9 @@ def measure_units(
     from workers.ray_task import measure_unit_remote
 
     work = [u for u in units if any(j.scheme is not None and not j.passthrough for j in u.jobs)]
-    slots, num_gpus = unit_concurrency(cluster, max((u.memory_bytes for u in work), default=0))
     # As conversion sizes its tasks: a plan of fewer units than cores measures on all of them.
-    threads = unit_threads(cluster, len(work))
-    limit = max(2, max(1, slots // threads) * 2)
+    size = task_size(cluster, max((u.memory_bytes for u in work), default=0), len(work))
+    limit = max(2, size.slots * 2)
     pending = list(reversed(work))
     in_flight: dict[ray.ObjectRef, WorkUnit] = {}
     errors: dict[str, TensorMeasure] = {}
@@ -46,7 +45,7 @@ def measure_units(
             while pending and len(in_flight) < limit:
                 unit = pending.pop()
                 ref = measure_unit_remote.options(
-                    num_cpus=threads, num_gpus=num_gpus, memory=unit.memory_bytes,
+                    num_cpus=size.threads, num_gpus=size.num_gpus, memory=unit.memory_bytes,
                     name=f"measure {unit.file_name}",
                 ).remote(unit, context)
                 in_flight[ref] = unit

@@ -26,6 +26,10 @@ class Grid:
     q_min: float = 0.0  # asymmetric int only: the code range the zero point lives in
     q_max: float = 0.0
 
+    def asymmetric_codes(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Asymmetric int: the nearest codes of x for (scale, zero point), clamped to the range."""
+        return (x / scale + zero).round().clamp(self.q_min, self.q_max)
+
     def safe_store(self, candidate: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
         """`store(candidate)`, or `fallback` where that is not a positive finite scale."""
         stored = self.store(torch.nan_to_num(candidate, nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0))

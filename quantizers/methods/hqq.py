@@ -126,7 +126,8 @@ def scale_only(x: torch.Tensor, scale: torch.Tensor, grid: Grid, compiled: bool 
 def _asymmetric_codes(
     x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    q = (x / scale + zero).round().clamp(grid.q_min, grid.q_max)
+    """Nearest codes for (scale, zero point), and the residual they leave."""
+    q = grid.asymmetric_codes(x, scale, zero)
     return q, x - (q - zero) * scale
 
 

@@ -79,10 +79,6 @@ def scale_only(x: torch.Tensor, scale: torch.Tensor, grid: Grid, compiled: bool 
     return maybe_compiled(_scale_choice, 0, compiled)(x, w, scale, best_fit, grid)
 
 
-def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid) -> torch.Tensor:
-    return (x / scale + zero).round().clamp(grid.q_min, grid.q_max)
-
-
 def _asymmetric_start(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Per chunk, what every candidate needs: weights, their sums, sum w x, the low end (<= 0)."""
     w = magnitude_weights(x)
@@ -100,7 +96,7 @@ def _asymmetric_candidate(
     candidate = grid.safe_store(scale * factor, scale)
     # Shrinking the range from both ends: the zero point keeps the low end's share.
     candidate_zero = (grid.q_min - low * factor / candidate).round().clamp(grid.q_min, grid.q_max)
-    q = _codes(x, candidate, candidate_zero, grid)
+    q = grid.asymmetric_codes(x, candidate, candidate_zero)
     wq = w * q
     sum_q = wq.sum(-1, keepdim=True)
     covariance = (wq * x).sum(-1, keepdim=True) - sum_q * sum_x / total
@@ -125,8 +121,8 @@ def _asymmetric_choice(
     chosen_zero = torch.nan_to_num((-best_offset / chosen).round(), nan=0.0).clamp(grid.q_min, grid.q_max)
     better = _keep_better(
         x, w,
-        (_codes(x, scale, zero, grid) - zero) * scale,
-        (_codes(x, chosen, chosen_zero, grid) - chosen_zero) * chosen,
+        (grid.asymmetric_codes(x, scale, zero) - zero) * scale,
+        (grid.asymmetric_codes(x, chosen, chosen_zero) - chosen_zero) * chosen,
     )
     return torch.where(better, chosen, scale), torch.where(better, chosen_zero, zero)
 
