@@ -1,11 +1,12 @@
 """Where one work unit's time goes: cProfile of `workers.convert_unit.convert_unit`, in one process.
 
     .venv/bin/python benchmarks/profile_unit.py SOURCE [--scheme W4A16|pass-through] [--method rtn]
-        [--shard-size 2GB] [--runs 2] [--no-profile]
+        [--shard-size 2GB] [--unit 0] [--runs 2] [--no-profile]
 
 Plans SOURCE (a local checkpoint, e.g. one `benchmarks/convert.py` generated), then converts its
-first unit `--runs` times into a fresh temporary staging folder each time, without Ray; the last
-run (warm: compiled kernels, page cache) is profiled and its top functions by own time printed.
+first unit (or `--unit N`) `--runs` times into a fresh temporary staging folder each time, without
+Ray; the last run (warm: compiled kernels, page cache) is profiled and its top functions by own
+time printed.
 The first run pays the compile and cold-cache costs, which a long-lived worker pays once.
 """
 
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--scheme", default="W4A16")
     parser.add_argument("--method", default="rtn", help="rtn, search or hqq (default: rtn)")
     parser.add_argument("--shard-size", default="2GB")
+    parser.add_argument("--unit", type=int, default=0, help="which unit of the plan (default: the first)")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--top", type=int, default=25)
@@ -58,9 +60,11 @@ def main() -> None:
     else:
         recipe = Recipe.preset(args.scheme, method=args.method)
     plan = plan_conversion(str(args.source), recipe, shard_size=_size(args.shard_size))
-    unit = plan.units[0]
-    print(f"unit 0: {len(unit.jobs)} tensors, {unit.bytes_in / 2**30:.2f} GiB in, "
-          f"{unit.bytes_out / 2**30:.2f} GiB out", flush=True)
+    if not 0 <= args.unit < len(plan.units):
+        parser.error(f"--unit {args.unit}: the plan has units 0 to {len(plan.units) - 1}")
+    unit = plan.units[args.unit]
+    print(f"unit {args.unit} of {len(plan.units)}: {len(unit.jobs)} tensors, "
+          f"{unit.bytes_in / 2**30:.2f} GiB in, {unit.bytes_out / 2**30:.2f} GiB out", flush=True)
     stats = None
     for run in range(args.runs):
         work = Path(tempfile.mkdtemp(prefix="qf-profile-"))
