@@ -47,9 +47,9 @@ def _int3(weight: torch.Tensor, group: int, method: str) -> tuple[torch.Tensor, 
     kernels = _int_kernels(3)
     scale, zero, _ = kernels.scales(grouped, True)
     scale = refine_scale(method, grouped, scale, int_grid(3, weight.dtype))
-    codes, partials = kernels.codes(grouped, scale, zero, True)
-    dequantized = kernels.dequant(codes, scale.to(weight.dtype), zero).reshape(weight.shape)
-    return dequantized, error_from_partials(*partials).sqnr_db
+    _, partials, dequantized = kernels.codes(grouped, scale, zero, True, True)
+    assert dequantized is not None
+    return dequantized.reshape(weight.shape), error_from_partials(*partials).sqnr_db
 
 
 def _linear_weights(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:

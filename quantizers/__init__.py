@@ -19,7 +19,13 @@ from quantizers.errors import (
 from quantizers.methods import METHODS, check_method, method_passes
 from quantizers.metrics import WeightError, weight_error
 from quantizers.presets import PRESETS, get_scheme, scheme_names
-from quantizers.probes import DEFAULT_PROBES, estimate_output_error, output_error, probe_vectors
+from quantizers.probes import (
+    DEFAULT_PROBES,
+    estimate_output_error,
+    keeps_dequantized,
+    output_error,
+    probe_vectors,
+)
 from quantizers.quantize import QuantizedTensors, dequantize, quantize
 from quantizers.scheme import QuantScheme
 from quantizers.shapes import Resolution, StoredTensorSpec, resolve_scheme, stored_specs
@@ -46,6 +52,7 @@ __all__ = [
     "dequantize",
     "get_scheme",
     "estimate_output_error",
+    "keeps_dequantized",
     "output_error",
     "probe_vectors",
     "quantization_config",

@@ -28,6 +28,7 @@ __all__ = [
     "PROBE_SEED",
     "SAMPLE_ROWS",
     "estimate_output_error",
+    "keeps_dequantized",
     "output_error",
     "probe_vectors",
     "sampled_rows",
@@ -101,6 +102,20 @@ def sampled_rows(rows: int, budget: int = SAMPLE_ROWS) -> list[slice]:
     return [slice(b * _ROW_BLOCK, min(rows, (b + 1) * _ROW_BLOCK)) for b in picks]
 
 
+# Up to this many elements (32 MiB of bf16) the probes use the conversion's own dequantized weight
+# (kept by its quantization kernel) rather than quantizing a sample again: one weight-sized copy
+# while the tensor is in flight, small next to a unit's read and write budgets.
+KEEP_DEQUANTIZED_ELEMENTS = 1 << 24
+
+
+def keeps_dequantized(shape: tuple[int, ...], budget: int = SAMPLE_ROWS) -> bool:
+    """Whether the probes of a weight of `shape` want its quantization to keep the dequantized
+    weight (`quantize(..., keep_dequantized=True)`): when every row is probed anyway, or when the
+    weight is small enough that the copy costs less than quantizing the sampled rows again."""
+    rows = shape[0]
+    return rows <= budget or rows * shape[1] <= KEEP_DEQUANTIZED_ELEMENTS
+
+
 def estimate_output_error(
     weight: torch.Tensor,
     scheme: QuantScheme,
@@ -112,9 +127,12 @@ def estimate_output_error(
 ) -> float:
     """`output_error` of quantizing `weight` with `scheme` (and `method`), measured on sampled rows.
 
-    `quantized` is the weight's own quantization, when the caller has it: where the sample is the
-    whole weight (at most `budget` rows, as most MoE experts), its dequantized weight is used
-    instead of quantizing again, which would cost as much as the conversion itself.
+    `quantized` is the weight's own quantization, when the caller has it: where it holds its
+    dequantized weight (`quantize(..., keep_dequantized=True)`), the sampled rows are taken from
+    it, and where the sample is the whole weight (at most `budget` rows, as most MoE experts) it is
+    dequantized; either way instead of quantizing again, which would cost as much as the
+    conversion itself. Otherwise the sample is quantized on its own, and its quantization kernel
+    keeps the dequantized rows (no separate dequantizing pass).
 
     Every scheme quantizes rows independently given the tensor-wide NVFP4 global scale and whole
     FP8 tiles, so re-quantizing a sample of whole 128-row blocks (with the full tensor's absmax)
@@ -123,15 +141,20 @@ def estimate_output_error(
     dequantizing and multiplying the whole weight.
     """
     picks = sampled_rows(weight.shape[0], budget)
-    if len(picks) == 1 and picks[0] == slice(0, weight.shape[0]):
-        if quantized is not None:
-            return output_error(weight, quantized.dequantized, probes)
-        sample = weight
-    else:
-        sample = torch.cat([weight[s] for s in picks])
+    whole = len(picks) == 1 and picks[0] == slice(0, weight.shape[0])
+    if quantized is not None and (whole or quantized.holds_dequantized):
+        dequantized = quantized.dequantized
+        if whole:
+            return output_error(weight, dequantized, probes)
+        return output_error(_rows(weight, picks), _rows(dequantized, picks), probes)
+    sample = weight if whole else _rows(weight, picks)
     # Only NVFP4 has a tensor-wide scale; for the others the two passes over the weight are waste.
     absmax = None
     if scheme.format == "nvfp4-pack-quantized":
         absmax = torch.maximum(-weight.amin(), weight.amax())
-    result = quantize(sample, scheme, global_absmax=absmax, method=method)
+    result = quantize(sample, scheme, global_absmax=absmax, method=method, keep_dequantized=True)
     return output_error(sample, result.dequantized, probes)
+
+
+def _rows(tensor: torch.Tensor, picks: list[slice]) -> torch.Tensor:
+    return torch.cat([tensor[s] for s in picks])

@@ -43,6 +43,11 @@ class QuantizedTensors:
             self._dequantized.append(dequantize(self.tensors, self.scheme))
         return self._dequantized[0]
 
+    @property
+    def holds_dequantized(self) -> bool:
+        """Whether `dequantized` is at hand (kept by the kernel, or computed since) at no cost."""
+        return bool(self._dequantized)
+
     def release(self) -> None:
         """Drop the cached dequantized weight (the stored tensors stay)."""
         self._dequantized.clear()
@@ -87,6 +92,7 @@ def quantize(
     compile: bool | None = None,
     global_absmax: torch.Tensor | None = None,
     method: str = "rtn",
+    keep_dequantized: bool = False,
 ) -> QuantizedTensors:
     """Quantize `weight` (2-D, bf16/fp16/fp32) with `scheme`, on the weight's device.
 
@@ -95,6 +101,10 @@ def quantize(
     scale (see `quantizers.formats.nvfp4`). `method` chooses the scales: `rtn` (absmax/min-max,
     compressed-tensors' bytes), `search` or `hqq` (see `quantizers.methods`); the stored format is
     the same. MXFP4's power-of-two scales are always RTN's (the result's `method` says so).
+    `keep_dequantized` has the quantization kernel also write the dequantized weight, the values
+    `dequantize` would return (an int code's zero may carry the other sign), so a caller that
+    needs it (the output-error probes) does not pay a second pass over the weight; it costs one
+    weight-sized tensor while the result is held.
     """
     _check_dtype(weight, name)
     method = check_method(method)
@@ -103,19 +113,27 @@ def quantize(
     module = format_module(used.format)
     if used.format == "mxfp4-pack-quantized":
         method = "rtn"
+    keep = keep_dequantized
     with torch.no_grad():
         if used.format == "nvfp4-pack-quantized":
-            stored, absmax, partials = nvfp4.quantize(weight, used, compile, global_absmax, method)
-        elif method != "rtn":
-            stored, absmax, partials = module.quantize(weight, used, compile, method)
+            stored, absmax, partials, dequantized = nvfp4.quantize(
+                weight, used, compile, global_absmax, method, keep_dequantized=keep
+            )
+        elif used.format == "mxfp4-pack-quantized":
+            stored, absmax, partials, dequantized = module.quantize(
+                weight, used, compile, keep_dequantized=keep
+            )
         else:
-            stored, absmax, partials = module.quantize(weight, used, compile)
+            stored, absmax, partials, dequantized = module.quantize(
+                weight, used, compile, method, keep_dequantized=keep
+            )
     # A NaN or Inf anywhere makes its group's absmax non-finite: checking the small absmax
     # tensor costs nothing, and only the error path scans the weight.
     if not bool(torch.isfinite(absmax).all()):
         _raise_non_finite(weight, name)
     return QuantizedTensors(
-        resolution=resolution, tensors=stored, error=error_from_partials(*partials), method=method
+        resolution=resolution, tensors=stored, error=error_from_partials(*partials), method=method,
+        _dequantized=[] if dequantized is None else [dequantized],
     )
 
 

@@ -22,7 +22,14 @@ import torch
 from infra.errors import StorageError
 from infra.safetensors import TensorReader, TensorSpec, layout
 from infra.storage import Storage, open_storage
-from quantizers import QuantizationError, estimate_output_error, method_passes, probe_vectors, quantize
+from quantizers import (
+    QuantizationError,
+    estimate_output_error,
+    keeps_dequantized,
+    method_passes,
+    probe_vectors,
+    quantize,
+)
 from quantizers.kernels import compile_floor
 from workers.batched_reads import BatchedReader
 from workers.errors import TensorQualityError, UnitFailed
@@ -120,8 +127,10 @@ def _convert_job(
     weight = tensor.to(device)
     shared = shared_absmax(job, weight, reader, device, {} if magnitudes is None else magnitudes)
     method = ctx.methods[job.scheme] if ctx.methods else "rtn"
+    # The probes measure NVFP4 partners (a shared global scale) on a sample quantized on its own.
+    keep = ctx.probes > 0 and shared is None and keeps_dequantized(tuple(weight.shape))
     result = quantize(weight, scheme, name=f"{job.name} (in {job.file})", global_absmax=shared,
-                      method=method)
+                      method=method, keep_dequantized=keep)
     error = result.error  # measured inside the quantization kernel
     probed = None
     if ctx.probes > 0:

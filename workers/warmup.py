@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from quantizers import dequantize, quantize
+from quantizers import quantize
 from quantizers.kernels import COMPILE_MIN_ELEMENTS, compile_floor, compiles
 from quantizers.scheme import QuantScheme
 
@@ -55,7 +55,8 @@ def warm_up(schemes: tuple[QuantScheme, ...], largest: tuple[int, ...], device: 
             if not compiles(numel):
                 continue
             weight = (torch.randn(WARM_SHAPE, generator=generator) * 0.02).to(torch.bfloat16).to(target)
-            result = quantize(weight, scheme, name="warm-up", compile=True, method=method)
-            dequantize(result.tensors, scheme, compile=True)  # the output-error probes' path
-            result.release()
+            # Both variants of the codes kernel: the probes keep a tensor's dequantized weight
+            # (or a sample's), the largest tensors and the measure pass do not.
+            for keep in (True, False):
+                quantize(weight, scheme, name="warm-up", compile=True, method=method, keep_dequantized=keep)
     return time.perf_counter() - started

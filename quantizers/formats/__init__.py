@@ -1,7 +1,10 @@
 """One module per compressed-tensors format, each a pair of pure functions.
 
-`quantize(weight, scheme, compile) -> (stored tensors by suffix, dequantized, group absmax)` and
-`dequantize(stored, scheme, shape) -> weight`. The registry below maps a format name to its module.
+`quantize(weight, scheme, compile, [method,] keep_dequantized=False) -> (stored tensors by suffix,
+group absmax, error partial sums, the dequantized weight or None)` and `dequantize(stored, scheme,
+compile) -> weight`. The dequantized weight is returned only when asked for; it is what
+`dequantize` gives for the stored tensors, written by the same kernel that made them. The
+registry below maps a format name to its module.
 """
 
 from __future__ import annotations

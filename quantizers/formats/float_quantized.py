@@ -37,14 +37,18 @@ def _fp8_scales(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(scale == 0, eps_of(dtype), scale), absmax
 
 
-def _fp8_codes(tiles: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, ErrorPartials]:
-    """E4M3 codes (uint8) of every element, and the error partial sums per tile."""
+def _fp8_codes(
+    tiles: torch.Tensor, scale: torch.Tensor, keep_values: bool
+) -> tuple[torch.Tensor, ErrorPartials, torch.Tensor | None]:
+    """E4M3 codes (uint8) of every element, the error partial sums per tile and, with
+    `keep_values`, the dequantized tiles (what `dequantize` returns, without a second pass)."""
     dtype = tiles.dtype
     x = tiles.float()
     scaled = round_to_dtype(x / scale, dtype).clamp(-FP8_MAX, FP8_MAX)
     codes, values = to_e4m3(scaled)
     dequantized = round_to_dtype(values * scale, dtype)
-    return codes, error_partials(x, dequantized, (1, 3))
+    kept = dequantized.to(dtype) if keep_values else None
+    return codes, error_partials(x, dequantized, (1, 3)), kept
 
 
 def _fp8_dequant_kernel(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -84,8 +88,12 @@ def fp8_grid(dtype: torch.dtype) -> Grid:
 
 
 def quantize(
-    weight: torch.Tensor, scheme: QuantScheme, compile: bool | None = None, method: str = "rtn"
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials]:
+    weight: torch.Tensor,
+    scheme: QuantScheme,
+    compile: bool | None = None,
+    method: str = "rtn",
+    keep_dequantized: bool = False,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials, torch.Tensor | None]:
     rows, columns = weight.shape
     tile_rows, tile_cols = _tile_shape(scheme, columns)
     tiles = _as_tiles(weight, tile_rows, tile_cols)
@@ -99,12 +107,12 @@ def quantize(
             method, grouped, scale.reshape(r, c, 1), fp8_grid(weight.dtype), compiles(weight.numel(), compile)
         )
         scale = refined.reshape(r, 1, c, 1)
-    q, error = maybe_compiled(_fp8_codes, weight.numel(), compile)(tiles, scale)
+    q, error, kept = maybe_compiled(_fp8_codes, weight.numel(), compile)(tiles, scale, keep_dequantized)
     stored = {
         "weight": _from_tiles(q, rows, columns).contiguous().view(torch.float8_e4m3fn),
         "weight_scale": scale.reshape(scale.shape[0], scale.shape[2]).to(weight.dtype),
     }
-    return stored, absmax, error
+    return stored, absmax, error, None if kept is None else _from_tiles(kept, rows, columns).contiguous()
 
 
 def dequantize(

@@ -73,14 +73,16 @@ def _mxfp4_scales(
 
 
 def _mxfp4_codes(
-    grouped: torch.Tensor, scale: torch.Tensor, decoded_scale: torch.Tensor
-) -> tuple[torch.Tensor, ErrorPartials]:
-    """Nibbles (rows, cols) of every element, and the error partial sums per block."""
+    grouped: torch.Tensor, scale: torch.Tensor, decoded_scale: torch.Tensor, keep_values: bool
+) -> tuple[torch.Tensor, ErrorPartials, torch.Tensor | None]:
+    """Nibbles (rows, cols) of every element, the error partial sums per block and, with
+    `keep_values`, the dequantized weight (rows, cols) (what `dequantize` returns)."""
     x = grouped.float()
     codes, values = fp4_codes(round_to_dtype(x / scale, grouped.dtype).clamp(-FP4_MAX, FP4_MAX))
     # What compressed-tensors decompresses to: bf16 2^(e-127) times the E2M1 value, in bf16.
     dequantized = round_to_dtype(values * decoded_scale, torch.bfloat16)
-    return codes.to(torch.uint8).flatten(-2), error_partials(x, dequantized, -1)
+    kept = dequantized.to(torch.bfloat16).flatten(-2) if keep_values else None
+    return codes.to(torch.uint8).flatten(-2), error_partials(x, dequantized, -1), kept
 
 
 def _mxfp4_dequant_kernel(nibbles: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
@@ -90,18 +92,20 @@ def _mxfp4_dequant_kernel(nibbles: torch.Tensor, exponent: torch.Tensor) -> torc
 
 
 def quantize(
-    weight: torch.Tensor, scheme: QuantScheme, compile: bool | None = None
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials]:
+    weight: torch.Tensor, scheme: QuantScheme, compile: bool | None = None, keep_dequantized: bool = False
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials, torch.Tensor | None]:
     rows, columns = weight.shape
     grouped = group_view(weight, scheme.group_size)
     # Two kernels, so each block's scale is computed once, not again for every element.
     scale, decoded, exponent, absmax = maybe_compiled(_mxfp4_scales, weight.numel(), compile)(grouped)
-    nibbles, error = maybe_compiled(_mxfp4_codes, weight.numel(), compile)(grouped, scale, decoded)
+    nibbles, error, kept = maybe_compiled(_mxfp4_codes, weight.numel(), compile)(
+        grouped, scale, decoded, keep_dequantized
+    )
     stored = {
         "weight_packed": pack_nibbles(nibbles.reshape(rows, columns)),
         "weight_scale": exponent.reshape(rows, -1).contiguous(),
     }
-    return stored, absmax, error
+    return stored, absmax, error, kept
 
 
 def dequantize(

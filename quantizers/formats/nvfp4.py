@@ -63,15 +63,17 @@ def _nvfp4_scales(
 
 
 def _nvfp4_codes(
-    grouped: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor
-) -> tuple[torch.Tensor, ErrorPartials]:
-    """Nibbles (rows, cols) of every element, and the error partial sums per block."""
+    grouped: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, keep_values: bool
+) -> tuple[torch.Tensor, ErrorPartials, torch.Tensor | None]:
+    """Nibbles (rows, cols) of every element, the error partial sums per block and, with
+    `keep_values`, the dequantized weight (rows, cols) (what `dequantize` returns)."""
     effective = scale / global_scale
     x = grouped.float()
     codes, values = fp4_codes((x / effective).clamp(-FP4_MAX, FP4_MAX))
     # What compressed-tensors decompresses to: E2M1 value * (scale / global), in bf16.
     dequantized = round_to_dtype(values * effective, torch.bfloat16)
-    return codes.to(torch.uint8).flatten(-2), error_partials(x, dequantized, -1)
+    kept = dequantized.to(torch.bfloat16).flatten(-2) if keep_values else None
+    return codes.to(torch.uint8).flatten(-2), error_partials(x, dequantized, -1), kept
 
 
 def _nvfp4_dequant_kernel(
@@ -111,7 +113,8 @@ def quantize(
     compile: bool | None = None,
     global_absmax: torch.Tensor | None = None,
     method: str = "rtn",
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials]:
+    keep_dequantized: bool = False,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials, torch.Tensor | None]:
     rows, columns = weight.shape
     if global_absmax is None:
         global_absmax = maybe_compiled(signed_absmax, weight.numel(), compile)(weight, (0, 1))
@@ -124,13 +127,15 @@ def quantize(
             method, grouped, scale / global_scale, nvfp4_grid(global_scale), compiles(weight.numel(), compile)
         )
         scale_codes, scale = to_e4m3((effective * global_scale).clamp(max=FP8_MAX))
-    nibbles, error = maybe_compiled(_nvfp4_codes, weight.numel(), compile)(grouped, scale, global_scale)
+    nibbles, error, kept = maybe_compiled(_nvfp4_codes, weight.numel(), compile)(
+        grouped, scale, global_scale, keep_dequantized
+    )
     stored = {
         "weight_packed": pack_nibbles(nibbles.reshape(rows, columns)),
         "weight_scale": scale_codes.reshape(rows, -1).view(torch.float8_e4m3fn),
         "weight_global_scale": global_scale,
     }
-    return stored, absmax, error
+    return stored, absmax, error, kept
 
 
 def dequantize(

@@ -39,7 +39,7 @@ __all__ = ["quantize", "dequantize", "int_grid"]
 
 class _IntKernels(NamedTuple):
     scales: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    codes: Callable[..., tuple[torch.Tensor, ErrorPartials]]
+    codes: Callable[..., tuple[torch.Tensor, ErrorPartials, torch.Tensor | None]]
     dequant: Callable[..., torch.Tensor]
 
 
@@ -74,9 +74,10 @@ def _int_kernels(num_bits: int) -> _IntKernels:
         return torch.where(raw_scale == 0, eps_of(dtype), raw_scale), zero, absmax
 
     def _int_codes(
-        grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, symmetric: bool
-    ) -> tuple[torch.Tensor, ErrorPartials]:
-        """Codes uint8 (q + 2^(b-1)) of every element, and the error partial sums per group."""
+        grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, symmetric: bool, keep_values: bool
+    ) -> tuple[torch.Tensor, ErrorPartials, torch.Tensor | None]:
+        """Codes uint8 (q + 2^(b-1)) of every element, the error partial sums per group and, with
+        `keep_values`, the dequantized weight (what `dequantize` returns, without a second pass)."""
         dtype = grouped.dtype
         x = grouped.float()
         scaled = round_to_dtype(x / scale, dtype)
@@ -85,7 +86,8 @@ def _int_kernels(num_bits: int) -> _IntKernels:
         q = scaled.clamp(q_min, q_max).round()
         # What compressed-tensors decompresses to: (q - zero) * scale, rounded to the weight's dtype.
         dequantized = round_to_dtype((q - zero) * scale, dtype)
-        return (q - q_min).to(torch.uint8), error_partials(x, dequantized, -1)
+        kept = dequantized.to(dtype) if keep_values else None
+        return (q - q_min).to(torch.uint8), error_partials(x, dequantized, -1), kept
 
     def _int_dequant_kernel(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """codes (rows, groups, size), scale and zero (rows, groups, 1) -> weight in scale's dtype."""
@@ -106,8 +108,12 @@ def int_grid(num_bits: int, dtype: torch.dtype) -> Grid:
 
 
 def quantize(
-    weight: torch.Tensor, scheme: QuantScheme, compile: bool | None = None, method: str = "rtn"
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials]:
+    weight: torch.Tensor,
+    scheme: QuantScheme,
+    compile: bool | None = None,
+    method: str = "rtn",
+    keep_dequantized: bool = False,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials, torch.Tensor | None]:
     rows, columns = weight.shape
     grouped = group_view(weight, scheme.group_size)
     # Two kernels, so the per-group scale is computed once, not again for every element.
@@ -122,7 +128,7 @@ def quantize(
         else:
             scale, zero = refine_asymmetric(method, grouped, scale, zero, grid, compiled)
     codes_of = maybe_compiled(kernels.codes, weight.numel(), compile)
-    codes, error = codes_of(grouped, scale, zero, scheme.symmetric)
+    codes, error, kept = codes_of(grouped, scale, zero, scheme.symmetric, keep_dequantized)
     stored = {
         "weight_packed": pack_codes(codes.reshape(rows, columns), scheme.num_bits),
         "weight_scale": scale.reshape(rows, -1).to(weight.dtype),
@@ -131,7 +137,7 @@ def quantize(
     if not scheme.symmetric:
         zero_points = zero.reshape(rows, -1).to(torch.int8)
         stored["weight_zero_point"] = pack_int_along_rows(zero_points, scheme.num_bits)
-    return stored, absmax, error
+    return stored, absmax, error, None if kept is None else kept.reshape(rows, columns)
 
 
 def dequantize(

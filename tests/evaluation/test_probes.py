@@ -89,3 +89,21 @@ def test_a_whole_weight_sample_reuses_the_weights_own_quantization() -> None:
     full = quantize(tall, get_scheme("W4A16"))
     assert estimate_output_error(tall, full.scheme, probes, budget=256, quantized=full) == \
         estimate_output_error(tall, full.scheme, probes, budget=256)
+
+
+def test_a_kept_dequantized_weight_is_sampled_instead_of_quantizing_again() -> None:
+    # A tall weight whose quantization kept its dequantized weight: the sample's rows come from it,
+    # and give exactly the figure of quantizing the sample again (rows quantize independently).
+    from quantizers.probes import estimate_output_error, keeps_dequantized, sampled_rows
+
+    weight = (torch.randn(1500, 256, generator=torch.Generator().manual_seed(6)) * 0.02).to(torch.bfloat16)
+    probes = probe_vectors(256, 8)
+    assert keeps_dequantized((1500, 256)) and keeps_dequantized((512, 1 << 16))
+    assert not keeps_dequantized((8192, 4096))  # too large to copy: a sample is quantized again
+    picks = sampled_rows(1500, budget=512)
+    for name in ("W4A16_ASYM", "FP8_BLOCK", "NVFP4A16", "MXFP4A16"):
+        kept = quantize(weight, get_scheme(name), keep_dequantized=True)
+        rows = torch.cat([kept.dequantized[s] for s in picks])
+        expected = output_error(torch.cat([weight[s] for s in picks]), rows, probes)
+        sampled = estimate_output_error(weight, kept.scheme, probes, budget=512, quantized=kept)
+        assert sampled == expected == estimate_output_error(weight, kept.scheme, probes, budget=512), name

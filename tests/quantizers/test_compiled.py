@@ -98,3 +98,37 @@ def test_compiling_lifts_dynamos_recompile_limit_above_what_the_kernels_need() -
     weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
     quantize(weight, get_scheme("W4A16"), compile=True)
     assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT > 8
+
+
+def _kept_and_dequantized(weight: torch.Tensor, name: str, compile: bool, method: str = "rtn") -> None:
+    scheme = get_scheme(name)
+    plain = quantize(weight, scheme, compile=compile, method=method)
+    kept = quantize(weight, scheme, compile=compile, method=method, keep_dequantized=True)
+    assert kept.holds_dequantized and not plain.holds_dequantized
+    for suffix, tensor in plain.tensors.items():  # keeping changes nothing stored
+        assert torch.equal(tensor.view(torch.uint8), kept.tensors[suffix].view(torch.uint8)), suffix
+    expected = dequantize(kept.tensors, kept.scheme, compile=False)
+    assert kept.dequantized.dtype == expected.dtype and kept.dequantized.is_contiguous()
+    # The same values; an int code's zero may carry the other sign (no product or sum can tell).
+    assert torch.equal(kept.dequantized, expected), (name, weight.dtype)
+    assert not kept.dequantized.isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_kept_dequantized_weight_is_what_dequantize_gives(dtype: torch.dtype) -> None:
+    # What the probes measure: the kernel's own dequantized values, exactly what `dequantize`
+    # gives for the stored tensors, on a shape with partial FP8 tiles.
+    weight = (torch.randn(320, 512, generator=torch.Generator().manual_seed(9)) * 0.05).to(dtype)
+    weight[4, :32] = 0.0
+    weight[5, :16] = -1e-9
+    for name in scheme_names():
+        _kept_and_dequantized(weight, name, compile=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "method"), [(n, "rtn") for n in scheme_names()]
+                         + [("NVFP4A16", "search"), ("W4A16_ASYM", "hqq")])
+def test_the_compiled_kept_dequantized_weight_is_what_dequantize_gives(name: str, method: str) -> None:
+    weight = (torch.randn(320, 512, generator=torch.Generator().manual_seed(10)) * 0.05).to(torch.bfloat16)
+    weight[4, :32] = 0.0
+    _kept_and_dequantized(weight, name, compile=True, method=method)

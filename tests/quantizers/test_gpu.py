@@ -31,3 +31,6 @@ def test_cuda_matches_cpu(name: str, compile: bool, shape: tuple[int, int]) -> N
         same = torch.equal(tensor.cpu().view(torch.uint8), cpu.tensors[suffix].view(torch.uint8))
         assert same, f"{name} {shape} {suffix}"
     assert torch.equal(gpu.dequantized.cpu(), cpu.dequantized)
+    # The dequantized weight the codes kernel keeps for the probes: the same values on CUDA.
+    kept = quantize(weight.cuda(), get_scheme(name), compile=compile, keep_dequantized=True)
+    assert torch.equal(kept.dequantized.cpu(), cpu.dequantized), f"{name} {shape} kept"

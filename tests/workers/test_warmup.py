@@ -39,9 +39,9 @@ def _run_fresh(script: str, *args: str) -> dict[str, Any]:
 
 def test_warm_up_compiles_the_kernels_the_plan_will_compile() -> None:
     result = _run_fresh(_SCRIPT)
-    # The int kernels: scales and codes (quantize), and the dequantizer (the output-error probes);
-    # 8-bit codes pack without a kernel.
-    assert result["compiled"] == ["_int_codes", "_int_dequant_kernel", "_int_scales"]
+    # The int kernels: scales and codes (quantize; the codes kernel also writes the dequantized
+    # weight the output-error probes use, so no dequantizer); 8-bit codes pack without a kernel.
+    assert result["compiled"] == ["_int_codes", "_int_scales"]
     assert result["seconds"] > 0
 
 
@@ -55,7 +55,7 @@ from torch._dynamo.utils import counters
 from infra.safetensors.header import read_header
 from infra.safetensors.reader import TensorReader
 from infra.storage import open_storage
-from quantizers import dequantize, quantize
+from quantizers import estimate_output_error, probe_vectors, quantize
 from quantizers.kernels import COMPILE_MIN_ELEMENTS, compile_seconds
 from quantizers.presets import get_scheme
 from workers.warmup import warm_up
@@ -70,9 +70,14 @@ storage = open_storage(folder)
 with TensorReader(storage) as reader:
     read = reader.read("w.safetensors", read_header(storage, "w.safetensors").tensors[0])
 fresh = (torch.randn(3328, 2560) * 0.02).to(torch.bfloat16)
+# As a unit does: the conversion keeps the dequantized weight its probes use; NVFP4 partners and
+# the largest tensors probe a sample quantized on its own; they and the measure pass keep nothing.
 for weight in (read, fresh):
-    result = quantize(weight, scheme, name="w", method=method)
-    dequantize(result.tensors, scheme)
+    probes = probe_vectors(weight.shape[1])
+    result = quantize(weight, scheme, name="w", method=method, keep_dequantized=True)
+    estimate_output_error(weight, scheme, probes, method=method, quantized=result)
+    estimate_output_error(weight, scheme, probes, budget=2048, method=method)
+    quantize(weight, scheme, name="w", method=method)
 print(json.dumps({"warmed": warmed, "base": read._base is not None,
                   "compiled after warming": counters["frames"]["ok"] - frames}))
 """
@@ -81,9 +86,9 @@ print(json.dumps({"warmed": warmed, "base": read._base is not None,
 def test_after_warm_up_a_units_weights_compile_nothing(tmp_path: Path) -> None:
     result = _run_fresh(_FIRST_UNIT_SCRIPT, str(tmp_path), "W4A16", "rtn")
     assert result["base"], "the read weight should be a view of its read buffer, as in a unit"
-    # The packing kernels too: they decide by their own size, and the warm-up weight is large enough.
-    assert result["warmed"] == ["_int_codes", "_int_dequant_kernel", "_int_scales",
-                                "_nibbles_from_words", "_words_from_nibbles"]
+    # The packing kernel too: it decides by its own size, and the warm-up weight is large enough.
+    # (Nothing unpacks: the probes take the dequantized weight from the codes kernel.)
+    assert result["warmed"] == ["_int_codes", "_int_scales", "_words_from_nibbles"]
     assert result["compiled after warming"] == 0
 
 
