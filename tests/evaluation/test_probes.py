@@ -22,7 +22,7 @@ def test_output_error_matches_its_definition_and_is_chunked(monkeypatch) -> None
     x = probe_vectors(70, 16).double()
     expected = float((((w - noisy) @ x).norm()) / (w @ x).norm())
     whole = output_error(w.float(), noisy.float(), probe_vectors(70, 16))
-    monkeypatch.setattr(probes_module, "_CHUNK_ELEMENTS", 70 * 7)  # 7 rows per chunk
+    monkeypatch.setattr(probes_module, "_CPU_CHUNK_ELEMENTS", 70 * 7)  # 7 rows per chunk
     chunked = output_error(w.float(), noisy.float(), probe_vectors(70, 16))
     assert math.isclose(whole, expected, rel_tol=1e-5)
     assert math.isclose(chunked, whole, rel_tol=1e-6)
