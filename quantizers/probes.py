@@ -85,11 +85,12 @@ def output_error(weight: torch.Tensor, dequantized: torch.Tensor, probes: torch.
         diff = out - b @ probes  # float32 keeps ~1e-7 relative: far below any error of interest
         signal += out.double().square().sum()
         noise += diff.double().square().sum()
-    if float(noise) == 0.0:
+    noise_sum, signal_sum = float(noise), float(signal)  # one read-back each, after the loop
+    if noise_sum == 0.0:
         return 0.0
-    if float(signal) == 0.0:
+    if signal_sum == 0.0:
         return math.inf
-    return math.sqrt(float(noise) / float(signal))
+    return math.sqrt(noise_sum / signal_sum)
 
 
 # Rows sampled for the estimate on large weights: whole 128-row blocks (FP8_BLOCK's tile height),

@@ -113,7 +113,7 @@ def quantize(
     module = format_module(used.format)
     if used.format == "mxfp4-pack-quantized":
         method = "rtn"
-    keep = keep_dequantized
+    keep = keep_dequantized  # short, for the calls below
     with torch.no_grad():
         if used.format == "nvfp4-pack-quantized":
             stored, absmax, partials, dequantized = nvfp4.quantize(

@@ -5,9 +5,14 @@ from __future__ import annotations
 import torch
 
 ErrorPartials = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# A codes kernel's result: the codes, the error partial sums, the dequantized weight if asked for.
+CodesResult = tuple[torch.Tensor, ErrorPartials, torch.Tensor | None]
+# A format's `quantize`: stored tensors by suffix, group absmax, error partials, dequantized or None.
+FormatResult = tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials, torch.Tensor | None]
 
 __all__ = [
     "group_view", "eps_of", "signed_absmax", "round_to_dtype", "error_partials", "ErrorPartials",
+    "CodesResult", "FormatResult",
     "exact_quotient", "power_of_two", "exponent_of_power_of_two",
 ]
 

@@ -12,7 +12,8 @@ import math
 import torch
 
 from quantizers.formats._common import (
-    ErrorPartials,
+    CodesResult,
+    FormatResult,
     eps_of,
     error_partials,
     exact_quotient,
@@ -39,7 +40,7 @@ def _fp8_scales(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _fp8_codes(
     tiles: torch.Tensor, scale: torch.Tensor, keep_values: bool
-) -> tuple[torch.Tensor, ErrorPartials, torch.Tensor | None]:
+) -> CodesResult:
     """E4M3 codes (uint8) of every element, the error partial sums per tile and, with
     `keep_values`, the dequantized tiles (what `dequantize` returns, without a second pass)."""
     dtype = tiles.dtype
@@ -93,7 +94,7 @@ def quantize(
     compile: bool | None = None,
     method: str = "rtn",
     keep_dequantized: bool = False,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials, torch.Tensor | None]:
+) -> FormatResult:
     rows, columns = weight.shape
     tile_rows, tile_cols = _tile_shape(scheme, columns)
     tiles = _as_tiles(weight, tile_rows, tile_cols)

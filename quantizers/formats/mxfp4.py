@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from quantizers.formats._common import (
-    ErrorPartials,
+    CodesResult,
+    FormatResult,
     eps_of,
     error_partials,
     exponent_of_power_of_two,
@@ -74,7 +75,7 @@ def _mxfp4_scales(
 
 def _mxfp4_codes(
     grouped: torch.Tensor, scale: torch.Tensor, decoded_scale: torch.Tensor, keep_values: bool
-) -> tuple[torch.Tensor, ErrorPartials, torch.Tensor | None]:
+) -> CodesResult:
     """Nibbles (rows, cols) of every element, the error partial sums per block and, with
     `keep_values`, the dequantized weight (rows, cols) (what `dequantize` returns)."""
     x = grouped.float()
@@ -93,7 +94,7 @@ def _mxfp4_dequant_kernel(nibbles: torch.Tensor, exponent: torch.Tensor) -> torc
 
 def quantize(
     weight: torch.Tensor, scheme: QuantScheme, compile: bool | None = None, keep_dequantized: bool = False
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials, torch.Tensor | None]:
+) -> FormatResult:
     rows, columns = weight.shape
     grouped = group_view(weight, scheme.group_size)
     # Two kernels, so each block's scale is computed once, not again for every element.

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from quantizers.formats._common import (
-    ErrorPartials,
+    CodesResult,
+    FormatResult,
     eps_of,
     error_partials,
     exact_quotient,
@@ -64,7 +65,7 @@ def _nvfp4_scales(
 
 def _nvfp4_codes(
     grouped: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, keep_values: bool
-) -> tuple[torch.Tensor, ErrorPartials, torch.Tensor | None]:
+) -> CodesResult:
     """Nibbles (rows, cols) of every element, the error partial sums per block and, with
     `keep_values`, the dequantized weight (rows, cols) (what `dequantize` returns)."""
     effective = scale / global_scale
@@ -114,7 +115,7 @@ def quantize(
     global_absmax: torch.Tensor | None = None,
     method: str = "rtn",
     keep_dequantized: bool = False,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials, torch.Tensor | None]:
+) -> FormatResult:
     rows, columns = weight.shape
     if global_absmax is None:
         global_absmax = maybe_compiled(signed_absmax, weight.numel(), compile)(weight, (0, 1))

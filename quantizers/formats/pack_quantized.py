@@ -17,7 +17,8 @@ from typing import NamedTuple
 import torch
 
 from quantizers.formats._common import (
-    ErrorPartials,
+    CodesResult,
+    FormatResult,
     eps_of,
     error_partials,
     exact_quotient,
@@ -39,7 +40,7 @@ __all__ = ["quantize", "dequantize", "int_grid"]
 
 class _IntKernels(NamedTuple):
     scales: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    codes: Callable[..., tuple[torch.Tensor, ErrorPartials, torch.Tensor | None]]
+    codes: Callable[..., CodesResult]
     dequant: Callable[..., torch.Tensor]
 
 
@@ -75,7 +76,7 @@ def _int_kernels(num_bits: int) -> _IntKernels:
 
     def _int_codes(
         grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, symmetric: bool, keep_values: bool
-    ) -> tuple[torch.Tensor, ErrorPartials, torch.Tensor | None]:
+    ) -> CodesResult:
         """Codes uint8 (q + 2^(b-1)) of every element, the error partial sums per group and, with
         `keep_values`, the dequantized weight (what `dequantize` returns, without a second pass)."""
         dtype = grouped.dtype
@@ -113,7 +114,7 @@ def quantize(
     compile: bool | None = None,
     method: str = "rtn",
     keep_dequantized: bool = False,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials, torch.Tensor | None]:
+) -> FormatResult:
     rows, columns = weight.shape
     grouped = group_view(weight, scheme.group_size)
     # Two kernels, so the per-group scale is computed once, not again for every element.
