@@ -111,22 +111,15 @@ def quantize(
     resolution = resolve_scheme(scheme, tuple(weight.shape), name)
     used = resolution.scheme
     module = format_module(used.format)
-    if used.format == "mxfp4-pack-quantized":
-        method = "rtn"
-    keep = keep_dequantized  # short, for the calls below
     with torch.no_grad():
         if used.format == "nvfp4-pack-quantized":
-            stored, absmax, partials, dequantized = nvfp4.quantize(
-                weight, used, compile, global_absmax, method, keep_dequantized=keep
-            )
+            result = nvfp4.quantize(weight, used, compile, global_absmax, method, keep_dequantized)
         elif used.format == "mxfp4-pack-quantized":
-            stored, absmax, partials, dequantized = module.quantize(
-                weight, used, compile, keep_dequantized=keep
-            )
+            method = "rtn"  # power-of-two scales: nothing to search
+            result = module.quantize(weight, used, compile, keep_dequantized)
         else:
-            stored, absmax, partials, dequantized = module.quantize(
-                weight, used, compile, method, keep_dequantized=keep
-            )
+            result = module.quantize(weight, used, compile, method, keep_dequantized)
+    stored, absmax, partials, dequantized = result
     # A NaN or Inf anywhere makes its group's absmax non-finite: checking the small absmax
     # tensor costs nothing, and only the error path scans the weight.
     if not bool(torch.isfinite(absmax).all()):
