@@ -23,8 +23,14 @@ class Grid:
 
     values: Callable[[torch.Tensor], torch.Tensor]
     store: Callable[[torch.Tensor], torch.Tensor]
-    q_min: float = 0.0  # asymmetric int only: the code range the zero point lives in
+    q_min: float = 0.0  # int only: the code range (where the zero point lives, when asymmetric)
     q_max: float = 0.0
+
+    @property
+    def integer(self) -> bool:
+        """Integer codes one step apart (int formats): nearest rounding leaves every element that
+        is not clipped within half a step of its code."""
+        return self.q_max > self.q_min
 
     def asymmetric_codes(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Asymmetric int: the nearest codes of x for (scale, zero point), clamped to the range."""

@@ -18,6 +18,8 @@ from quantizers import (
     quantize,
     weight_error,
 )
+from quantizers.formats.pack_quantized import int_grid
+from quantizers.methods import hqq
 from quantizers.methods.hqq import shrink
 from tests.quantizers.ct_reference import compress_with_ct, decompress_with_ct
 from tests.smollm2 import smollm2_available, smollm2_tensors
@@ -137,7 +139,8 @@ def test_compiled_methods_store_what_eager_ones_do_but_for_near_ties(name, group
     assert not caplog.records, "a method's steps fell back to eager"
     step = "_scale_candidate" if method == "search" else "_scale_iteration"
     if scheme.format == "pack-quantized" and not scheme.symmetric:
-        step = "_asymmetric_candidate" if method == "search" else "_asymmetric_iteration"
+        # hqq on the CPU compiles the pass that finds the groups the shrink can change.
+        step = "_asymmetric_candidate" if method == "search" else "_asymmetric_sums"
     assert step in kernels.compile_seconds()
     # Sums in another order may tip a near-tie between candidates, nothing more.
     differ = ~torch.eq(eager.tensors["weight_scale"].view(torch.uint8),
@@ -182,6 +185,44 @@ def test_hqq_shrink_takes_the_power_only_where_it_matters_and_equals_the_formula
     assert 0 < int(zero.sum()) < r.numel() and 0 < int((~zero).sum())
     assert torch.equal(got[zero].view(torch.int32), formula[zero].view(torch.int32))
     assert torch.allclose(got[~zero], formula[~zero], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("beta", [1.0, 1.1**5, 1.1**9])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_hqq_steps_by_groups_equal_the_fused_iteration(symmetric, beta) -> None:
+    """On the CPU, int formats take the shrink only in groups with a residual above its bound. The
+    step's error and next parameters equal the fused iteration's to the bit (eager, where both sum
+    in the same order), from a scale small enough that some groups clip and others do not."""
+    grid = int_grid(4, torch.bfloat16)
+    x = _weight(64, 1024, seed=3).float().view(64, 16, 64)
+    shrinking = torch.linspace(0.8, 1.0, 64 * 16).view(64, 16, 1)
+    if symmetric:
+        absmax = x.abs().amax(-1, keepdim=True)
+        scale = torch.where(absmax > 0, absmax / 7.5, 1.0) * shrinking
+        fused = hqq._scale_iteration(x, scale, beta, grid)
+        by_groups = hqq._scale_step_by_groups(x, scale, beta, grid, hqq._scale_sums)
+        largest = hqq._scale_sums(x, scale, grid)[3]
+    else:
+        low, high = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        scale = torch.where(high > low, (high - low) / 15, 1.0) * shrinking
+        zero = (grid.q_min - low / scale).round().clamp(grid.q_min, grid.q_max)
+        fused = hqq._asymmetric_iteration(x, scale, zero, beta, grid)
+        by_groups = hqq._asymmetric_step_by_groups(x, scale, zero, beta, grid, hqq._asymmetric_sums)
+        largest = hqq._asymmetric_sums(x, scale, zero, grid)[-1]
+    outliers = hqq._outlier_groups(largest, beta).numel()
+    assert 0 < outliers < largest.numel()  # both kinds of group are exercised
+    for a, b in zip(fused, by_groups, strict=True):
+        assert _same_bits(a, b)
+
+
+@pytest.mark.parametrize("name", ["W4A16", "W4A16_ASYM"])
+def test_hqq_by_groups_stores_what_the_fused_iterations_do(name, monkeypatch) -> None:
+    weight = _weight(256, 512, seed=4)
+    by_groups = quantize(weight, _scheme(name, 64), method="hqq", compile=False).tensors
+    monkeypatch.setattr(hqq, "_by_groups", lambda x, grid: False)
+    fused = quantize(weight, _scheme(name, 64), method="hqq", compile=False).tensors
+    assert by_groups.keys() == fused.keys()
+    assert all(_same_bits(by_groups[k], fused[k]) for k in fused)
 
 
 _SMOLLM2_LAYERS = (0, 14, 29)

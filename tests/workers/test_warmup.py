@@ -94,7 +94,7 @@ def test_after_warm_up_a_units_weights_compile_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("scheme", "method", "step"), [
-    ("NVFP4A16", "search", "_scale_candidate"), ("W4A16_ASYM", "hqq", "_asymmetric_iteration")])
+    ("NVFP4A16", "search", "_scale_candidate"), ("W4A16_ASYM", "hqq", "_asymmetric_sums")])
 def test_warm_up_compiles_a_methods_steps_for_every_shape(
     tmp_path: Path, scheme: str, method: str, step: str
 ) -> None:
