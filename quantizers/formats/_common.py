@@ -11,7 +11,8 @@ CodesResult = tuple[torch.Tensor, ErrorPartials, torch.Tensor | None]
 FormatResult = tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials, torch.Tensor | None]
 
 __all__ = [
-    "group_view", "eps_of", "signed_absmax", "round_to_dtype", "error_partials", "ErrorPartials",
+    "group_view", "eps_of", "signed_absmax", "round_to_dtype", "bf16_rounded_on_bits", "error_partials",
+    "ErrorPartials",
     "CodesResult", "FormatResult",
     "exact_quotient", "power_of_two", "exponent_of_power_of_two",
 ]
@@ -49,16 +50,25 @@ def round_to_dtype(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
     Eager torch rounds every bf16/fp16 op's result to that dtype; the kernels compute in float32
     and call this where it would, so their results are bit-identical to compressed-tensors'.
-    bf16 rounding is done on the bits (round to nearest even): on CPUs without native bf16 a
-    real conversion costs several times more, and Inductor could drop a cast pair.
+    Compiled, `emulate_precision_casts` (quantizers.kernels) keeps Inductor from dropping the cast
+    pair. On CUDA, bf16 is rounded on the bits instead (round to nearest even, as the cast does):
+    that form was checked against the CPU's bytes at real sizes on an H200, and Triton reads a
+    float's bits for free. On the CPU the cast is the faster form: torch's vectorised conversion
+    does the same rounding in registers (NaN kept NaN), whereas Inductor's CPU code moves a float
+    to its bits through a buffer, element by element: an int4 codes kernel took 1.7x as long.
     """
     if dtype == torch.float32:
         return values
-    if dtype == torch.bfloat16:
-        bits = values.view(torch.int32)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
-        return bits.view(torch.float32)
+    if dtype == torch.bfloat16 and values.is_cuda:
+        return bf16_rounded_on_bits(values)
     return values.to(dtype).float()
+
+
+def bf16_rounded_on_bits(values: torch.Tensor) -> torch.Tensor:
+    """float32 `values` rounded to bf16 (nearest even) by integer arithmetic on their bits."""
+    bits = values.view(torch.int32)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+    return bits.view(torch.float32)
 
 
 def exact_quotient(numerator: torch.Tensor, denominator: torch.Tensor | float) -> torch.Tensor:

@@ -11,7 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantizers.formats._common import exact_quotient, exponent_of_power_of_two, power_of_two
+from quantizers.formats._common import (
+    bf16_rounded_on_bits,
+    exact_quotient,
+    exponent_of_power_of_two,
+    power_of_two,
+    round_to_dtype,
+)
 
 
 def _every_bf16() -> torch.Tensor:
@@ -88,3 +94,35 @@ def test_e4m3_conversions_equal_torchs_float8_conversion() -> None:
     every_code = torch.cat([torch.arange(0, 127), torch.arange(128, 255)]).to(torch.uint8)  # no NaN
     for decode in (from_e4m3, from_e4m3_bits):
         assert torch.equal(decode(every_code), every_code.view(torch.float8_e4m3fn).float()), decode.__name__
+
+
+def _float32_sample() -> torch.Tensor:
+    """Finite float32 values: a stride through every bit pattern, every pattern whose upper half is
+    0 (zero and the smallest subnormals), and each bf16 rounding midpoint with its two neighbours."""
+    strided = torch.arange(-(1 << 31), (1 << 31) - 1, 9973, dtype=torch.int64).to(torch.int32)
+    small = torch.arange(0, 1 << 16, dtype=torch.int32)
+    midpoints = (torch.arange(0, 1 << 16, dtype=torch.int32) << 16) | 0x8000
+    bits = torch.cat([strided, small, small | (1 << 31), midpoints, midpoints - 1, midpoints + 1])
+    values = bits.view(torch.float32)
+    return values[torch.isfinite(values)]
+
+
+def test_bf16_rounding_on_the_bits_equals_the_cast() -> None:
+    # CUDA kernels round on the bits, CPU kernels cast (round_to_dtype): the same bf16 values, or the
+    # CPU's bytes and the GPU's would part. Overflow to inf included (midpoints above bf16's max).
+    values = _float32_sample()
+    cast = values.to(torch.bfloat16).float()
+    assert torch.equal(bf16_rounded_on_bits(values).view(torch.int32), cast.view(torch.int32))
+    assert torch.equal(round_to_dtype(values, torch.bfloat16).view(torch.int32), cast.view(torch.int32))
+
+
+def test_compiled_bf16_rounding_keeps_the_cast() -> None:
+    # Inductor would fold x.to(bf16).float() away without emulate_precision_casts.
+    from quantizers.kernels import maybe_compiled
+
+    def rounded(values: torch.Tensor) -> torch.Tensor:
+        return round_to_dtype(values * 1.0, torch.bfloat16)
+
+    values = _float32_sample()
+    compiled = maybe_compiled(rounded, 0, True)(values)
+    assert torch.equal(compiled.view(torch.int32), values.to(torch.bfloat16).float().view(torch.int32))
