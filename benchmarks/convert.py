@@ -46,13 +46,23 @@ PEER_PACKAGES = ["torch==2.13.0", "llmcompressor==0.14.0.1"]
 MFP_SCHEMES = {"W4A16": "W4A16", "FP8": "FP8_DYNAMIC"}  # same weight layout as our FP8
 
 
+_SHAPE_FILE = "generated-shape.json"  # the arguments `generate` drew the checkpoint with
+
+
 def generate(path: Path, layers: int, mlp: int = 11008, shard_count: int = 3, experts: int = 0) -> int:
     """A Llama-shaped bf16 checkpoint (hidden 4096, MLP `mlp`) in `shard_count` shards; returns its
     bytes. With `experts`, a Qwen3-MoE-shaped one: each layer's MLP is that many routed experts of
     width `mlp` and a router. The weights are drawn on the GPU when there is one (an 8B shape takes
-    minutes on CPUs)."""
+    minutes on CPUs). A checkpoint already at `path` is reused only if it was generated with the
+    same shape (`_SHAPE_FILE`), so a run never measures another run's checkpoint under its own
+    description; one of another shape is replaced."""
+    shape = {"layers": layers, "mlp": mlp, "shards": shard_count, "experts": experts}
+    marker = path / _SHAPE_FILE
     if (path / "model.safetensors.index.json").exists():
-        return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+        if marker.exists() and json.loads(marker.read_text()) == shape:
+            return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+        print(f"{path} holds a checkpoint of another shape: generating {shape}", flush=True)
+        shutil.rmtree(path)
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
@@ -118,6 +128,7 @@ def generate(path: Path, layers: int, mlp: int = 11008, shard_count: int = 3, ex
                       num_experts=experts, num_experts_per_tok=min(8, experts), moe_intermediate_size=mlp,
                       decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
     (path / "config.json").write_text(json.dumps(config))
+    marker.write_text(json.dumps(shape))  # last: a checkpoint cut off while drawn is drawn again
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
