@@ -320,7 +320,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/qf-bench"))
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/qf-bench"),
+                        help="where the generated checkpoint and the outputs go; a checkpoint "
+                             "already there is reused only if drawn with the same shape")
     parser.add_argument("--layers", type=int, default=12, help="decoder layers (12: 4.45 GiB)")
     parser.add_argument("--mlp", type=int, default=11008,
                         help="MLP width (14336 with --layers 32: the Llama-3-8B shape, 13.5 GiB)")

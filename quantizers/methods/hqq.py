@@ -129,10 +129,12 @@ def _outlier_groups(largest: torch.Tensor, beta: float | torch.Tensor) -> torch.
 
 
 def _select_groups(t: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """(rows, groups, n) -> (len(groups), n): the groups at those flat indices."""
     return t.reshape(-1, t.shape[-1]).index_select(0, groups)
 
 
 def _replace_groups(t: torch.Tensor, groups: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` with the groups at those flat indices replaced by `values` (one row each)."""
     return t.reshape(-1, t.shape[-1]).index_copy(0, groups, values).view(t.shape)
 
 
