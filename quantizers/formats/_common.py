@@ -11,9 +11,8 @@ CodesResult = tuple[torch.Tensor, ErrorPartials, torch.Tensor | None]
 FormatResult = tuple[dict[str, torch.Tensor], torch.Tensor, ErrorPartials, torch.Tensor | None]
 
 __all__ = [
-    "group_view", "eps_of", "signed_absmax", "round_to_dtype", "bf16_rounded_on_bits", "error_partials",
-    "ErrorPartials",
-    "CodesResult", "FormatResult",
+    "group_view", "eps_of", "signed_absmax", "round_to_dtype", "bf16_rounded_on_bits",
+    "error_partials", "ErrorPartials", "CodesResult", "FormatResult",
     "exact_quotient", "power_of_two", "exponent_of_power_of_two",
 ]
 

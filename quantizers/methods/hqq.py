@@ -99,19 +99,28 @@ def _betas(device: torch.device, compiled: bool) -> list[float] | list[torch.Ten
     return list(torch.tensor(betas, dtype=torch.float32, device=device).unbind())
 
 
+def _squared_sum(residual: torch.Tensor) -> torch.Tensor:
+    """Per group (last dim reduced, kept): the sum of squared residuals."""
+    return (residual * residual).sum(-1, keepdim=True)
+
+
+def _scale_codes(x: torch.Tensor, scale: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest values for `scale`, and the residual they leave."""
+    v = grid.values(x / scale)
+    return v, x - v * scale
+
+
 def _scale_error(x: torch.Tensor, current: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Per group, the squared error of `current` with nearest codes: the iterate to beat."""
-    residual = x - grid.values(x / current) * current
-    return (residual * residual).sum(-1, keepdim=True)
+    return _squared_sum(_scale_codes(x, current, grid)[1])
 
 
 def _scale_iteration(
     x: torch.Tensor, current: torch.Tensor, beta: float | torch.Tensor, grid: Grid
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`current`'s error, and the next iterate: the least-squares scale for the de-noised target."""
-    v = grid.values(x / current)
-    residual = x - v * current
-    error = (residual * residual).sum(-1, keepdim=True)
+    v, residual = _scale_codes(x, current, grid)
+    error = _squared_sum(residual)
     target = x - shrink(residual / current, beta) * current
     fitted = (v * target).sum(-1, keepdim=True) / (v * v).sum(-1, keepdim=True)
     return error, grid.safe_store(fitted, current)
@@ -143,9 +152,8 @@ def _scale_sums(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`current`'s error, the least-squares sums (v x) and (v v) as if the target were x, and each
     group's largest |residual| in steps."""
-    v = grid.values(x / current)
-    residual = x - v * current
-    error = (residual * residual).sum(-1, keepdim=True)
+    v, residual = _scale_codes(x, current, grid)
+    error = _squared_sum(residual)
     largest = (residual / current).abs().amax(-1, keepdim=True)
     return error, (v * x).sum(-1, keepdim=True), (v * v).sum(-1, keepdim=True), largest
 
@@ -158,8 +166,8 @@ def _scale_step_by_groups(
     groups = _outlier_groups(largest, beta)
     if groups.numel():
         xs, scales = _select_groups(x, groups), _select_groups(current, groups)
-        v = grid.values(xs / scales)
-        target = xs - shrink((xs - v * scales) / scales, beta) * scales
+        v, residual = _scale_codes(xs, scales, grid)
+        target = xs - shrink(residual / scales, beta) * scales
         sum_vt = _replace_groups(sum_vt, groups, (v * target).sum(-1, keepdim=True))
     return error, grid.safe_store(sum_vt / sum_vv, current)
 
@@ -203,8 +211,7 @@ def _asymmetric_codes(
 
 
 def _asymmetric_error(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Grid) -> torch.Tensor:
-    residual = _asymmetric_codes(x, scale, zero, grid)[1]
-    return (residual * residual).sum(-1, keepdim=True)
+    return _squared_sum(_asymmetric_codes(x, scale, zero, grid)[1])
 
 
 def _asymmetric_iteration(
@@ -214,7 +221,7 @@ def _asymmetric_iteration(
     """(scale, zero point)'s error, and the next iterate: the least-squares line for the de-noised
     target, its slope the scale and -offset / slope the (integer) zero point."""
     q, residual = _asymmetric_codes(x, current, current_zero, grid)
-    error = (residual * residual).sum(-1, keepdim=True)
+    error = _squared_sum(residual)
     target = x - shrink(residual / current, beta) * current
     mean_q = q.mean(-1, keepdim=True)
     centred = q - mean_q
@@ -240,7 +247,7 @@ def _asymmetric_sums(
     """(scale, zero point)'s error; the line fit's sums as if the target were x (mean code, codes'
     spread, codes against x, mean x); and each group's largest |residual| in steps."""
     q, residual = _asymmetric_codes(x, current, current_zero, grid)
-    error = (residual * residual).sum(-1, keepdim=True)
+    error = _squared_sum(residual)
     mean_q = q.mean(-1, keepdim=True)
     centred = q - mean_q
     largest = (residual / current).abs().amax(-1, keepdim=True)
