@@ -1,4 +1,5 @@
-"""Suite-wide settings: GPU tests skip, with the reason, where no CUDA device exists."""
+"""Suite-wide settings: GPU tests skip, with the reason, where no CUDA device exists; the Ray and
+the compile workers that tests leave running stop before the interpreter's exit."""
 
 from __future__ import annotations
 
@@ -16,3 +17,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop what the conversions left running while pytest's fault handler still reports.
+
+    Tests that convert leave the last local Ray connected (as `quantfleet convert` would before
+    its own `stop_ray`) and Inductor's compile workers alive; otherwise both are torn down by exit
+    handlers, after pytest has switched its fault handler off. One clean-clone run of the suite
+    passed every test and then died of SIGSEGV at exit with no trace, so they are stopped here,
+    in order, where a crash would print one (scripts/test.sh also sets PYTHONFAULTHANDLER).
+    """
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    if "torch._inductor.async_compile" in sys.modules:
+        from torch._inductor.async_compile import shutdown_compile_workers
+
+        shutdown_compile_workers()
