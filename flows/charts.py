@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from workers.records import TensorRecord
 
 __all__ = ["layer_of", "chart_kind", "chart_legend", "integer_layers", "per_layer_chart", "scatter_chart",
-           "per_layer_series"]
+           "per_layer_series", "preload_pyplot"]
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\.(.+)$")
 _EXPERT_INDEX = re.compile(r"(^|\.)experts\.\d+\.")
@@ -70,6 +70,28 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def preload_pyplot() -> None:
+    """Import pyplot in a background thread, so the report's chart does not wait for it.
+
+    The chart is drawn after the last unit, when nothing else runs: importing pyplot there took
+    0.49 s of the chart's 0.81 s (a 4.4 GiB MoE conversion; the driver had imported torch and
+    numpy already). Started while the units run, where the driver only waits on Ray. A failure
+    here is ignored: the chart imports pyplot again and reports it there.
+    """
+    import sys
+
+    if "matplotlib.pyplot" not in sys.modules:
+        threading.Thread(target=_quietly_import_pyplot, name="qf-pyplot", daemon=True).start()
+
+
+def _quietly_import_pyplot() -> None:
+    try:
+        with _PYPLOT_LOCK:  # never beside a chart being drawn (pyplot's global state)
+            _pyplot()
+    except Exception:  # noqa: BLE001 - see preload_pyplot
+        pass
 
 
 # pyplot keeps global state and is not thread-safe; sync renders reports from several threads.

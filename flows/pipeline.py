@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict
 
+from flows.charts import preload_pyplot
 from flows.destination import check_destination, open_without_creating
 from flows.eval_inputs import check_evaluation_inputs
 from flows.execute import ClusterInfo, run_evaluation, run_units, start_ray, warm_workers
@@ -184,6 +185,7 @@ def convert_units(
         return []
     dest = check_not_published(dest_uri)
     context = gguf_half_context(plan, dest, device) if gguf_half else _context(plan, dest, device)
+    preload_pyplot()  # for the report's chart, drawn once the units are done
     return run_units(half.units, context, cluster=cluster or start_ray(ray_address),
                      max_in_flight=max_in_flight, on_done=on_done)
 

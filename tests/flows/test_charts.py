@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 from flows.charts import chart_kind, per_layer_chart, per_layer_series
 from workers.records import TensorRecord
@@ -47,3 +51,31 @@ def test_an_moe_chart_lays_out_without_warnings() -> None:
         warnings.simplefilter("error")
         png = per_layer_chart(_moe_records(), "MoE: per-layer error")
     assert png is not None and png.startswith(b"\x89PNG")
+
+
+def test_a_preloaded_pyplot_draws_the_same_chart() -> None:
+    # A fresh interpreter, where nothing has imported pyplot yet: the preload must import it in the
+    # background, and a chart drawn while (or after) it does so must be the one drawn without it.
+    script = """
+import sys, time
+from flows.charts import per_layer_chart, preload_pyplot
+from tests.flows.test_charts import _moe_records
+preload = sys.argv[1] == "preload"
+if preload:
+    preload_pyplot()
+    deadline = time.monotonic() + 60
+    while "matplotlib.pyplot" not in sys.modules and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("imported in the background:", "matplotlib.pyplot" in sys.modules)
+sys.stdout.flush()
+sys.stdout.buffer.write(per_layer_chart(_moe_records(4), "t") or b"")
+"""
+    root = Path(__file__).resolve().parents[2]
+    runs = {
+        mode: subprocess.run([sys.executable, "-c", script, mode], cwd=root, capture_output=True, check=True,
+                             env={**os.environ, "PYTHONPATH": str(root)}).stdout
+        for mode in ("preload", "plain")
+    }
+    assert runs["preload"].startswith(b"imported in the background: True\n")
+    png = runs["preload"].split(b"\n", 1)[1]
+    assert png.startswith(b"\x89PNG") and png == runs["plain"]
