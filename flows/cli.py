@@ -739,9 +739,13 @@ def _configure_logging(verbose: bool) -> None:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, early_server: bool = False) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
+    if early_server and args.command in ("convert", "demo") and not getattr(args, "no_prefect", False):
+        from flows.prefect_server import spawn_early
+
+        spawn_early()
     commands = {"schemes": lambda: _cmd_schemes(), "plan": lambda: _cmd_plan(args),
                 "compile-kernels": lambda: _cmd_compile_kernels(args),
                 "convert": lambda: _cmd_convert(args), "demo": lambda: _cmd_demo(args),
@@ -766,7 +770,7 @@ def entry() -> None:
     after a conversion has loaded torch, Ray and Prefect that takes seconds and saves nothing
     (every output is written, synced and published before `main` returns). An unexpected error
     still propagates as usual, with its traceback."""
-    code = main()
+    code = main(early_server=True)
     if "ray" in sys.modules:  # a command that used Ray: stopped without Ray's exit-time pause
         from flows.execute import stop_ray
 

@@ -3,8 +3,9 @@
 With no PREFECT_API_URL, Prefect starts a temporary server itself on the first flow call and waits
 for it. That costs the CLI's main thread the import of Prefect's server modules (2-4 s of CPU on a
 2-core machine, while Ray starts) and starts the server's boot late. Started here instead, as a
-plain process at the top of `convert`, the server boots on another core while this process
-imports, plans, starts Ray and warms the workers; the flow then runs against it as against a
+plain process as soon as the `quantfleet` command has parsed its arguments (`spawn_early`, before
+torch or Prefect is imported), the server boots on another core while this process imports,
+plans, starts Ray and warms the workers; the flow then runs against it as against a
 dedicated server (`PREFECT_API_URL` set for the flow's duration). The process runs exactly what
 Prefect's own temporary server runs (uvicorn on Prefect's app factory, UI off, the same settings)
 and is stopped at exit, after Prefect's own exit handlers have sent their last logs and events
@@ -15,15 +16,17 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.util
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import IO
 
-__all__ = ["TemporaryServer", "PrefectServerError"]
+__all__ = ["TemporaryServer", "PrefectServerError", "spawn_early"]
 
 _STARTUP_FAILED = 3  # uvicorn's exit status when it cannot bind (or its app fails to start)
 _RESPAWNS = 1  # another port, in case one was taken between choosing and binding it
@@ -43,21 +46,25 @@ class TemporaryServer:
     """One Prefect API server process on a loopback port; `None` from `start_if_needed` when a
     server is configured (PREFECT_API_URL) or temporary servers are turned off."""
 
-    def __init__(self) -> None:
+    def __init__(self, early: bool = False) -> None:
         self.port = _free_port()
         self._stderr: IO[bytes] = tempfile.TemporaryFile()  # never a pipe: nobody drains it
         self._settings = contextlib.ExitStack()
         self._environment: str | None = None
-        self.process: subprocess.Popen[bytes] | None = self._spawn()
+        self.process: subprocess.Popen[bytes] | None = self._spawn(early)
         atexit.register(self.stop)
 
     @classmethod
     def start_if_needed(cls) -> TemporaryServer | None:
+        global _early
         from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
+        early, _early = _early, None
         if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+            if early is not None:
+                early.stop()  # the settings (a profile, a .env file) name a server after all
             return None
-        return cls()
+        return early if early is not None else cls()
 
     @property
     def used(self) -> bool:
@@ -68,18 +75,20 @@ class TemporaryServer:
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        import prefect
-        from prefect.settings import get_current_settings
+    def _spawn(self, early: bool = False) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+               "PREFECT__SERVER_FINAL": "1"}
+        if early:  # Prefect not imported yet: the server reads the same environment and files
+            spec = importlib.util.find_spec("prefect")
+            assert spec is not None and spec.origin is not None
+            app_dir = Path(spec.origin).parent.parent
+        else:
+            import prefect
+            from prefect.settings import get_current_settings
 
-        env = {
-            **os.environ,
-            "PREFECT_UI_ENABLED": "0",
-            "PREFECT__SERVER_EPHEMERAL": "1",
-            "PREFECT__SERVER_FINAL": "1",
-            **get_current_settings().to_environment_variables(exclude_unset=True),
-        }
-        command = [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+            env.update(get_current_settings().to_environment_variables(exclude_unset=True))
+            app_dir = prefect.__module_path__.parent
+        command = [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir),
                    "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
                    "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
         return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -154,6 +163,26 @@ class TemporaryServer:
             process.kill()
             process.wait()
         self._stderr.close()
+
+
+_early: TemporaryServer | None = None
+
+
+def spawn_early() -> TemporaryServer | None:
+    """Start the temporary server at once, before this process imports torch and Prefect; the
+    server `start_if_needed` then returns. None where the environment names a server.
+
+    `quantfleet convert` spent its first ~3 s importing torch, building the recipe and importing
+    Prefect's settings on one core, and only then started the server, whose ~5 CPU-seconds of boot
+    then competed with Ray's start. Decided from the environment alone (no PREFECT_API_URL,
+    temporary servers not turned off); `start_if_needed` confirms it against Prefect's settings,
+    which can also come from a profile or a .env file, and stops it where they name a server.
+    """
+    global _early
+    ephemeral = os.environ.get("PREFECT_SERVER_EPHEMERAL_ENABLED", "true").strip().lower()
+    if _early is None and not os.environ.get("PREFECT_API_URL") and ephemeral not in ("0", "false", "no"):
+        _early = TemporaryServer(early=True)
+    return _early
 
 
 def _drain_prefect_workers() -> None:

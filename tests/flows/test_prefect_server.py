@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from flows.prefect_server import PrefectServerError, TemporaryServer
+from flows.prefect_server import PrefectServerError, TemporaryServer, spawn_early
 
 
 @pytest.fixture
@@ -60,3 +60,45 @@ def test_a_server_that_cannot_start_is_one_line(monkeypatch: pytest.MonkeyPatch,
         assert "\n" not in str(error.value)
     finally:
         server.stop()
+
+
+@pytest.mark.usefixtures("no_configured_server")
+def test_an_early_server_is_the_one_the_conversion_uses() -> None:
+    # `quantfleet convert` starts it before importing Prefect; the settings then confirm it.
+    from prefect import flow
+
+    @flow
+    def answer() -> int:
+        return 42
+
+    early = spawn_early()
+    assert early is not None and early.process is not None
+    server = TemporaryServer.start_if_needed()
+    try:
+        assert server is early
+        server.use()
+        assert answer() == 42
+    finally:
+        server.stop()
+    assert TemporaryServer.start_if_needed() is not early  # handed out once
+    assert early.process is None
+
+
+@pytest.mark.usefixtures("no_configured_server")
+def test_an_early_server_stops_when_the_settings_name_a_server() -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    early = spawn_early()
+    assert early is not None
+    process = early.process
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        assert TemporaryServer.start_if_needed() is None
+    assert process is not None and process.poll() is not None and early.process is None
+
+
+def test_the_environment_can_rule_out_an_early_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    assert spawn_early() is None
+    monkeypatch.delenv("PREFECT_API_URL")
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_ENABLED", "false")
+    assert spawn_early() is None
