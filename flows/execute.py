@@ -83,12 +83,39 @@ def stop_ray() -> None:
 
     The CLI calls this before the interpreter's exit handlers: Ray's own handler first sleeps
     0.5 s so that late worker logs can print, which a finished conversion does not need (every
-    task has returned and reported by then). Measured on the 2-core machine: 1.9 s -> 1.2-1.4 s.
+    task has returned and reported by then). Measured on the 2-core machine: 1.9 s -> 1.2-1.4 s;
+    with the autoscaler monitor killed first (`_kill_own_autoscaler_monitor`), ~0.4 s.
     """
     import ray
 
     if ray.is_initialized():
+        _kill_own_autoscaler_monitor()
         ray.shutdown()
+
+
+def _kill_own_autoscaler_monitor() -> None:
+    """SIGKILL the autoscaler monitor of a Ray this process started, before `ray.shutdown()`.
+
+    `ray.shutdown()` stops the GCS before the monitor; the monitor's SIGTERM handler then reports
+    to the gone GCS until Ray kills it after a 1 s grace (and with the GCS alive, it still takes
+    ~0.7 s to exit). Its kill is where Ray's own shutdown ends up anyway, on a cluster being torn
+    down whole. Measured (a local Ray, idle 2-core machine): `ray.shutdown()` 1.16-1.45 s, 0.36-0.43
+    s with the monitor killed first. Reaches into Ray's private node record (ray is pinned); a
+    process that joined a cluster owns no processes there, and anything unexpected leaves the
+    shutdown as it was.
+    """
+    try:
+        from ray._private import ray_constants
+        from ray._private import worker as ray_worker
+
+        node = getattr(ray_worker, "_global_node", None)
+        monitors = [] if node is None else node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, [])
+        for info in monitors:
+            if info.process.poll() is None:
+                info.process.kill()
+                info.process.wait(timeout=5)
+    except Exception:  # noqa: BLE001 - an optimisation only: ray.shutdown() stops it regardless
+        _log.debug("could not stop Ray's autoscaler monitor early", exc_info=True)
 
 
 def warm_workers(
