@@ -88,12 +88,12 @@ def generate(path: Path, layers: int, mlp: int = 11008, shard_count: int = 3, ex
     per_shard = total // shard_count + 1
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
-    for name, shape in names:
+    for name, dims in names:
         if size > per_shard:
             shards.append([])
             size = 0
-        shards[-1].append((name, shape))
-        size += 2 * torch.Size(shape).numel()
+        shards[-1].append((name, dims))
+        size += 2 * torch.Size(dims).numel()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator(device).manual_seed(0)
     weight_map = {}
