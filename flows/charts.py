@@ -10,6 +10,7 @@ import functools
 import io
 import math
 import re
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -80,8 +81,6 @@ def preload_pyplot() -> None:
     numpy already). Started while the units run, where the driver only waits on Ray. A failure
     here is ignored: the chart imports pyplot again and reports it there.
     """
-    import sys
-
     if "matplotlib.pyplot" not in sys.modules:
         threading.Thread(target=_quietly_import_pyplot, name="qf-pyplot", daemon=True).start()
 

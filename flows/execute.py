@@ -99,8 +99,8 @@ def _kill_own_autoscaler_monitor() -> None:
     `ray.shutdown()` stops the GCS before the monitor; the monitor's SIGTERM handler then reports
     to the gone GCS until Ray kills it after a 1 s grace (and with the GCS alive, it still takes
     ~0.7 s to exit). Its kill is where Ray's own shutdown ends up anyway, on a cluster being torn
-    down whole. Measured (a local Ray, idle 2-core machine): `ray.shutdown()` 1.16-1.45 s, 0.36-0.43
-    s with the monitor killed first. Reaches into Ray's private node record (ray is pinned); a
+    down whole. Measured (a local Ray, idle 2-core machine): `ray.shutdown()` 1.16-1.45 s, and
+    0.36-0.43 s with the monitor killed first. Reaches into Ray's private node record (ray is pinned); a
     process that joined a cluster owns no processes there, and anything unexpected leaves the
     shutdown as it was.
     """
