@@ -22,19 +22,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Stop what the conversions left running while pytest's fault handler still reports.
 
-    Tests that convert leave the last local Ray connected (as `quantfleet convert` would before
-    its own `stop_ray`) and Inductor's compile workers alive; otherwise both are torn down by exit
-    handlers, after pytest has switched its fault handler off. One clean-clone run of the suite
-    passed every test and then died of SIGSEGV at exit with no trace, so they are stopped here,
-    in order, where a crash would print one (scripts/test.sh also sets PYTHONFAULTHANDLER).
+    Tests that convert leave the last local Ray connected and Inductor's compile workers alive
+    (`quantfleet convert` stops its Ray with the same `stop_ray` before it exits); otherwise both
+    are torn down by exit handlers, after pytest has switched its fault handler off. One
+    clean-clone run of the suite passed every test and then died of SIGSEGV at exit with no
+    trace, so they are stopped here, in order, where a crash would print one (scripts/test.sh
+    also sets PYTHONFAULTHANDLER).
     """
     import sys
 
     if "ray" in sys.modules:
-        import ray
+        from flows.execute import stop_ray
 
-        if ray.is_initialized():
-            ray.shutdown()
+        stop_ray()
     if "torch._inductor.async_compile" in sys.modules:
         from torch._inductor.async_compile import shutdown_compile_workers
 
