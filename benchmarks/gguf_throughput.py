@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._doc import machine_line, update_section
-from flows.pipeline import _context, plan_conversion
+from flows.pipeline import plan_conversion, unit_context
 from flows.recipe import Recipe
 from infra.storage import open_storage
 from tests.smollm2 import smollm2_checkpoint
@@ -37,7 +37,7 @@ def _run(checkpoint: Path, recipe: Recipe, device: str, folder: Path) -> tuple[f
     assert len(plan.units) == 1
     folder.mkdir(parents=True)
     dest = open_storage(str(folder))
-    context = _context(plan, dest, device)
+    context = unit_context(plan, dest, device)
     started = time.perf_counter()
     result = convert_unit(plan.units[0], context)
     seconds = time.perf_counter() - started

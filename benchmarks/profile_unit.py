@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flows.pipeline import _context, plan_conversion  # noqa: E402
+from flows.pipeline import plan_conversion, unit_context  # noqa: E402
 from flows.recipe import Recipe  # noqa: E402
 from infra.storage import open_storage  # noqa: E402
 from workers.convert_unit import convert_unit  # noqa: E402
@@ -69,7 +69,7 @@ def main() -> None:
     for run in range(args.runs):
         work = Path(tempfile.mkdtemp(prefix="qf-profile-"))
         try:
-            context = _context(plan, open_storage(work), args.device)
+            context = unit_context(plan, open_storage(work), args.device)
             profiler = cProfile.Profile() if run == args.runs - 1 and not args.no_profile else None
             started = time.perf_counter()
             if profiler is not None:

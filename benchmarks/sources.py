@@ -67,14 +67,14 @@ def convert_in_process(source: Path, dest: Path) -> dict[str, object]:
     import time
 
     from benchmarks._doc import peak_rss_bytes, reset_peak_rss
-    from flows.pipeline import _context, check_not_published, plan_conversion
+    from flows.pipeline import check_not_published, plan_conversion, unit_context
     from flows.recipe import Recipe
     from workers.convert_unit import convert_unit
 
     shutil.rmtree(dest, ignore_errors=True)
     reset_peak_rss()
     plan = plan_conversion(str(source), Recipe.preset("W4A16"), shard_size=1_000_000_000)
-    context = _context(plan, check_not_published(str(dest)), "cpu")
+    context = unit_context(plan, check_not_published(str(dest)), "cpu")
     started = time.perf_counter()
     for unit in plan.units:
         convert_unit(unit, context)

@@ -17,6 +17,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from infra.sizes import format_size
+
 __all__ = ["main", "build_parser", "bundled_model_path"]
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -333,14 +335,6 @@ def _with_evaluation(recipe, args: argparse.Namespace):  # noqa: ANN001, ANN202
     return recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(update=update)})
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def _cmd_schemes() -> int:
     from quantizers import PRESETS
 
@@ -404,7 +398,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         from flows.gguf_output.companion import GGUF_FOLDER
 
         print(f"and GGUF {plan.gguf.recipe.scheme} of the same source in {GGUF_FOLDER}/ of the same version "
-              f"({len(plan.gguf.units)} split(s), {_size(plan.gguf.bytes_out)})")
+              f"({len(plan.gguf.units)} split(s), {format_size(plan.gguf.bytes_out)})")
     from flows.source_report import plan_source_lines
 
     for line in plan_source_lines(plan):
@@ -420,12 +414,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             quantized = sum(1 for j in unit.jobs
                             if j.scheme is not None or (j.gguf is not None and j.gguf.type_name != "F32"))
             print(f"{folder + unit.file_name:<36} {len(unit.jobs):>8} {quantized:>9} "
-                  f"{_size(unit.bytes_in):>12} {_size(unit.bytes_out):>12} {_size(unit.memory_bytes):>10}")
+                  f"{format_size(unit.bytes_in):>12} {format_size(unit.bytes_out):>12} "
+                  f"{format_size(unit.memory_bytes):>10}")
     total_quantized = sum(1 for _, half in halves for j in half.jobs()
                           if j.scheme is not None or (j.gguf is not None and j.gguf.type_name != "F32"))
     print(f"{'total':<36} {sum(len(u.jobs) for _, half in halves for u in half.units):>8} "
-          f"{total_quantized:>9} {_size(sum(h.bytes_in for _, h in halves)):>12} "
-          f"{_size(sum(h.bytes_out for _, h in halves)):>12}")
+          f"{total_quantized:>9} {format_size(sum(h.bytes_in for _, h in halves)):>12} "
+          f"{format_size(sum(h.bytes_out for _, h in halves)):>12}")
     notes = [j for j in plan.jobs() if j.note]
     for job in notes[:20]:
         print(f"note: {job.name}: {job.note}")
@@ -461,6 +456,7 @@ def _convert_with(server, source: str, dest: str, recipe, args: argparse.Namespa
                   use_prefect: bool, started: float) -> int:
     from tqdm import tqdm
 
+    from flows.disk_space import check_free_space
     from flows.execute import start_ray
     from flows.pipeline import check_not_published, plan_conversion, warm_workers_for
     from flows.progress import reporting_progress
@@ -471,6 +467,7 @@ def _convert_with(server, source: str, dest: str, recipe, args: argparse.Namespa
     plan = plan_conversion(source, recipe, shard_size=args.shard_size,
                            ray_address=getattr(args, "ray_address", None),
                            device=getattr(args, "device", "auto"))
+    check_free_space(plan, dest)  # before Ray starts, like the refusals above
     _startup_log.info("start-up: planned at %.1f s", time.perf_counter() - started)
     cluster = start_ray(getattr(args, "ray_address", None))  # at once if the measure pass started it
     _startup_log.info("start-up: Ray up at %.1f s", time.perf_counter() - started)
@@ -512,11 +509,11 @@ def _convert_with(server, source: str, dest: str, recipe, args: argparse.Namespa
     print()
     print(summary.report)
     print(f"Published: {summary.dest_uri}")
-    print(f"Size: {_size(summary.bytes_in)} -> {_size(summary.bytes_out)} "
+    print(f"Size: {format_size(summary.bytes_in)} -> {format_size(summary.bytes_out)} "
           f"({summary.bytes_in / max(summary.bytes_out, 1):.2f}x smaller); "
           f"{summary.units} units, {summary.reused_units} reused from an earlier run")
     if summary.gguf_bytes_out:
-        print(f"GGUF: {summary.dest_uri}/gguf/ ({_size(summary.gguf_bytes_out)}), in the same version")
+        print(f"GGUF: {summary.dest_uri}/gguf/ ({format_size(summary.gguf_bytes_out)}), in the same version")
     wall = time.perf_counter() - started
     print(f"Time: {wall:.1f} s in all: {summary.seconds:.1f} s converting and publishing, "
           f"{wall - summary.seconds:.1f} s of fixed start-up (Prefect, Ray, planning)")

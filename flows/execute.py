@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
+from workers.errors import OutOfSpace
 from workers.evaluation import Evaluation
 from workers.records import UnitContext, UnitResult
 from workers.units import WorkUnit
@@ -35,10 +36,16 @@ READ_CONCURRENCY_ENV = "QUANTFLEET_READ_CONCURRENCY"
 class ConversionFailed(Exception):
     """Some units failed for good; the message lists every failure."""
 
-    def __init__(self, failures: list[tuple[WorkUnit, str]]) -> None:
+    def __init__(self, failures: list[tuple[WorkUnit, str]], not_started: int = 0,
+                 disk_full: bool = False) -> None:
         self.failures = failures
+        self.not_started = not_started
         lines = [f"{len(failures)} unit(s) failed:"]
         lines += [f"  - {message}" for _, message in failures]
+        if disk_full:
+            lines.append(f"  - {not_started} more unit(s) not started: the disk is full. The units "
+                         "finished before stay staged: free some space and run the same command "
+                         "again to resume")
         super().__init__("\n".join(lines))
 
 
@@ -204,10 +211,14 @@ def task_size(cluster: ClusterInfo, unit_memory: int, units: int) -> TaskSize:
     return TaskSize(threads, num_gpus, max(1, slots // threads))
 
 
-def _describe(error: BaseException) -> str:
+def _cause(error: BaseException) -> BaseException:
     # Ray wraps task errors; the cause carries our message (unit, file, tensor, figures).
     cause = getattr(error, "cause", None)
-    return str(cause if cause is not None else error).strip().splitlines()[-1]
+    return cause if isinstance(cause, BaseException) else error
+
+
+def _describe(error: BaseException) -> str:
+    return str(_cause(error)).strip().splitlines()[-1]
 
 
 def run_units(
@@ -233,6 +244,7 @@ def run_units(
     in_flight: dict[ray.ObjectRef, WorkUnit] = {}
     results: dict[int, UnitResult] = {}
     failures: list[tuple[WorkUnit, str]] = []
+    not_started, disk_full = 0, False
     while pending or in_flight:
         while pending and len(in_flight) < limit:
             unit = pending.pop()
@@ -252,12 +264,18 @@ def run_units(
                 failures.append((unit, _describe(error)))
                 # The failure is listed again at the end (ConversionFailed); -v shows it as it happens.
                 _log.info("unit %d failed: %s", unit.index, _describe(error))
+                if isinstance(_cause(error), OutOfSpace):
+                    # Every unit still queued would be read and quantized only to fail the same
+                    # way; those in flight finish (or fail) and stay staged for the re-run.
+                    disk_full = True
+                    not_started += len(pending)
+                    pending.clear()
                 continue
             results[unit.index] = result
             if on_done is not None:
                 on_done(unit, result)
     if failures:
-        raise ConversionFailed(sorted(failures, key=lambda f: f[0].index))
+        raise ConversionFailed(sorted(failures, key=lambda f: f[0].index), not_started, disk_full)
     return [results[u.index] for u in units]
 
 

@@ -26,6 +26,7 @@ from flows.source_report import source_fields, source_lines
 from flows.versions import MANIFEST_NAME
 from infra.publish import DEFAULT_MARKER, Expected, Publisher
 from infra.safetensors import INDEX_NAME
+from infra.sizes import format_size
 from infra.storage import Storage
 from quantizers import quantization_config
 from workers.evaluation import Evaluation
@@ -158,17 +159,9 @@ def _placement_lines(results: Sequence[UnitResult]) -> list[str]:
         read = sum(t.bytes_in for r in group for t in r.tensors)
         seconds = sum(r.seconds for r in group)
         rate = f"{read / 2**20 / seconds:.1f}" if seconds > 0 else "-"
-        lines.append(f"| {node} | {device} | {len(group)} | {_size(read)} | {seconds:.1f} | {rate} |")
+        lines.append(f"| {node} | {device} | {len(group)} | {format_size(read)} | {seconds:.1f} | {rate} |")
     lines += ["", "Unit-seconds add up each unit's wall time on its worker; units on one node overlap.", ""]
     return lines
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def worst_tensors(tensors: Sequence[TensorRecord], count: int = 10) -> list[TensorRecord]:
@@ -267,8 +260,8 @@ def report_markdown(
         "",
         "| | before | after |",
         "|---|---|---|",
-        f"| checkpoint size | {_size(bytes_in)} | {_size(bytes_out)} |",
-        f"| quantized tensors | {_size(q_in)} | {_size(sum(t.bytes_out for t in quantized))} |",
+        f"| checkpoint size | {format_size(bytes_in)} | {format_size(bytes_out)} |",
+        f"| quantized tensors | {format_size(q_in)} | {format_size(sum(t.bytes_out for t in quantized))} |",
         f"| bits per weight, quantized tensors | {_fmt(bpw_before_q, '.2f')} "
         f"| {_fmt(bpw['quantized'], '.2f')} |",
         f"| bits per weight, whole checkpoint | {_fmt(bpw_before, '.2f')} | {_fmt(bpw['all'], '.2f')} |",
@@ -334,7 +327,7 @@ def _gguf_half_lines(gguf: Plan, results: Sequence[UnitResult]) -> list[str]:
     tensors = [t for r in results for t in r.tensors]
     size = sum(r.size for r in results)
     lines = gguf_lines(gguf, tensors, folder=f"{GGUF_FOLDER}/")
-    lines[0] += f" (in `{GGUF_FOLDER}/`, {_size(size)})"
+    lines[0] += f" (in `{GGUF_FOLDER}/`, {format_size(size)})"
     metrics = _metrics_lines([t for t in tensors if t.scheme is not None])
     if metrics:
         metrics[0] = "### GGUF per-tensor metrics"

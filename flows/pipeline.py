@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from flows.charts import preload_pyplot
 from flows.destination import check_destination, open_without_creating
+from flows.disk_space import check_free_space
 from flows.eval_inputs import check_evaluation_inputs
 from flows.execute import ClusterInfo, run_evaluation, run_units, start_ray, warm_workers
 from flows.finalize import REPORT_NAME, stage_model_files, stage_report_files, worst_tensors
@@ -36,6 +37,7 @@ __all__ = [
     "ConversionSummary",
     "SourceError",
     "plan_conversion",
+    "unit_context",
     "warm_workers_for",
     "convert_units",
     "Publication",
@@ -121,7 +123,8 @@ def plan_conversion(
     return mixed.model_copy(update={"gguf": plan.gguf})
 
 
-def _context(plan: Plan, dest: Storage, device: str) -> UnitContext:
+def unit_context(plan: Plan, dest: Storage, device: str) -> UnitContext:
+    """What every unit of `plan` needs besides its jobs, staging at `dest`."""
     publisher = Publisher(dest, "", plan.plan_id)
     if plan.recipe.format == "gguf":
         from flows.gguf_output.plan import gguf_context
@@ -184,7 +187,9 @@ def convert_units(
     if half is None:
         return []
     dest = check_not_published(dest_uri)
-    context = gguf_half_context(plan, dest, device) if gguf_half else _context(plan, dest, device)
+    if not gguf_half:  # both halves' bytes at once, before either writes
+        check_free_space(plan, dest_uri)
+    context = gguf_half_context(plan, dest, device) if gguf_half else unit_context(plan, dest, device)
     preload_pyplot()  # for the report's chart, drawn once the units are done
     return run_units(half.units, context, cluster=cluster or start_ray(ray_address),
                      max_in_flight=max_in_flight, on_done=on_done)

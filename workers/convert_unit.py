@@ -32,7 +32,7 @@ from quantizers import (
 )
 from quantizers.kernels import compile_floor
 from workers.batched_reads import BatchedReader
-from workers.errors import TensorQualityError, UnitFailed
+from workers.errors import TensorQualityError, UnitFailed, out_of_space
 from workers.pipeline import ShardSink, run_pipelined
 from workers.records import TensorRecord, UnitContext, UnitResult
 from workers.source_read import carry_over, read_dense, shared_absmax, source_label
@@ -74,11 +74,14 @@ def _finished(staging: Storage, unit: WorkUnit) -> UnitResult | None:
 
 @contextmanager
 def _scratch_file(
-    staging: Storage, key: str, directory: str | None
+    staging: Storage, unit: WorkUnit, directory: str | None
 ) -> Iterator[tuple[int, Path, bool]]:
     """A file to assemble the shard in: beside its staged name when the staging storage can adopt
-    it (local disk: no second copy), else in the scratch directory (then streamed up)."""
-    beside = staging.scratch_path(key) if directory is None else None
+    it (local disk: no second copy), else in the scratch directory (then streamed up).
+
+    A write that meets a full disk ends the block as OutOfSpace, naming the unit and the file.
+    """
+    beside = staging.scratch_path(unit.file_name) if directory is None else None
     if beside is not None:
         handle, path = os.open(beside, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), beside
     else:
@@ -86,8 +89,17 @@ def _scratch_file(
         path = Path(name)
     try:
         yield handle, path, beside is not None
-    finally:
+    except Exception as error:
         os.close(handle)
+        handle = -1
+        path.unlink(missing_ok=True)  # first, so the message counts the space it held as free
+        full = out_of_space(error, f"{unit.index} ({unit.file_name})", path)
+        if full is None:
+            raise
+        raise full from error
+    finally:
+        if handle >= 0:
+            os.close(handle)
         path.unlink(missing_ok=True)  # already gone once adopted
 
 
@@ -208,7 +220,7 @@ def convert_unit(unit: WorkUnit, ctx: UnitContext, node: str = "local") -> UnitR
         offsets[spec.name] = position
         position += spec.nbytes
     largest = max((job.end - job.begin for job in unit.jobs), default=0)
-    with _scratch_file(staging, unit.file_name, ctx.scratch_dir) as (fd, path, adoptable):
+    with _scratch_file(staging, unit, ctx.scratch_dir) as (fd, path, adoptable):
         os.ftruncate(fd, position)
         magnitudes: dict[str, torch.Tensor] = {}  # NVFP4 partners' largest magnitudes, read once
         with (

@@ -1,6 +1,17 @@
 """Errors a work unit raises; each names the unit, the tensor and the problem."""
 
-__all__ = ["ConversionError", "TensorQualityError", "UnitFailed"]
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+from infra.sizes import format_size
+
+__all__ = ["ConversionError", "OutOfSpace", "TensorQualityError", "UnitFailed", "out_of_space"]
+
+# A full disk, or this user's quota on it spent: no later unit can write there either.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ConversionError(Exception):
@@ -13,3 +24,23 @@ class TensorQualityError(ConversionError):
 
 class UnitFailed(ConversionError):
     """A work unit could not be converted; wraps the cause with the unit and tensor named."""
+
+
+class OutOfSpace(UnitFailed):
+    """The disk a unit writes its shard to is full: the driver starts no further unit."""
+
+
+def out_of_space(error: BaseException, unit: str, path: Path) -> OutOfSpace | None:
+    """`error` (or what caused it) as an OutOfSpace naming `unit` and the file `path` it wrote,
+    with what that filesystem has left; None when no full disk is behind it."""
+    seen: BaseException | None = error
+    while seen is not None and not (isinstance(seen, OSError) and seen.errno in _NO_SPACE):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    try:
+        free = f"{format_size(shutil.disk_usage(path.parent).free)} free there"
+    except OSError:
+        free = "its free space unknown"
+    what = "no space left on device" if seen.errno == errno.ENOSPC else "disk quota exceeded"
+    return OutOfSpace(f"unit {unit}: {what} writing in {path.parent} ({free})")

@@ -157,7 +157,7 @@ def convert_gguf_unit(unit: WorkUnit, ctx: UnitContext, node: str = "local") -> 
     device = _device(ctx.device)
     header, offsets, size = _header(unit, ctx, source)
     records = []
-    with _scratch_file(staging, unit.file_name, ctx.scratch_dir) as (fd, path, adoptable):
+    with _scratch_file(staging, unit, ctx.scratch_dir) as (fd, path, adoptable):
         os.ftruncate(fd, size)
         os.pwrite(fd, header, 0)
         with TensorReader(source, max_concurrent_reads=ctx.read_concurrency) as reader:

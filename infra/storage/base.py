@@ -193,6 +193,11 @@ class Storage(abc.ABC):
         writer copy its bytes file to file in the kernel."""
         return None
 
+    def free_bytes(self) -> int | None:
+        """Bytes this process may still write under the storage's root, when the backend has such
+        a limit (a local filesystem), else None (object storage)."""
+        return None
+
     def map_range(self, key: str, offset: int, length: int) -> memoryview | None:
         """The object's bytes [offset, offset + length) mapped into memory, or None when this
         backend cannot map them (only local files can). The view is copy-on-write: writing to it

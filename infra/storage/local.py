@@ -132,6 +132,16 @@ class LocalStorage(Storage):
     def local_path(self, key: str) -> Path | None:
         return self.path(key)
 
+    def free_bytes(self) -> int | None:
+        """What the filesystem holding the root (or, before it exists, its nearest existing
+        parent) leaves this user: blocks reserved for root are not counted. None when the
+        filesystem reports no size at all (some FUSE and network mounts), so nothing is known."""
+        folder = self.root
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        usage = shutil.disk_usage(folder)
+        return None if usage.total == 0 else usage.free
+
     def map_range(self, key: str, offset: int, length: int) -> memoryview | None:
         # A private (copy-on-write) map: the bytes are the page cache's own, so reading a tensor
         # costs no copy and no fresh memory, and a kernel that wrote to its input could not

@@ -43,12 +43,12 @@ def test_the_compile_floor_follows_the_plan_not_the_process(tmp_path):
     # Kimi-K2's own sizes compile (7168-wide weights), so its plan lowers the floor for its
     # 2048x7168 experts too; the shrunk model's tensors all stay eager. Each unit's context
     # carries the floor to the workers.
-    from flows.pipeline import _context
+    from flows.pipeline import unit_context
     from quantizers.kernels import COMPILE_MIN_ELEMENTS, PLAN_COMPILE_MIN_ELEMENTS
 
     small = plan_conversion(f"synthetic://kimi-k2-bf16?{SMALL}", Recipe.preset("W4A16"))
     full = plan_conversion("synthetic://kimi-k2-bf16?layers=2", Recipe.preset("W4A16"))
     assert small.compile_floor() == COMPILE_MIN_ELEMENTS
     assert full.compile_floor() == PLAN_COMPILE_MIN_ELEMENTS
-    context = _context(full, open_storage(str(tmp_path)), "cpu")
+    context = unit_context(full, open_storage(str(tmp_path)), "cpu")
     assert context.compile_min_elements == PLAN_COMPILE_MIN_ELEMENTS

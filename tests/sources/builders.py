@@ -144,12 +144,12 @@ def save_block_fp8(bf16: Path, out: Path, reference: Path) -> None:
 def run_plain(source: str, dest: str, scheme: str, shard_size: int = 5_000_000_000, **recipe: object) -> Any:
     """plan -> convert every unit in this process -> finalize and publish (no Ray: the same
     functions the Ray tasks and the Prefect flow run)."""
-    from flows.pipeline import _context, check_not_published, finalize_and_publish, plan_conversion
+    from flows.pipeline import check_not_published, finalize_and_publish, plan_conversion, unit_context
     from flows.recipe import Recipe
     from workers.convert_unit import convert_unit
 
     plan = plan_conversion(source, Recipe.preset(scheme, **recipe), shard_size=shard_size)
-    context = _context(plan, check_not_published(dest), "cpu")
+    context = unit_context(plan, check_not_published(dest), "cpu")
     results = [convert_unit(unit, context) for unit in plan.units]
     finalize_and_publish(plan, dest, results)
     return plan

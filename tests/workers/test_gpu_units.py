@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.pipeline import _context, plan_conversion
+from flows.pipeline import plan_conversion, unit_context
 from flows.recipe import Recipe
 from infra.storage import open_storage
 from workers.convert_unit import convert_unit
@@ -47,7 +47,7 @@ def convert_on(source: Path, recipe: Recipe, device: str, work: Path) -> dict[st
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     plan = plan_conversion(str(source), recipe, shard_size=8 * 10**6)
-    context = _context(plan, open_storage(work), device)
+    context = unit_context(plan, open_storage(work), device)
     results = [convert_unit(unit, context) for unit in plan.units]
     assert {r.device.split(":")[0] for r in results} == {device}
     files = {r.file_name: r.sha256 for r in results}
