@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
+from infra.sizes import format_size
 from workers.errors import OutOfSpace
 from workers.evaluation import Evaluation
 from workers.records import UnitContext, UnitResult
@@ -20,7 +21,7 @@ from workers.units import WorkUnit
 
 __all__ = [
     "ClusterInfo", "ConversionFailed", "start_ray", "run_units", "run_evaluation", "unit_concurrency",
-    "warm_workers", "unit_threads", "TaskSize", "task_size",
+    "warm_workers", "unit_threads", "TaskSize", "task_size", "memory_request", "warn_oversized_units",
 ]
 
 _log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class ClusterInfo(BaseModel):
     cpus: float
     gpus: float
     memory: float = 0.0  # bytes Ray may schedule for tasks, cluster-wide (0: unknown)
+    node_memory: float = 0.0  # the same on the node that has the most (0: unknown)
 
 
 def start_ray(address: str | None = None) -> ClusterInfo:
@@ -76,13 +78,42 @@ def start_ray(address: str | None = None) -> ClusterInfo:
             # runtime_env (even env_vars alone) costs every first task its agent's set-up.
         )
     resources = ray.cluster_resources()
+    alive = [n for n in ray.nodes() if n.get("Alive")]
     return ClusterInfo(
         address=ray.get_runtime_context().gcs_address,
-        nodes=len([n for n in ray.nodes() if n.get("Alive")]),
+        nodes=len(alive),
         cpus=resources.get("CPU", 0.0),
         gpus=resources.get("GPU", 0.0),
         memory=resources.get("memory", 0.0),
+        node_memory=max((n.get("Resources", {}).get("memory", 0.0) for n in alive), default=0.0),
     )
+
+
+def memory_request(unit_memory: int, cluster: ClusterInfo) -> int:
+    """The memory (bytes) a unit's task asks Ray for: the plan's estimate, but never more than the
+    largest node offers tasks.
+
+    Ray leaves a task that asks for more than any node has pending forever (it only warns), so
+    a unit whose estimate (4x its largest tensor: a 405B model's 4.2 GB embedding, a fused MoE
+    tensor) exceeds every node hung the conversion. Asking for the largest node's whole memory
+    instead runs it there alone: the estimate is generous (4x the largest tensor, whether it is
+    quantized or only copied), and a unit that does outgrow its node fails, named, as a worker
+    killed for memory rather than waiting.
+    """
+    if cluster.node_memory <= 0:
+        return unit_memory
+    return min(unit_memory, int(cluster.node_memory))
+
+
+def warn_oversized_units(units: Sequence[WorkUnit], cluster: ClusterInfo) -> None:
+    """One warning naming the units whose memory estimate no node meets (`memory_request`)."""
+    over = [u for u in units if memory_request(u.memory_bytes, cluster) < u.memory_bytes]
+    if over:
+        largest = max(over, key=lambda u: u.memory_bytes)
+        _log.warning(
+            "%d unit(s) are estimated to need more memory than any node offers Ray's tasks (%s on "
+            "the largest; up to %s for %s): each runs alone on the largest node", len(over),
+            format_size(cluster.node_memory), format_size(largest.memory_bytes), largest.file_name)
 
 
 def stop_ray() -> None:
@@ -239,6 +270,7 @@ def run_units(
     limit = max_in_flight or max(2, size.slots * 2)
     if os.environ.get(READ_CONCURRENCY_ENV):
         context = context.model_copy(update={"read_concurrency": _env_int(READ_CONCURRENCY_ENV, 8)})
+    warn_oversized_units(units, cluster)
     pending = list(units)
     pending.reverse()  # pop() from the end takes units in plan order
     in_flight: dict[ray.ObjectRef, WorkUnit] = {}
@@ -251,7 +283,7 @@ def run_units(
             ref = convert_unit_remote.options(
                 num_cpus=size.threads,
                 num_gpus=size.num_gpus,
-                memory=unit.memory_bytes,
+                memory=memory_request(unit.memory_bytes, cluster),
                 name=f"convert {unit.file_name}",
             ).remote(unit, context)
             in_flight[ref] = unit

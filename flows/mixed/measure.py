@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from flows.execute import ClusterInfo, ConversionFailed, task_size
+from flows.execute import ClusterInfo, ConversionFailed, memory_request, task_size, warn_oversized_units
 from workers.measure_unit import MeasureContext, TensorMeasure
 from workers.units import WorkUnit
 
@@ -35,6 +35,7 @@ def measure_units(
     # As conversion sizes its tasks: a plan of fewer units than cores measures on all of them.
     size = task_size(cluster, max((u.memory_bytes for u in work), default=0), len(work))
     limit = max(2, size.slots * 2)
+    warn_oversized_units(work, cluster)
     pending = list(reversed(work))
     in_flight: dict[ray.ObjectRef, WorkUnit] = {}
     errors: dict[str, TensorMeasure] = {}
@@ -45,8 +46,8 @@ def measure_units(
             while pending and len(in_flight) < limit:
                 unit = pending.pop()
                 ref = measure_unit_remote.options(
-                    num_cpus=size.threads, num_gpus=size.num_gpus, memory=unit.memory_bytes,
-                    name=f"measure {unit.file_name}",
+                    num_cpus=size.threads, num_gpus=size.num_gpus,
+                    memory=memory_request(unit.memory_bytes, cluster), name=f"measure {unit.file_name}",
                 ).remote(unit, context)
                 in_flight[ref] = unit
             done, _ = ray.wait(list(in_flight), num_returns=1)

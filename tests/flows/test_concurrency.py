@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.execute import UNITS_PER_GPU_ENV, ClusterInfo, unit_concurrency, unit_threads
+from flows.execute import UNITS_PER_GPU_ENV, ClusterInfo, memory_request, unit_concurrency, unit_threads
 
 
 def _cluster(cpus: float, gpus: float, memory: float = 0.0, nodes: int = 1) -> ClusterInfo:
@@ -39,3 +39,11 @@ def test_cores_left_idle_by_few_units_go_to_the_units() -> None:
     assert unit_threads(_cluster(16, 0), 40) == 1
     assert unit_threads(_cluster(64, 0, nodes=4), 1) == 16  # never more than one node's cores
     assert unit_threads(_cluster(16, 2), 1) == 1  # GPU units share the GPU, not the cores
+
+
+def test_a_unit_never_asks_for_more_memory_than_the_largest_node_has() -> None:
+    cluster = ClusterInfo(address="local", nodes=2, cpus=32, gpus=0, memory=48 * 2**30,
+                          node_memory=32 * 2**30)
+    assert memory_request(4 * 2**30, cluster) == 4 * 2**30
+    assert memory_request(40 * 2**30, cluster) == 32 * 2**30  # else Ray would leave it pending forever
+    assert memory_request(40 * 2**30, _cluster(16, 0)) == 40 * 2**30  # node memory unknown: as planned
