@@ -455,6 +455,7 @@ def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_p
 def _convert_with(server, source: str, dest: str, recipe, args: argparse.Namespace,  # noqa: ANN001
                   use_prefect: bool, started: float) -> int:
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from flows.disk_space import check_free_space
     from flows.execute import start_ray
@@ -484,8 +485,9 @@ def _convert_with(server, source: str, dest: str, recipe, args: argparse.Namespa
         bar.set_postfix_str(f"units {done['units']}/{units}, reused {done['reused']}")
         bar.update(unit.bytes_in)
 
-    # The bar is closed (its line ended) even when the run fails, so the error starts a line.
-    with bar, reporting_progress(on_done):
+    # The bar is closed (its line ended) even when the run fails, so the error starts a line. Log
+    # lines (a warning, -v's records) print above the bar rather than on its line.
+    with bar, reporting_progress(on_done), logging_redirect_tqdm():
         if use_prefect:
             from flows.console import hide_run_failures_on_console
             from flows.convert import convert_flow
