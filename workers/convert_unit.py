@@ -79,7 +79,7 @@ def _scratch_file(
     """A file to assemble the shard in: beside its staged name when the staging storage can adopt
     it (local disk: no second copy), else in the scratch directory (then streamed up).
 
-    A write that meets a full disk ends the block as OutOfSpace, naming the unit and the file.
+    A write that meets a full disk ends the block as OutOfSpace, naming the unit and the folder.
     """
     beside = staging.scratch_path(unit.file_name) if directory is None else None
     if beside is not None:

@@ -31,16 +31,19 @@ class OutOfSpace(UnitFailed):
 
 
 def out_of_space(error: BaseException, unit: str, path: Path) -> OutOfSpace | None:
-    """`error` (or what caused it) as an OutOfSpace naming `unit` and the file `path` it wrote,
-    with what that filesystem has left; None when no full disk is behind it."""
+    """`error` (or what caused it) as an OutOfSpace naming `unit` and the folder of the file
+    `path` it wrote, with what that filesystem has left; None when no full disk is behind it."""
+    chain: list[BaseException] = []
     seen: BaseException | None = error
-    while seen is not None and not (isinstance(seen, OSError) and seen.errno in _NO_SPACE):
+    while seen is not None and seen not in chain:  # a chain can loop back on itself
+        chain.append(seen)
         seen = seen.__cause__ or seen.__context__
+    seen = next((e for e in chain if isinstance(e, OSError) and e.errno in _NO_SPACE), None)
     if seen is None:
         return None
     try:
         free = f"{format_size(shutil.disk_usage(path.parent).free)} free there"
     except OSError:
-        free = "its free space unknown"
+        free = "free space unknown"
     what = "no space left on device" if seen.errno == errno.ENOSPC else "disk quota exceeded"
     return OutOfSpace(f"unit {unit}: {what} writing in {path.parent} ({free})")
