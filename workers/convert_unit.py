@@ -93,7 +93,8 @@ def _scratch_file(
         os.close(handle)
         handle = -1
         path.unlink(missing_ok=True)  # first, so the message counts the space it held as free
-        full = out_of_space(error, f"{unit.index} ({unit.file_name})", path)
+        in_tmpdir = beside is None and directory is None  # tempfile's folder: TMPDIR moves it
+        full = out_of_space(error, f"{unit.index} ({unit.file_name})", path, scratch=in_tmpdir)
         if full is None:
             raise
         raise full from error

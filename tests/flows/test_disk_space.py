@@ -1,7 +1,8 @@
 """Room at the destination: a conversion its filesystem cannot hold is refused before any work, in
 one line, in both modes; a disk that fills during a run stops it at the unit that met it (the
 units queued behind it are not started), and the re-run, once there is room, resumes and
-publishes.
+publishes. A worker's full temp folder, where shards bound for S3 are assembled, is named with
+how to move it.
 
 The full disk mid-run is a real one: a small tmpfs, mounted for the test (which needs root and
 is skipped, saying so, where mounting is not allowed).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +30,9 @@ from flows.recipe import Recipe
 from infra.publish import Publisher, is_published
 from infra.storage import open_storage
 from tests.flows.test_destination import MODES, refused
-from workers.convert_unit import unit_record_key
+from tests.s3_server import MotoS3
+from workers.convert_unit import convert_unit, unit_record_key
+from workers.errors import OutOfSpace
 
 # A 405B-parameter model: its W4A16 conversion writes ~200 GiB, more than a CI machine's disk.
 HUGE_SOURCE = "synthetic://llama-405b"
@@ -133,3 +137,26 @@ def test_a_disk_that_fills_during_the_run_stops_it_and_the_rerun_resumes(
     finalize_and_publish(plan, dest_uri, results, cluster=cluster, device="cpu")
     assert is_published(open_storage(dest_uri), "")
     assert not staging.exists()
+
+
+def test_a_full_scratch_disk_of_an_s3_destination_says_how_to_move_it(
+    tiny_llama: Path, small_disk: Path, s3: MotoS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan = plan_conversion(str(tiny_llama), Recipe.preset("W4A16"), shard_size=SHARD)
+    dest = open_storage(f"s3://{s3.create_bucket()}/llama-w4a16")
+    # The workers assemble each shard in their temp folder, here a full disk, then upload it.
+    context = unit_context(plan, dest, "cpu")
+    filler = small_disk / "filler"
+    with filler.open("wb", buffering=0) as handle, pytest.raises(OSError, match="No space left"):
+        while True:
+            handle.write(b"\\0" * 65536)
+    with pytest.raises(OutOfSpace) as failed:
+        convert_unit(plan.units[0], context.model_copy(update={"scratch_dir": str(small_disk)}))
+    assert f"writing in {small_disk} (" in str(failed.value)
+    assert "point TMPDIR" not in str(failed.value)  # an explicit scratch folder: TMPDIR does not move it
+    monkeypatch.setattr(tempfile, "tempdir", str(small_disk))  # as TMPDIR would, in this process
+    with pytest.raises(OutOfSpace) as failed:
+        convert_unit(plan.units[0], context)
+    assert f"writing in {small_disk} (" in str(failed.value)
+    assert ("shards bound for object storage are assembled there, one per running unit: point TMPDIR "
+            "at a larger disk on the workers") in str(failed.value)
