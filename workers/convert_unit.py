@@ -93,8 +93,8 @@ def _scratch_file(
         os.close(handle)
         handle = -1
         path.unlink(missing_ok=True)  # first, so the message counts the space it held as free
-        in_tmpdir = beside is None and directory is None  # tempfile's folder: TMPDIR moves it
-        full = out_of_space(error, f"{unit.index} ({unit.file_name})", path, scratch=in_tmpdir)
+        in_temp_folder = beside is None and directory is None  # tempfile's: TMPDIR moves it
+        full = out_of_space(error, f"{unit.index} ({unit.file_name})", path, in_temp_folder)
         if full is None:
             raise
         raise full from error

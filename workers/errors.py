@@ -30,11 +30,13 @@ class OutOfSpace(UnitFailed):
     """The disk a unit writes its shard to is full: the driver starts no further unit."""
 
 
-def out_of_space(error: BaseException, unit: str, path: Path, scratch: bool = False) -> OutOfSpace | None:
+def out_of_space(
+    error: BaseException, unit: str, path: Path, in_temp_folder: bool = False
+) -> OutOfSpace | None:
     """`error` (or what caused it) as an OutOfSpace naming `unit` and the folder of the file
     `path` it wrote, with what that filesystem has left; None when no full disk is behind it.
-    `scratch`: `path` is a scratch file in the worker's temp folder (a shard bound for object
-    storage), which TMPDIR moves."""
+    `in_temp_folder`: `path` is a scratch file in the worker's temp folder (a shard bound for
+    object storage), which TMPDIR moves."""
     chain: list[BaseException] = []
     seen: BaseException | None = error
     while seen is not None and seen not in chain:  # a chain can loop back on itself
@@ -48,6 +50,6 @@ def out_of_space(error: BaseException, unit: str, path: Path, scratch: bool = Fa
     except OSError:
         free = "free space unknown"
     what = "no space left on device" if seen.errno == errno.ENOSPC else "disk quota exceeded"
-    where = ("; shards bound for object storage are assembled there, one per running unit: point "
-             "TMPDIR at a larger disk on the workers") if scratch else ""
-    return OutOfSpace(f"unit {unit}: {what} writing in {path.parent} ({free}){where}")
+    hint = ("; shards bound for object storage are assembled there, one per running unit: point "
+            "TMPDIR at a larger disk on the workers") if in_temp_folder else ""
+    return OutOfSpace(f"unit {unit}: {what} writing in {path.parent} ({free}){hint}")
