@@ -88,20 +88,17 @@ def _scratch_file(
         handle, name = tempfile.mkstemp(prefix="quantfleet-", suffix=".safetensors", dir=directory)
         path = Path(name)
     try:
-        yield handle, path, beside is not None
-    except Exception as error:
-        os.close(handle)
-        handle = -1
-        path.unlink(missing_ok=True)  # first, so the message counts the space it held as free
+        try:
+            yield handle, path, beside is not None
+        finally:
+            os.close(handle)
+            path.unlink(missing_ok=True)  # already gone once adopted
+    except Exception as error:  # after the unlink, so the message counts the space it held as free
         in_temp_folder = beside is None and directory is None  # tempfile's: TMPDIR moves it
         full = out_of_space(error, f"{unit.index} ({unit.file_name})", path, in_temp_folder)
         if full is None:
             raise
         raise full from error
-    finally:
-        if handle >= 0:
-            os.close(handle)
-        path.unlink(missing_ok=True)  # already gone once adopted
 
 
 def _origin(source: Storage | None, key: str, begin: int) -> tuple[Path, int] | None:
