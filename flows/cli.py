@@ -455,12 +455,11 @@ def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_p
 def _convert_with(server, source: str, dest: str, recipe, args: argparse.Namespace,  # noqa: ANN001
                   use_prefect: bool, started: float) -> int:
     from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from flows.disk_space import check_free_space
     from flows.execute import start_ray
     from flows.pipeline import check_not_published, plan_conversion, warm_workers_for
-    from flows.progress import reporting_progress
+    from flows.progress import log_lines_above_bars, reporting_progress
 
     check_not_published(dest)
     # Planned before Ray starts: a source that cannot be converted is refused before any work (a
@@ -485,14 +484,15 @@ def _convert_with(server, source: str, dest: str, recipe, args: argparse.Namespa
         bar.set_postfix_str(f"units {done['units']}/{units}, reused {done['reused']}")
         bar.update(unit.bytes_in)
 
-    # The bar is closed (its line ended) even when the run fails, so the error starts a line. Log
-    # lines (a warning, -v's records) print above the bar rather than on its line.
-    with bar, reporting_progress(on_done), logging_redirect_tqdm():
-        if use_prefect:
-            from flows.console import hide_run_failures_on_console
-            from flows.convert import convert_flow
+    if use_prefect:
+        from flows.console import hide_run_failures_on_console
+        from flows.convert import convert_flow  # Prefect sets up its logging before the bar's
 
-            hide_run_failures_on_console(args.verbose)
+        hide_run_failures_on_console(args.verbose)
+    # The bar is closed (its line ended) even when the run fails, so the error starts a line. Log
+    # lines (a warning, Prefect's and -v's records) print above the bar rather than on its line.
+    with bar, reporting_progress(on_done), log_lines_above_bars():
+        if use_prefect:
             if server is not None:
                 server.use()
                 _startup_log.info("start-up: Prefect server ready at %.1f s", time.perf_counter() - started)

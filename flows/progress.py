@@ -6,14 +6,17 @@ and a callback is not data.
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import TextIO
 
 from workers.records import UnitResult
 from workers.units import WorkUnit
 
-__all__ = ["UnitHook", "progress_hook", "reporting_progress"]
+__all__ = ["UnitHook", "log_lines_above_bars", "progress_hook", "reporting_progress"]
 
 UnitHook = Callable[[WorkUnit, UnitResult], None]
 
@@ -37,3 +40,48 @@ def reporting_progress(hook: UnitHook) -> Iterator[None]:
     finally:
         _hook.reset(token)
         _global_hook.remove(hook)
+
+
+class _AboveBars(logging.Handler):
+    """A console handler that clears the progress bars before its record and redraws them after.
+
+    It wraps the handler rather than replacing it (as tqdm's own logging redirect does), so the
+    handler keeps its filters, formatter and colours: Prefect's console handler among them.
+    """
+
+    def __init__(self, inner: logging.StreamHandler[TextIO]) -> None:
+        super().__init__(inner.level)
+        self.inner = inner
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        from tqdm import tqdm
+
+        if not self.filter(record):
+            return False
+        with tqdm.external_write_mode(file=self.inner.stream):
+            return bool(self.inner.handle(record))
+
+    def emit(self, record: logging.LogRecord) -> None:  # handle() does the work
+        self.inner.emit(record)
+
+
+def _above_bars(handler: logging.Handler) -> logging.Handler:
+    if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr):
+        return _AboveBars(handler)
+    return handler
+
+
+@contextmanager
+def log_lines_above_bars() -> Iterator[None]:
+    """Inside this block, records reaching the root logger's console handlers print on lines of
+    their own above the progress bars, instead of running on from a bar's carriage return.
+
+    Import Prefect before entering: its logging set-up, on first import, replaces root handlers
+    it does not take for the user's own, and this block's wrappers would be among them."""
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    root.handlers = [_above_bars(h) for h in handlers]
+    try:
+        yield
+    finally:
+        root.handlers = handlers

@@ -8,6 +8,7 @@ message, on that server.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 from pathlib import Path
 
@@ -110,6 +111,21 @@ def test_verbose_shows_prefects_traceback(cli_env, minilm, tmp_path) -> None:
     assert result.returncode == 2
     assert "Traceback" in result.stderr and "non-finite value" in result.stderr
     assert torch.isnan(load_file(source / "model.safetensors")[TENSOR]).any()  # the input is untouched
+
+
+def test_verbose_log_lines_print_above_the_progress_bar(cli_env, minilm, tmp_path) -> None:
+    # The bar redraws itself after a carriage return; a log record written without clearing it
+    # first ran on from the bar's text ("... [00:00<?, ?B/s]12:46:40 | INFO | Flow run ...").
+    result = run_cli("-v", "convert", minilm, str(tmp_path / "out"), "--shard-size", "20MB", env=cli_env)
+    assert result.returncode == 0, result.stderr
+    pieces = re.split(r"[\r\n]", result.stderr)
+    bars = [piece for piece in pieces if "converting 3 units" in piece]
+    assert bars and all(piece.startswith("converting 3 units") for piece in bars), result.stderr
+    # Prefect's first record, and one logged while the bar is drawn: each on a line of its own.
+    for text in ("Beginning flow run", "units converted"):
+        records = [piece for piece in pieces if text in piece]
+        assert records, result.stderr
+        assert not any("converting 3 units" in piece or "B/s" in piece for piece in records), result.stderr
 
 
 def test_an_evaluation_that_cannot_run_is_refused_before_converting(cli_env, minilm, tmp_path) -> None:
