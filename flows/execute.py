@@ -165,6 +165,7 @@ def warm_workers(
     device: str,
     compile_floor: int | None = None,
     methods: Sequence[str] = (),
+    variants: Sequence[tuple[bool, ...]] = (),
 ) -> list[Any]:
     """Send one warm-up task per worker slot, sized as `run_units` sizes the units' tasks, and
     return at once (the refs: nobody needs to wait on them).
@@ -179,7 +180,7 @@ def warm_workers(
     return [
         warm_up_remote.options(  # type: ignore[call-arg]
             num_cpus=size.threads, num_gpus=size.num_gpus, name="warm up",
-        ).remote(tuple(schemes), tuple(largest), device, compile_floor, tuple(methods))
+        ).remote(tuple(schemes), tuple(largest), device, compile_floor, tuple(methods), tuple(variants))
         for _ in range(min(units, size.slots))
     ]
 

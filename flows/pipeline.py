@@ -32,6 +32,7 @@ from infra.storage import Storage, open_storage
 from workers.evaluation import Evaluation
 from workers.records import TensorRecord, UnitContext, UnitResult
 from workers.units import WorkUnit
+from workers.warmup import kept_variants
 
 __all__ = [
     "ConversionSummary",
@@ -147,16 +148,17 @@ def unit_context(plan: Plan, dest: Storage, device: str) -> UnitContext:
 
 def warm_workers_for(plan: Plan, cluster: ClusterInfo, device: str) -> None:
     """Warm `cluster`'s workers for `plan`: each scheme and its method with its largest tensor's
-    size (elements), from which a worker knows which kernels the units will compile (see
-    `workers.warmup`)."""
+    size (elements), from which a worker knows which kernels the units will compile, and the
+    variants of its codes kernel the units run (see `workers.warmup`)."""
     largest = [0] * len(plan.schemes)
     for job in plan.jobs():
         if job.scheme is not None and not job.passthrough:
             largest[job.scheme] = max(largest[job.scheme], math.prod(job.shape))
     memory = max((unit.memory_bytes for unit in plan.units), default=0)
     methods = tuple(plan.method_of(index) for index in range(len(plan.schemes)))
+    variants = kept_variants(plan.jobs(), len(plan.schemes), plan.recipe.probes)
     warm_workers(cluster, plan.schemes, largest, len(plan.units), memory, device, plan.compile_floor(),
-                 methods)
+                 methods, variants)
 
 
 def check_not_published(dest_uri: str) -> Storage:

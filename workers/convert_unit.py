@@ -38,7 +38,7 @@ from workers.records import TensorRecord, UnitContext, UnitResult
 from workers.source_read import carry_over, read_dense, shared_absmax, source_label
 from workers.units import TensorJob, WorkUnit, output_specs
 
-__all__ = ["convert_unit", "unit_record_key", "SHARD_METADATA"]
+__all__ = ["convert_unit", "keeps_dequantized_weight", "unit_record_key", "SHARD_METADATA"]
 
 _log = logging.getLogger(__name__)
 
@@ -50,6 +50,13 @@ _UPLOAD_CHUNK = 16 << 20
 
 def unit_record_key(unit: WorkUnit) -> str:
     return f"units/{unit.index:05d}.json"
+
+
+def keeps_dequantized_weight(job: TensorJob, probes: int) -> bool:
+    """Whether `job`'s quantization keeps its dequantized weight for the output-error probes
+    (`quantizers.keeps_dequantized`). NVFP4 partners never do: their shared global scale has the
+    probes quantize a sample of their own."""
+    return probes > 0 and not job.partners and keeps_dequantized(job.shape)
 
 
 def _device(preference: str) -> torch.device:
@@ -137,10 +144,8 @@ def _convert_job(
     weight = tensor.to(device)
     shared = shared_absmax(job, weight, reader, device, {} if magnitudes is None else magnitudes)
     method = ctx.methods[job.scheme] if ctx.methods else "rtn"
-    # The probes measure NVFP4 partners (a shared global scale) on a sample quantized on its own.
-    keep = ctx.probes > 0 and shared is None and keeps_dequantized(tuple(weight.shape))
     result = quantize(weight, scheme, name=f"{job.name} (in {job.file})", global_absmax=shared,
-                      method=method, keep_dequantized=keep)
+                      method=method, keep_dequantized=keeps_dequantized_weight(job, ctx.probes))
     error = result.error  # measured inside the quantization kernel
     probed = None
     if ctx.probes > 0:

@@ -44,9 +44,10 @@ def _convert_on_node(unit: WorkUnit, context: UnitContext) -> UnitResult:
 
 
 def _warm_up(schemes: tuple[QuantScheme, ...], largest: tuple[int, ...], device: str,
-             compile_floor: int | None = None, methods: tuple[str, ...] = ()) -> float:
+             compile_floor: int | None = None, methods: tuple[str, ...] = (),
+             variants: tuple[tuple[bool, ...], ...] = ()) -> float:
     _prepare_process()
-    return warm_up(schemes, largest, device, compile_floor, methods)
+    return warm_up(schemes, largest, device, compile_floor, methods, variants)
 
 
 # Ray accepts a list of exception types here; its type stubs only know the bool form.

@@ -17,14 +17,19 @@ nothing.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 import torch
 
 from quantizers import quantize
 from quantizers.kernels import COMPILE_MIN_ELEMENTS, compile_floor, compiles
 from quantizers.scheme import QuantScheme
+from workers.convert_unit import keeps_dequantized_weight
+from workers.units import TensorJob
 
-__all__ = ["warm_up", "WARM_SHAPE"]
+__all__ = ["warm_up", "kept_variants", "WARM_SHAPE"]
+
+BOTH_VARIANTS = (True, False)
 
 # Rows a multiple of FP8_BLOCK's 128-row blocks, columns of every group size (16 to 128); neither
 # 0 nor 1 in any dimension, so the dynamic-shape kernels compiled here serve every real shape.
@@ -41,22 +46,41 @@ def _device(preference: str) -> torch.device:
     return torch.device(preference)
 
 
+def kept_variants(jobs: Iterable[TensorJob], schemes: int, probes: int) -> tuple[tuple[bool, ...], ...]:
+    """For each of `schemes` schemes, which variants of its codes kernel the jobs will run: the one
+    that keeps the dequantized weight for the probes (True), the one that does not (False).
+
+    Each variant is a kernel of its own, traced for 1.5-3.5 s per worker process on a 2-core CPU.
+    Most plans need only the first: every weight of at most 16M elements or 1024 rows keeps its
+    dequantized weight, and the weights that do not still probe a sample through the first.
+    """
+    kept: list[set[bool]] = [set() for _ in range(schemes)]
+    for job in jobs:
+        if job.scheme is None or job.passthrough:
+            continue
+        if probes > 0:
+            kept[job.scheme].add(True)  # kept, or (NVFP4 partners, largest weights) a probed sample
+        kept[job.scheme].add(keeps_dequantized_weight(job, probes))
+    return tuple(tuple(sorted(variants, reverse=True)) for variants in kept)
+
+
 def warm_up(schemes: tuple[QuantScheme, ...], largest: tuple[int, ...], device: str = "auto",
-            floor: int | None = None, methods: tuple[str, ...] = ()) -> float:
+            floor: int | None = None, methods: tuple[str, ...] = (),
+            variants: tuple[tuple[bool, ...], ...] = ()) -> float:
     """Compile the kernels of each scheme whose largest tensor (elements, `largest[i]`) will be
     compiled, from `floor` elements on (the plan's `compile_floor_for`), with its method
-    (`methods[i]`; none given: all RTN), whose steps compile too; returns the seconds it took.
-    Imports and device start-up happen on the way."""
+    (`methods[i]`; none given: all RTN), whose steps compile too, in the codes kernel's variants
+    `variants[i]` (`kept_variants`; none given: both); returns the seconds it took. Imports and
+    device start-up happen on the way."""
     started = time.perf_counter()
     target = _device(device)
     generator = torch.Generator().manual_seed(0)
     with compile_floor(floor or COMPILE_MIN_ELEMENTS):
-        for scheme, numel, method in zip(schemes, largest, methods or ("rtn",) * len(schemes), strict=True):
+        for scheme, numel, method, keeps in zip(schemes, largest, methods or ("rtn",) * len(schemes),
+                                                variants or (BOTH_VARIANTS,) * len(schemes), strict=True):
             if not compiles(numel):
                 continue
             weight = (torch.randn(WARM_SHAPE, generator=generator) * 0.02).to(torch.bfloat16).to(target)
-            # Both variants of the codes kernel: the probes keep a tensor's dequantized weight
-            # (or a sample's), the largest tensors and the measure pass do not.
-            for keep in (True, False):
+            for keep in keeps:
                 quantize(weight, scheme, name="warm-up", compile=True, method=method, keep_dequantized=keep)
     return time.perf_counter() - started

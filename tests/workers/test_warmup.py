@@ -15,6 +15,9 @@ from typing import Any
 
 import pytest
 
+from workers.units import TensorJob
+from workers.warmup import kept_variants
+
 ROOT = Path(__file__).resolve().parents[2]
 
 _SCRIPT = """
@@ -102,6 +105,57 @@ def test_warm_up_compiles_a_methods_steps_for_every_shape(
     result = _run_fresh(_FIRST_UNIT_SCRIPT, str(tmp_path), scheme, method)
     assert step in result["warmed"]
     assert result["compiled after warming"] == 0
+
+
+# A plan whose weights all keep their dequantized weight for the probes (kept_variants: (True,))
+# warms that variant of the codes kernel alone: its units compile nothing, and the variant left
+# out (which its units never run) would still compile.
+_KEPT_ONLY_SCRIPT = """
+import json
+import torch
+from torch._dynamo.utils import counters
+from quantizers import estimate_output_error, probe_vectors, quantize
+from quantizers.kernels import COMPILE_MIN_ELEMENTS
+from quantizers.presets import get_scheme
+from workers.warmup import warm_up
+
+scheme = get_scheme("W4A16")
+warm_up((scheme,), (COMPILE_MIN_ELEMENTS,), "cpu", variants=((True,),))
+frames = counters["frames"]["ok"]
+for shape in ((768, 4096), (4096, 768), (2304, 3072)):
+    weight = (torch.randn(shape) * 0.02).to(torch.bfloat16)
+    result = quantize(weight, scheme, name="w", keep_dequantized=True)
+    estimate_output_error(weight, scheme, probe_vectors(shape[1]), quantized=result)
+kept = counters["frames"]["ok"] - frames
+quantize(weight, scheme, name="w", keep_dequantized=False)
+print(json.dumps({"kept": kept, "not kept": counters["frames"]["ok"] - frames - kept}))
+"""
+
+
+def test_warming_only_the_kept_variant_serves_units_that_keep() -> None:
+    result = _run_fresh(_KEPT_ONLY_SCRIPT)
+    assert result["kept"] == 0
+    assert result["not kept"] > 0
+
+
+def _job(shape: tuple[int, int], *, scheme: int | None = 0,
+         partners: tuple[TensorJob, ...] = ()) -> TensorJob:
+    return TensorJob(name="w", file="f", begin=0, end=0, dtype="BF16", shape=shape, scheme=scheme,
+                     partners=partners)
+
+
+def test_kept_variants_are_those_the_units_run() -> None:
+    expert, attention, huge = _job((768, 4096)), _job((4096, 4096)), _job((14336, 4096))
+    kept_only, both = (True,), (True, False)
+    assert kept_variants([expert, attention], 1, probes=16) == (kept_only,)
+    # Over 16M elements and 1024 rows: quantized without keeping, its sample probed with it.
+    assert kept_variants([expert, huge], 1, probes=16) == (both,)
+    # NVFP4 partners share a global scale: quantized without keeping, a sample probed on its own.
+    assert kept_variants([_job((1024, 4096), partners=(expert,))], 1, probes=16) == (both,)
+    # No probes: nothing keeps. Per scheme; copied and unquantized tensors need no kernel.
+    assert kept_variants([expert], 1, probes=0) == ((False,),)
+    assert kept_variants([expert, _job((64, 64), scheme=None), _job(huge.shape, scheme=1)], 3, probes=16) == (
+        kept_only, both, ())
 
 
 def test_warm_up_of_small_tensors_compiles_nothing() -> None:
