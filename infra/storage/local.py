@@ -3,7 +3,8 @@
 Writes go to a hidden temporary file in the destination folder and are renamed into place, so a
 reader never sees a partial object; `if_absent` uses os.link, which fails when the name is taken
 (rename would silently replace it). The SHA-256 computed while writing is kept in a
-`user.quantfleet.sha256` extended attribute when the filesystem supports it.
+`user.quantfleet.sha256` extended attribute when the filesystem supports it, with the file's size
+and modification time: `stat` reports it only while both still match.
 """
 
 from __future__ import annotations
@@ -44,16 +45,28 @@ def _raise_os_error(exc: OSError, uri: str, what: str) -> NoReturn:
     raise StorageError(f"{uri}: {what} failed: {exc.strerror or exc}") from exc
 
 
-def _get_sha256(path: Path) -> str | None:
+def _get_sha256(path: Path, st: os.stat_result) -> str | None:
+    """The SHA-256 recorded when the file was written, if the file is still as it was then.
+
+    The digest is stored with the file's size and modification time (`st`'s), so a file written
+    in place afterwards (by another tool: ours only ever replace files) has its bytes hashed
+    again rather than trusted: a staged shard edited after staging is then redone, not published
+    under the digest of what it held before."""
     try:
-        return os.getxattr(path, _XATTR).decode("ascii")
+        value = os.getxattr(path, _XATTR).decode("ascii")
     except (OSError, AttributeError, UnicodeDecodeError):
         return None  # no xattr support, or a file written by another tool
+    sha256, _, stamp = value.partition(" ")
+    return sha256 if stamp == _stamp(st) else None
 
 
 def _set_sha256(path: str, sha256: str) -> None:
     with contextlib.suppress(OSError, AttributeError):
-        os.setxattr(path, _XATTR, sha256.encode("ascii"))
+        os.setxattr(path, _XATTR, f"{sha256} {_stamp(os.stat(path))}".encode("ascii"))
+
+
+def _stamp(st: os.stat_result) -> str:
+    return f"{st.st_size:x}-{st.st_mtime_ns:x}"
 
 
 def _etag(st: os.stat_result) -> str:
@@ -108,7 +121,7 @@ class LocalStorage(Storage):
             _raise_os_error(exc, self.uri(key), "stat")
         if not path.is_file():
             raise ObjectNotFound(f"{self.uri(key)}: not a file")
-        return ObjectInfo(key=key, size=st.st_size, etag=_etag(st), sha256=_get_sha256(path))
+        return ObjectInfo(key=key, size=st.st_size, etag=_etag(st), sha256=_get_sha256(path, st))
 
     def _open_for_reading(self, key: str) -> int:
         try:
@@ -251,7 +264,7 @@ class LocalStorage(Storage):
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                 _raise_os_error(exc, self.uri(src_key), "copy")
             shutil.copyfile(src, tmp)
-            sha = _get_sha256(src)
+            sha = _get_sha256(src, src.stat())
             if sha:
                 _set_sha256(str(tmp), sha)
         self._publish_temp(tmp, dst, dst_key, if_absent)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import time
 
 import pytest
 import torch
@@ -203,3 +204,22 @@ def test_an_unreachable_endpoint_is_named() -> None:
     expected = rf"list failed transiently: cannot connect to http://127\.0\.0\.1:{port} \(the S3 endpoint"
     with aws_test_env(), pytest.raises(TransientStorageError, match=expected):
         list(open_storage("s3://bucket/prefix", **options.model_dump()).list())
+
+
+def test_a_local_files_recorded_digest_is_not_trusted_once_written_in_place(tmp_path) -> None:
+    storage = LocalStorage(tmp_path)
+    data = _payload(4096, seed=3)
+    written = storage.put_bytes("a.bin", data)
+    if storage.stat("a.bin").sha256 is None:
+        pytest.skip("this filesystem keeps no user extended attributes: every stat hashes nothing")
+    assert storage.stat("a.bin").sha256 == written.sha256
+    assert storage.copy("a.bin", "copy.bin").sha256 == written.sha256
+    # Another tool edits the file in place, same size. The sleep steps past the coarse clock tick
+    # the kernel stamps modification times with (a few ms), as any later edit does.
+    time.sleep(0.05)
+    with open(tmp_path / "a.bin", "r+b") as handle:
+        handle.seek(100)
+        handle.write(bytes(16))
+    info = storage.stat("a.bin")
+    assert info.size == len(data) and info.sha256 is None
+    assert storage.hash_object("a.bin") != written.sha256
