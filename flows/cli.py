@@ -459,7 +459,7 @@ def _convert_with(server, source: str, dest: str, recipe, args: argparse.Namespa
     from flows.disk_space import check_free_space
     from flows.execute import start_ray
     from flows.pipeline import check_not_published, plan_conversion, warm_workers_for
-    from flows.progress import log_lines_above_bars, reporting_progress
+    from flows.progress import printing_above_bars, reporting_progress
 
     check_not_published(dest)
     # Planned before Ray starts: a source that cannot be converted is refused before any work (a
@@ -490,8 +490,9 @@ def _convert_with(server, source: str, dest: str, recipe, args: argparse.Namespa
 
         hide_run_failures_on_console(args.verbose)
     # The bar is closed (its line ended) even when the run fails, so the error starts a line. Log
-    # lines (a warning, Prefect's and -v's records) print above the bar rather than on its line.
-    with bar, reporting_progress(on_done), log_lines_above_bars():
+    # lines (a warning, Prefect's and -v's records, Ray's worker logs) print above the bar rather
+    # than on its line.
+    with bar, reporting_progress(on_done), printing_above_bars():
         if use_prefect:
             if server is not None:
                 server.use()

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import TextIO
+from typing import Any, TextIO
 
 from workers.records import UnitResult
 from workers.units import WorkUnit
 
-__all__ = ["UnitHook", "log_lines_above_bars", "progress_hook", "reporting_progress"]
+__all__ = ["UnitHook", "printing_above_bars", "progress_hook", "reporting_progress"]
 
 UnitHook = Callable[[WorkUnit, UnitResult], None]
 
@@ -71,17 +72,53 @@ def _above_bars(handler: logging.Handler) -> logging.Handler:
     return handler
 
 
+class _LinesAboveBars:
+    """A console stream whose whole lines are written with the progress bars cleared, then
+    redrawn. Ray prints its workers' log lines ("(convert pid=...) ...") to whatever `sys.stderr`
+    is when they arrive, from a thread of its own."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.pending = ""
+        self.lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        from tqdm import tqdm
+
+        with self.lock:
+            lines, newline, self.pending = (self.pending + text).rpartition("\n")
+            if newline:
+                with tqdm.external_write_mode(file=self.stream):
+                    self.stream.write(lines + newline)
+                    self.stream.flush()
+        return len(text)
+
+    def close_line(self) -> None:
+        if self.pending:
+            self.write("\n")
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding, ...
+        return getattr(self.stream, name)
+
+
 @contextmanager
-def log_lines_above_bars() -> Iterator[None]:
-    """Inside this block, records reaching the root logger's console handlers print on lines of
-    their own above the progress bars, instead of running on from a bar's carriage return.
+def printing_above_bars() -> Iterator[None]:
+    """Inside this block, what is printed to the console while progress bars are drawn prints on
+    lines of its own above them, instead of running on from a bar's carriage return: records
+    reaching the root logger's console handlers, and lines written to `sys.stdout`/`sys.stderr`
+    (Ray's worker logs among them). Bars made before entering keep the real streams.
 
     Import Prefect before entering: its logging set-up, on first import, replaces root handlers
     it does not take for the user's own, and this block's wrappers would be among them."""
     root = logging.getLogger()
     handlers = list(root.handlers)
     root.handlers = [_above_bars(h) for h in handlers]
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = wrapped = _LinesAboveBars(streams[0]), _LinesAboveBars(streams[1])
     try:
         yield
     finally:
+        sys.stdout, sys.stderr = streams
         root.handlers = handlers
+        for stream in wrapped:
+            stream.close_line()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,32 @@ def test_verbose_log_lines_print_above_the_progress_bar(cli_env, minilm, tmp_pat
         records = [piece for piece in pieces if text in piece]
         assert records, result.stderr
         assert not any("converting 3 units" in piece or "B/s" in piece for piece in records), result.stderr
+
+
+def test_a_shard_edited_after_staging_is_redone_and_its_warning_prints_above_the_bar(
+    cli_env, minilm, tmp_path
+) -> None:
+    # An interrupted run left every unit staged; then another tool wrote into one staged shard in
+    # place (same size). Its recorded digest must not vouch for the new bytes: the re-run redoes
+    # that unit, and the worker's warning (printed by Ray, from the worker) gets a line of its own.
+    from flows.pipeline import convert_units, plan_conversion
+    from flows.recipe import Recipe
+
+    dest = tmp_path / "out"
+    convert_units(plan_conversion(minilm, Recipe(scheme="W4A16"), shard_size=20_000_000), str(dest))
+    (edited,) = dest.glob(".staging/*/model-00002-of-00003.safetensors")
+    time.sleep(0.05)  # past the clock tick the staging write was stamped with
+    with open(edited, "r+b") as handle:
+        handle.seek(edited.stat().st_size // 2)
+        handle.write(bytes(64))
+    result = run_cli("convert", minilm, str(dest), "--shard-size", "20MB", env=cli_env)
+    assert result.returncode == 0, result.stderr
+    assert "3 units, 2 reused from an earlier run" in result.stdout
+    pieces = re.split(r"[\r\n]", result.stderr)
+    warnings = [piece for piece in pieces if "does not match its record; redoing it" in piece]
+    assert warnings and not any("converting 3 units" in piece for piece in warnings), result.stderr
+    verified = run_cli("verify", str(dest))  # every published file's bytes against the manifest
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 def test_an_evaluation_that_cannot_run_is_refused_before_converting(cli_env, minilm, tmp_path) -> None:
