@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from flows.execute import ClusterInfo, ConversionFailed, memory_request, task_size, warn_oversized_units
+from flows.progress import printing_above_bars
 from workers.measure_unit import MeasureContext, TensorMeasure
 from workers.units import WorkUnit
 
@@ -41,7 +42,7 @@ def measure_units(
     errors: dict[str, TensorMeasure] = {}
     failures: list[tuple[WorkUnit, str]] = []
     with tqdm(total=len(work), desc=f"measuring {len(context.candidates)} candidates", unit="unit",
-              file=sys.stderr, dynamic_ncols=True, leave=False) as bar:
+              file=sys.stderr, dynamic_ncols=True, leave=False) as bar, printing_above_bars():
         while pending or in_flight:
             while pending and len(in_flight) < limit:
                 unit = pending.pop()
