@@ -24,6 +24,7 @@ from flows.gates import GateResult, QualityGateFailed, describe_failures, failed
 from flows.gguf_output.companion import gguf_half_context, gguf_staging_uri, with_gguf_plan
 from flows.plan import Plan, build_plan
 from flows.recipe import Recipe
+from flows.source_check import check_source_unchanged, file_tags, with_source_files
 from flows.sources import SourceError
 from infra.errors import AlreadyExists
 from infra.publish import Expected, Publisher, is_published
@@ -105,15 +106,12 @@ def plan_conversion(
     if recipe.evaluates:
         why = "--evaluate" if recipe.evaluate.enabled else "the recipe's model-level gates"
         check_evaluation_inputs(source, catalog.side_files, recipe.evaluate.text, why=why)
-    tags = {}
-    for key in catalog.files:
-        info = source.stat(key)
-        tags[key] = (info.size, info.etag or info.sha256)
+    tags = file_tags(source, catalog.files)
     plan = build_plan(catalog, recipe, shard_size=shard_size, file_tags=tags, config=config)
     # The GGUF half of a both-formats recipe is planned first: a refusal comes before any measuring.
     plan = with_gguf_plan(plan, catalog, shard_size=shard_size, file_tags=tags, config=config)
     if not recipe.mixed:
-        return plan
+        return with_source_files(plan, tags)
     from flows.mixed.planner import plan_mixed
 
     mixed = plan_mixed(
@@ -121,7 +119,7 @@ def plan_conversion(
         rebuild=lambda assign, key: build_plan(catalog, recipe, shard_size=shard_size, file_tags=tags,
                                                config=config, assign=assign, assign_key=key),
     )
-    return mixed.model_copy(update={"gguf": plan.gguf})
+    return with_source_files(mixed.model_copy(update={"gguf": plan.gguf}), tags)
 
 
 def unit_context(plan: Plan, dest: Storage, device: str) -> UnitContext:
@@ -277,6 +275,7 @@ def gate_and_publish(
             f"The result stays in staging ({staged}); its report: {staged}/{REPORT_NAME}",
             report=report,
         )
+    check_source_unchanged(plan, dest, publisher.staging)  # last, just before the commit
     publisher.commit()
     return Publication(dest_uri=dest.uri(), evaluation=evaluation, gates=gates, report=report)
 

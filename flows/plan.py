@@ -55,6 +55,9 @@ class Plan(BaseModel):
     # Both formats (recipe `gguf:`): the GGUF conversion of the same source, published in `gguf/`
     # of this plan's version (flows.gguf_output.companion).
     gguf: Plan | None = Field(default=None, exclude_if=lambda v: v is None)
+    # Each source shard file's (key, size, ETag or SHA-256) as planned: publishing checks that
+    # they have not changed since (flows.source_check).
+    source_files: tuple[tuple[str, int, str | None], ...] = Field(default=(), exclude_if=lambda v: not v)
 
     def method_of(self, scheme_index: int) -> str:
         return self.methods[scheme_index] if self.methods else "rtn"

@@ -45,6 +45,19 @@ def local_ray(s3: MotoS3) -> Iterator[None]:
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def cli_env(local_ray: None) -> Iterator[dict[str, str]]:
+    """The environment for the CLI run as a user runs it, in its own process: a real (temporary)
+    Prefect server for the module, and the test session's Ray."""
+    import ray
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield {"PREFECT_API_URL": str(PREFECT_API_URL.value()),
+               "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+
 @pytest.fixture(scope="session")
 def minilm() -> str:
     return bundled_model_path()

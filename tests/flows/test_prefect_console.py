@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from prefect.testing.utilities import prefect_test_harness
 from safetensors.torch import load_file, save_file
 
 from tests.flows.test_cli import _corrupt_copy, run_cli
@@ -23,16 +22,6 @@ from tests.flows.test_cli import _corrupt_copy, run_cli
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
 TENSOR = "encoder.layer.0.attention.self.query.weight"
-
-
-@pytest.fixture(scope="module")
-def cli_env():
-    import ray
-    from prefect.settings import PREFECT_API_URL
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield {"PREFECT_API_URL": str(PREFECT_API_URL.value()),
-               "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 
 
 def _nan_copy(source: Path, dest: Path) -> Path:
