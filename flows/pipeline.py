@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -144,19 +145,23 @@ def unit_context(plan: Plan, dest: Storage, device: str) -> UnitContext:
     )
 
 
-def warm_workers_for(plan: Plan, cluster: ClusterInfo, device: str) -> None:
+def warm_workers_for(
+    plan: Plan, cluster: ClusterInfo, device: str, variants: tuple[tuple[bool, ...], ...] | None = None
+) -> list[Any]:
     """Warm `cluster`'s workers for `plan`: each scheme and its method with its largest tensor's
     size (elements), from which a worker knows which kernels the units will compile, and the
-    variants of its codes kernel the units run (see `workers.warmup`)."""
+    variants of its codes kernel the units run (see `workers.warmup`; `variants` overrides them).
+    Returns the warm-up tasks' refs (each gives its seconds), which nobody needs to wait on."""
     largest = [0] * len(plan.schemes)
     for job in plan.jobs():
         if job.scheme is not None and not job.passthrough:
             largest[job.scheme] = max(largest[job.scheme], math.prod(job.shape))
     memory = max((unit.memory_bytes for unit in plan.units), default=0)
     methods = tuple(plan.method_of(index) for index in range(len(plan.schemes)))
-    variants = kept_variants(plan.jobs(), len(plan.schemes), plan.recipe.probes)
-    warm_workers(cluster, plan.schemes, largest, len(plan.units), memory, device, plan.compile_floor(),
-                 methods, variants)
+    if variants is None:
+        variants = kept_variants(plan.jobs(), len(plan.schemes), plan.recipe.probes)
+    return warm_workers(cluster, plan.schemes, largest, len(plan.units), memory, device, plan.compile_floor(),
+                        methods, variants)
 
 
 def check_not_published(dest_uri: str) -> Storage:

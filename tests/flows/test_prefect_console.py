@@ -106,7 +106,10 @@ def test_verbose_shows_prefects_traceback(cli_env, minilm, tmp_path) -> None:
 def test_verbose_log_lines_print_above_the_progress_bar(cli_env, minilm, tmp_path) -> None:
     # The bar redraws itself after a carriage return; a log record written without clearing it
     # first ran on from the bar's text ("... [00:00<?, ?B/s]12:46:40 | INFO | Flow run ...").
-    result = run_cli("-v", "convert", minilm, str(tmp_path / "out"), "--shard-size", "20MB", env=cli_env)
+    # Prefect's own INFO records, whatever an in-process CLI call of another test left in the
+    # environment this process's children inherit (without -v the CLI sets WARNING).
+    env = {**cli_env, "PREFECT_LOGGING_LEVEL": "INFO"}
+    result = run_cli("-v", "convert", minilm, str(tmp_path / "out"), "--shard-size", "20MB", env=env)
     assert result.returncode == 0, result.stderr
     pieces = re.split(r"[\r\n]", result.stderr)
     bars = [piece for piece in pieces if "converting 3 units" in piece]
