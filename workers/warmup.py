@@ -50,9 +50,10 @@ def kept_variants(jobs: Iterable[TensorJob], schemes: int, probes: int) -> tuple
     """For each of `schemes` schemes, which variants of its codes kernel the jobs will run: the one
     that keeps the dequantized weight for the probes (True), the one that does not (False).
 
-    Each variant is a kernel of its own, traced for 1.5-3.5 s per worker process on a 2-core CPU.
-    Most plans need only the first: every weight of at most 16M elements or 1024 rows keeps its
-    dequantized weight, and the weights that do not still probe a sample through the first.
+    Each variant is a kernel of its own, traced (and, on a GPU, loaded) in every worker process:
+    0.1-0.3 s more per worker on a 2-core CPU for the second. Most plans need only the first:
+    every weight of at most 16M elements or 1024 rows keeps its dequantized weight, and the
+    weights that do not still probe a sample through the first.
     """
     kept: list[set[bool]] = [set() for _ in range(schemes)]
     for job in jobs:
