@@ -11,8 +11,9 @@ id, so none of it could be reused, and none of it can be trusted), and the error
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from flows.plan import Plan
 from flows.sources import SourceError
@@ -26,6 +27,7 @@ __all__ = ["SourceChanged", "check_source_unchanged", "file_tags", "with_source_
 _STAT_THREADS = 16
 
 FileTag = tuple[int, str | None]  # size, and ETag or SHA-256
+T = TypeVar("T")
 
 
 class SourceChanged(SourceError):
@@ -34,14 +36,19 @@ class SourceChanged(SourceError):
 
 def file_tags(storage: Storage, keys: Iterable[str]) -> dict[str, FileTag]:
     """{key: (size, ETag or SHA-256)} of each file, as the plan's identity hashes them."""
-    ordered = list(keys)
-    with ThreadPoolExecutor(min(_STAT_THREADS, max(1, len(ordered)))) as pool:
-        return dict(zip(ordered, pool.map(lambda key: _tag(storage, key), ordered), strict=True))
+    return _for_each(keys, lambda key: _tag(storage, key))
 
 
 def _tag(storage: Storage, key: str) -> FileTag:
     info = storage.stat(key)
     return info.size, info.etag or info.sha256
+
+
+def _for_each(keys: Iterable[str], look: Callable[[str], T]) -> dict[str, T]:
+    """{key: look(key)}, `_STAT_THREADS` requests in flight."""
+    ordered = list(keys)
+    with ThreadPoolExecutor(min(_STAT_THREADS, max(1, len(ordered)))) as pool:
+        return dict(zip(ordered, pool.map(look, ordered), strict=True))
 
 
 def with_source_files(plan: Plan, tags: dict[str, FileTag]) -> Plan:
@@ -63,8 +70,7 @@ def check_source_unchanged(plan: Plan, discard: Storage, staging: str) -> None:
         except ObjectNotFound:
             return None
 
-    with ThreadPoolExecutor(min(_STAT_THREADS, len(planned))) as pool:
-        current = dict(zip(planned, pool.map(now, planned), strict=True))
+    current = _for_each(planned, now)
     changed = sorted(key for key in planned if current[key] != planned[key])
     if not changed:
         return
