@@ -25,7 +25,7 @@ from flows.plan import Plan
 from flows.source_report import source_fields, source_lines
 from flows.versions import MANIFEST_NAME
 from infra.publish import DEFAULT_MARKER, Expected, Publisher
-from infra.safetensors import INDEX_NAME
+from infra.safetensors import INDEX_NAME, read_model_config
 from infra.sizes import format_size
 from infra.storage import Storage
 from quantizers import quantization_config
@@ -70,9 +70,9 @@ def side_file_keys(source: Storage) -> list[str]:
 
 
 def config_with_quantization(source: Storage, plan: Plan) -> bytes | None:
-    if not source.exists("config.json"):
+    config = read_model_config(source)
+    if config is None:
         return None
-    config = json.loads(source.read_bytes("config.json"))
     config["quantization_config"] = quantization_config(
         plan.quantized_modules(), ignore=plan.recipe.ignore_list()
     )

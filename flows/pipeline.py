@@ -6,7 +6,6 @@ they can be tested and reused without an orchestrator.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -29,7 +28,7 @@ from flows.source_check import check_source_unchanged, file_tags, with_source_fi
 from flows.sources import SourceError
 from infra.errors import AlreadyExists
 from infra.publish import Expected, Publisher, is_published
-from infra.safetensors import build_catalog
+from infra.safetensors import build_catalog, read_model_config
 from infra.storage import Storage, open_storage
 from workers.evaluation import Evaluation
 from workers.records import TensorRecord, UnitContext, UnitResult
@@ -102,7 +101,11 @@ def plan_conversion(
     the cluster `cluster()` gives (the CLI's background start), else on `start_ray(ray_address)`.
     """
     source = open_storage(source_uri)
-    config = json.loads(source.read_bytes("config.json")) if source.exists("config.json") else None
+    config = read_model_config(source)
+    if config is None and recipe.format == "compressed-tensors":
+        _log.warning("%s has no config.json: the result carries no quantization_config, which vLLM "
+                     "and transformers need to load it (add the model's config.json to the source)",
+                     source.uri())
     catalog = build_catalog(source)
     if recipe.evaluates:
         why = "--evaluate" if recipe.evaluate.enabled else "the recipe's model-level gates"

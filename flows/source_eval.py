@@ -9,11 +9,9 @@ the evaluation (workers layer, maybe a Ray task on another machine) gets it as s
 
 from __future__ import annotations
 
-import json
-
 from flows.plan import Plan
 from flows.sources import read_source
-from infra.safetensors import build_catalog
+from infra.safetensors import build_catalog, read_model_config
 from infra.storage import open_storage
 from workers.evaluation.source_model import SourceModel
 from workers.units import TensorJob
@@ -27,10 +25,8 @@ def source_model(uri: str) -> SourceModel | None:
     Raises `SourceError` for a source quantfleet cannot read (one line naming the tensor).
     """
     storage = open_storage(uri)
-    if not storage.exists("config.json"):
-        return None
-    config = json.loads(storage.read_bytes("config.json"))
-    if not isinstance(config, dict) or not config.get("quantization_config"):
+    config = read_model_config(storage)
+    if config is None or not config.get("quantization_config"):
         return None
     summary, tensors = read_source(config, build_catalog(storage))
     jobs = tuple(TensorJob(t.name, t.file, t.begin, t.end, t.dtype, t.shape, source=t.source, parts=t.parts)

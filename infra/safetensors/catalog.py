@@ -25,6 +25,7 @@ __all__ = [
     "Catalog",
     "CatalogEntry",
     "build_catalog",
+    "read_model_config",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -64,12 +65,30 @@ def _name(key: str) -> str:
     return key.rsplit("/", 1)[-1]
 
 
+def _read_json(storage: Storage, key: str) -> Any:
+    try:
+        return json.loads(storage.read_bytes(key))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError too
+        raise CatalogError(f"{storage.uri(key)}: not valid JSON ({exc})") from exc
+
+
+def read_model_config(storage: Storage) -> dict[str, Any] | None:
+    """The checkpoint's `config.json` as a dict, or None when it has none.
+
+    A config that is not a JSON object is the user's file to fix: one line naming it.
+    """
+    key = "config.json"
+    if not storage.exists(key):
+        return None
+    config = _read_json(storage, key)
+    if not isinstance(config, dict):
+        raise CatalogError(f"{storage.uri(key)}: must hold a JSON object, not {type(config).__name__}")
+    return config
+
+
 def _read_index(storage: Storage, key: str) -> tuple[dict[str, str], dict[str, Any] | None]:
     uri = storage.uri(key)
-    try:
-        obj = json.loads(storage.read_bytes(key))
-    except (ValueError, RecursionError) as exc:
-        raise CatalogError(f"{uri}: not valid JSON ({exc})") from exc
+    obj = _read_json(storage, key)
     weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -50,6 +52,22 @@ def test_user_mistakes_get_one_line(minilm, capsys, args, message) -> None:
     assert err.startswith(message), err
     assert len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
+
+
+def test_a_source_without_config_json_is_planned_with_a_warning(minilm, tmp_path, caplog) -> None:
+    # Allowed (the weights alone convert), but the result cannot be loaded by vLLM or transformers
+    # without a config to carry its quantization_config: the user is told before converting.
+    source = tmp_path / "no-config"
+    shutil.copytree(minilm, source)
+    (source / "config.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="flows.pipeline"):
+        assert main(["plan", str(source)]) == 0
+    assert any(f"{source} has no config.json" in r.getMessage() and "quantization_config" in r.getMessage()
+               for r in caplog.records), caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flows.pipeline"):
+        assert main(["plan", minilm]) == 0
+    assert not caplog.records
 
 
 def test_missing_credentials_is_one_clear_line(s3) -> None:

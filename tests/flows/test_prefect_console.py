@@ -168,3 +168,23 @@ def test_an_evaluation_that_cannot_run_is_refused_before_converting(cli_env, min
         assert len(lines) == 1 and lines[0].startswith("quantfleet: error:"), f"{case}:\n{result.stderr}"
         assert expected in lines[0] and "--evaluate" in lines[0], f"{case}:\n{result.stderr}"
         assert not Path(args[2]).exists(), case  # not converted, not even an empty folder
+
+
+def test_a_config_json_that_is_not_an_object_is_one_line_before_converting(
+    cli_env, minilm, tmp_path
+) -> None:
+    # config.json is read at planning (the source's format, the output's quantization_config):
+    # a hand-edited one that does not parse printed json's traceback.
+    cases = {"not JSON": ('{"model_type": "bert",}', "config.json: not valid JSON (Expecting"),
+             "not an object": ('["bert"]', "config.json: must hold a JSON object, not list")}
+    for case, (text, expected) in cases.items():
+        source = tmp_path / case.replace(" ", "-")
+        shutil.copytree(minilm, source)
+        (source / "config.json").write_text(text)
+        dest = tmp_path / f"out-{source.name}"
+        result = run_cli("convert", str(source), str(dest), env=cli_env)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2, f"{case}:\n{result.stderr}"
+        assert len(lines) == 1 and lines[0].startswith("quantfleet: error:"), f"{case}:\n{result.stderr}"
+        assert f"{source}/{expected}" in lines[0], f"{case}:\n{result.stderr}"
+        assert not dest.exists(), case
