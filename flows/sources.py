@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -211,6 +212,9 @@ def _ct_scheme(
 
 def _compressed(catalog: Catalog, qconfig: dict[str, Any], dense: str) -> Found:
     groups = qconfig.get("config_groups") or {}
+    if not isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups.values()):
+        raise SourceError(f"{catalog.uri}/config.json: compressed-tensors 'config_groups' must map group "
+                          f"names to objects, not {reprlib.repr(groups)}")
     schemes = [(name, group.get("targets") or [], group) for name, group in groups.items()]
     modules: dict[str, dict[str, CatalogEntry]] = {}
     for name, entry in catalog.tensors.items():

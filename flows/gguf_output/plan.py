@@ -28,7 +28,7 @@ from flows.recipe import Recipe
 from flows.sources import SourceError, read_source
 from infra.errors import CheckpointError
 from infra.gguf import split_file_name
-from infra.gguf.model import expert_count, family_for, map_tensor
+from infra.gguf.model import check_config, expert_count, family_for, map_tensor
 from infra.safetensors import Catalog
 from quantizers.gguf import row_bytes
 from quantizers.gguf.mixes import GGUF_SCHEMES, mix_type
@@ -76,6 +76,7 @@ def build_gguf_plan(
 ) -> Plan:
     if config is None:
         raise CheckpointError(f"{catalog.uri}: no config.json; GGUF output needs the model's architecture")
+    check_config(config, f"{catalog.uri.rstrip('/')}/config.json")
     family = family_for(config, f"{catalog.uri.rstrip('/')}/config.json")
     # A quantized source (block-FP8, compressed-tensors) is read as the dense weights it means:
     # its jobs carry their scale parts, and the worker dequantizes them as for compressed-tensors.

@@ -24,7 +24,7 @@ from infra.errors import CheckpointError
 from infra.gguf.header import MetadataValue
 
 __all__ = ["GGUFFamily", "FAMILIES", "family_for", "TensorTarget", "map_tensor", "hyper_parameters",
-           "UnsupportedArchitectureError", "expert_count"]
+           "UnsupportedArchitectureError", "expert_count", "check_config"]
 
 V = gguf.GGUFValueType
 
@@ -46,6 +46,52 @@ FAMILIES: dict[str, GGUFFamily] = {
     "Qwen3ForCausalLM": GGUFFamily(gguf.MODEL_ARCH.QWEN3, False),
     "Qwen3MoeForCausalLM": GGUFFamily(gguf.MODEL_ARCH.QWEN3MOE, False),
 }
+
+# config.json keys the GGUF header is written from (`hyper_parameters`, `map_tensor`): those every
+# model needs, those a MoE adds, and those that may be absent. Checked at planning, so a config
+# without one fails in one line before converting, not in a worker writing the first split.
+_REQUIRED_INTS = ("hidden_size", "intermediate_size", "max_position_embeddings", "num_attention_heads",
+                  "num_hidden_layers", "vocab_size")
+_REQUIRED_NUMBERS = ("rms_norm_eps",)
+_MOE_REQUIRED_INTS = ("num_experts_per_tok", "moe_intermediate_size")
+_OPTIONAL_INTS = ("head_dim", "num_key_value_heads", "num_experts", "num_local_experts", "decoder_sparse_step")
+_OPTIONAL_NUMBERS = ("rope_theta",)
+_OPTIONAL_OBJECTS = ("rope_scaling", "rope_parameters")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return _is_int(value) or isinstance(value, float)
+
+
+def check_config(config: dict[str, Any], source: str = "config.json") -> None:
+    """Refuse a config that lacks a key the GGUF header needs, or holds one of the wrong type."""
+    def wrong(key: str, described: str) -> CheckpointError:
+        return CheckpointError(f"{source}: {key!r} must be {described} for GGUF output, not {config[key]!r}")
+
+    for key in _OPTIONAL_INTS:
+        if config.get(key) is not None and not _is_int(config[key]):
+            raise wrong(key, "an integer")
+    for key in _OPTIONAL_NUMBERS:
+        if config.get(key) is not None and not _is_number(config[key]):
+            raise wrong(key, "a number")
+    for key in _OPTIONAL_OBJECTS:
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise wrong(key, "an object")
+    ints = _REQUIRED_INTS + (_MOE_REQUIRED_INTS if expert_count(config) else ())
+    missing = [key for key in (*ints, *_REQUIRED_NUMBERS) if config.get(key) is None]
+    if missing:
+        raise CheckpointError(f"{source}: lacks {', '.join(map(repr, missing))}, which GGUF output needs")
+    for key in ints:
+        if not _is_int(config[key]):
+            raise wrong(key, "an integer")
+    for key in _REQUIRED_NUMBERS:
+        if not _is_number(config[key]):
+            raise wrong(key, "a number")
+
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 

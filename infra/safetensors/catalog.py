@@ -9,6 +9,7 @@ concurrently. Pickle weights are never loaded.
 from __future__ import annotations
 
 import json
+import reprlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,15 @@ __all__ = [
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
+# config.json keys read before any per-format code, and the JSON type each must have when present
+# (planning branches on them; a wrong type would surface as an AttributeError deep inside).
+_CONFIG_TYPES: dict[str, tuple[type, str]] = {
+    "model_type": (str, "a string"),
+    "architectures": (list, "a list of class names"),
+    "quantization_config": (dict, "an object"),
+    "torch_dtype": (str, "a string"),
+    "dtype": (str, "a string"),
+}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -75,7 +85,8 @@ def _read_json(storage: Storage, key: str) -> Any:
 def read_model_config(storage: Storage) -> dict[str, Any] | None:
     """The checkpoint's `config.json` as a dict, or None when it has none.
 
-    A config that is not a JSON object is the user's file to fix: one line naming it.
+    A config that is not a JSON object, or whose common keys have the wrong type, is the user's
+    file to fix: one line naming it and the key.
     """
     key = "config.json"
     if not storage.exists(key):
@@ -83,6 +94,10 @@ def read_model_config(storage: Storage) -> dict[str, Any] | None:
     config = _read_json(storage, key)
     if not isinstance(config, dict):
         raise CatalogError(f"{storage.uri(key)}: must hold a JSON object, not {type(config).__name__}")
+    for name, (kind, described) in _CONFIG_TYPES.items():
+        value = config.get(name)
+        if value is not None and not isinstance(value, kind):
+            raise CatalogError(f"{storage.uri(key)}: {name!r} must be {described}, not {reprlib.repr(value)}")
     return config
 
 

@@ -8,6 +8,7 @@ message, on that server.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shutil
 import time
@@ -170,19 +171,26 @@ def test_an_evaluation_that_cannot_run_is_refused_before_converting(cli_env, min
         assert not Path(args[2]).exists(), case  # not converted, not even an empty folder
 
 
-def test_a_config_json_that_is_not_an_object_is_one_line_before_converting(
-    cli_env, minilm, tmp_path
-) -> None:
-    # config.json is read at planning (the source's format, the output's quantization_config):
-    # a hand-edited one that does not parse printed json's traceback.
-    cases = {"not JSON": ('{"model_type": "bert",}', "config.json: not valid JSON (Expecting"),
-             "not an object": ('["bert"]', "config.json: must hold a JSON object, not list")}
-    for case, (text, expected) in cases.items():
+def test_a_config_json_planning_cannot_use_is_one_line_before_converting(cli_env, minilm, tmp_path) -> None:
+    # config.json is read at planning (the source's format, the output's quantization_config, the
+    # GGUF header): a hand-edited one printed json's traceback, an AttributeError, or (for GGUF) a
+    # bare "'vocab_size'" from the worker writing the first split, after converting.
+    config = json.loads((Path(minilm) / "config.json").read_text())
+    cases = {
+        "not JSON": ('{"model_type": "bert",}', [], "config.json: not valid JSON (Expecting"),
+        "not an object": ('["bert"]', [], "config.json: must hold a JSON object, not list"),
+        "wrong type": (json.dumps({**config, "quantization_config": "fp8"}), [],
+                       "config.json: 'quantization_config' must be an object, not 'fp8'"),
+        "gguf key missing": (json.dumps({**config, "architectures": ["LlamaForCausalLM"]}),
+                             ["--format", "gguf", "--scheme", "Q8_0"],
+                             "config.json: lacks 'rms_norm_eps', which GGUF output needs"),
+    }
+    for case, (text, options, expected) in cases.items():
         source = tmp_path / case.replace(" ", "-")
         shutil.copytree(minilm, source)
         (source / "config.json").write_text(text)
         dest = tmp_path / f"out-{source.name}"
-        result = run_cli("convert", str(source), str(dest), env=cli_env)
+        result = run_cli("convert", str(source), str(dest), *options, env=cli_env)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode == 2, f"{case}:\n{result.stderr}"
         assert len(lines) == 1 and lines[0].startswith("quantfleet: error:"), f"{case}:\n{result.stderr}"

@@ -7,7 +7,14 @@ import pytest
 import torch
 import transformers
 
-from infra.gguf.model import UnsupportedArchitectureError, family_for, hyper_parameters, map_tensor
+from infra.errors import CheckpointError
+from infra.gguf.model import (
+    UnsupportedArchitectureError,
+    check_config,
+    family_for,
+    hyper_parameters,
+    map_tensor,
+)
 from quantizers.gguf.layout import llama_rope_permute
 from quantizers.gguf.mixes import mix_type, use_more_bits
 
@@ -92,3 +99,24 @@ def test_qwen3_moe_llama_cpp_would_compute_differently_is_refused_in_one_line() 
     # Nor with dense layers: llama.cpp's qwen3moe loads experts for every layer.
     with pytest.raises(UnsupportedArchitectureError, match=r"mlp_only_layers \[0\], decoder_sparse_step 1\)"):
         family_for({"architectures": ["Qwen3MoeForCausalLM"], "norm_topk_prob": True, "mlp_only_layers": [0]})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"vocab_size": None}, "lacks 'vocab_size', which GGUF output needs"),
+        ({"num_hidden_layers": "two"}, "'num_hidden_layers' must be an integer for GGUF output, not 'two'"),
+        ({"rms_norm_eps": "1e-6"}, "'rms_norm_eps' must be a number for GGUF output, not '1e-6'"),
+        ({"rope_scaling": [1]}, "'rope_scaling' must be an object for GGUF output, not [1]"),
+        ({"head_dim": True}, "'head_dim' must be an integer for GGUF output, not True"),
+        ({"num_experts": 4}, "lacks 'num_experts_per_tok', 'moe_intermediate_size', which GGUF output needs"),
+    ],
+)
+def test_a_config_the_gguf_header_cannot_be_written_from_is_refused_in_one_line(change, message) -> None:
+    # Each of these passed planning and failed in the worker writing the first split ("'vocab_size'").
+    config, _ = _llama()
+    check_config(config, "src/config.json")  # as transformers writes it
+    config = {k: v for k, v in {**config, **change}.items() if v is not None}
+    with pytest.raises(CheckpointError) as refused:
+        check_config(config, "src/config.json")
+    assert str(refused.value) == f"src/config.json: {message}"
