@@ -102,11 +102,11 @@ def plan_conversion(
     """
     source = open_storage(source_uri)
     config = read_model_config(source)
+    catalog = build_catalog(source)
     if config is None and recipe.format == "compressed-tensors":
         _log.warning("%s has no config.json: the result carries no quantization_config, which vLLM "
                      "and transformers need to load it (add the model's config.json to the source)",
                      source.uri())
-    catalog = build_catalog(source)
     if recipe.evaluates:
         why = "--evaluate" if recipe.evaluate.enabled else "the recipe's model-level gates"
         check_evaluation_inputs(source, catalog.side_files, recipe.evaluate.text, why=why)
