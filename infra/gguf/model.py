@@ -54,7 +54,8 @@ _REQUIRED_INTS = ("hidden_size", "intermediate_size", "max_position_embeddings",
                   "num_hidden_layers", "vocab_size")
 _REQUIRED_NUMBERS = ("rms_norm_eps",)
 _MOE_REQUIRED_INTS = ("num_experts_per_tok", "moe_intermediate_size")
-_OPTIONAL_INTS = ("head_dim", "num_key_value_heads", "num_experts", "num_local_experts", "decoder_sparse_step")
+_OPTIONAL_INTS = ("head_dim", "num_key_value_heads", "num_experts", "num_local_experts",
+                  "decoder_sparse_step")
 _OPTIONAL_NUMBERS = ("rope_theta",)
 _OPTIONAL_OBJECTS = ("rope_scaling", "rope_parameters")
 
