@@ -14,6 +14,9 @@ this user, with a margin:
   re-run keeps.
 - publishing adds nothing: a local commit hard-links the staged files into place.
 
+The refusal names what other runs (another recipe, a failed gate) left staged there, with its
+size: on a large model that alone can be the missing room. A commit removes it (`infra.publish`).
+
 Object storage has no such limit (`Storage.free_bytes` is None) and is not checked. Nor are the
 workers' scratch folders, where the shards of an S3 destination are assembled (one per running
 unit, on each node's own disk): a disk that fills there, or one that another process fills during
@@ -26,7 +29,7 @@ from flows.destination import DestinationRefused, open_without_creating
 from flows.gguf_output.companion import GGUF_FOLDER
 from flows.plan import Plan
 from infra.errors import ObjectNotFound
-from infra.publish import Publisher
+from infra.publish import Publisher, staging_root
 from infra.sizes import format_size
 from infra.storage import Storage, join_key, open_storage
 from workers.convert_unit import unit_record_key
@@ -68,6 +71,18 @@ def _staged_bytes(plan: Plan, dest: Storage) -> int:
     return done
 
 
+def _other_runs_staged(plan: Plan, dest: Storage) -> dict[str, int]:
+    """Bytes staged at `dest` by other runs (another recipe, a failed gate), by staging folder."""
+    root = staging_root("")
+    ours = Publisher(dest, "", plan.plan_id).staging + "/"
+    held: dict[str, int] = {}
+    for info in dest.list(root + "/"):
+        if not info.key.startswith(ours):
+            folder = join_key(root, info.key[len(root) + 1 :].partition("/")[0])
+            held[folder] = held.get(folder, 0) + info.size
+    return held
+
+
 def bytes_to_write(plan: Plan, dest: Storage) -> int:
     """What publishing `plan` at `dest` still writes there: shards (both formats' when the recipe
     asks for two) and side files, less the shards of units an interrupted run of this plan
@@ -89,9 +104,14 @@ def check_free_space(plan: Plan, dest_uri: str) -> None:
     with_records = needed + HEADROOM_BYTES + HEADROOM_PER_TENSOR * tensors
     if with_records <= free:
         return
+    others = _other_runs_staged(plan, dest)
+    # A result staged by an earlier run of another plan is a likely reason on a large model: name it.
+    held = (f" (the staging of {len(others)} other run(s) there holds {format_size(sum(others.values()))}: "
+            f"{', '.join(dest.uri(k) for k in sorted(others))}; delete it if you will not resume that run)"
+            if others else "")
     raise InsufficientSpace(
         f"{dest.uri()}: this conversion writes {format_size(needed)} there "
         f"({format_size(with_records)} with its records and report), but its filesystem has "
-        f"{format_size(free)} free; free {format_size(with_records - free)} more or choose another "
+        f"{format_size(free)} free; free {format_size(with_records - free)} more{held} or choose another "
         "destination"
     )

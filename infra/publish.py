@@ -5,7 +5,8 @@ against the caller's records (size and SHA-256), copies them to `<final>/` with 
 writes (never replacing a file that differs), re-checks the copies, and finally writes the marker
 object conditionally (`IfNoneMatch="*"` on S3, link-if-absent locally). Consumers treat a prefix as
 published only when the marker exists, so a crash at any point leaves nothing published, and a
-published version is never overwritten: a second commit raises AlreadyExists.
+published version is never overwritten: a second commit raises AlreadyExists. So a commit also
+removes what other runs staged under the same prefix: it can never be published there.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "commit",
     "is_published",
     "staging_prefix",
+    "staging_root",
 ]
 
 DEFAULT_MARKER = "_QUANTFLEET_PUBLISHED.json"
@@ -43,9 +45,14 @@ class Expected(BaseModel):
         return cls(size=result.size, sha256=result.sha256)
 
 
+def staging_root(final_prefix: str) -> str:
+    """The folder under `final_prefix` that holds every run's staging area."""
+    return join_key(final_prefix, ".staging")
+
+
 def staging_prefix(final_prefix: str, run_id: str) -> str:
     """Where run `run_id` stages the files it will publish under `final_prefix`."""
-    return join_key(final_prefix, ".staging", run_id)
+    return join_key(staging_root(final_prefix), run_id)
 
 
 def is_published(storage: Storage, prefix: str, marker_name: str = DEFAULT_MARKER) -> bool:
@@ -163,8 +170,11 @@ def commit(
     if cleanup:
         # Nothing of staging stays behind: unfinished writes of killed workers (temp files,
         # multipart uploads) first, then the staged objects and, locally, the emptied folders.
-        storage.abort_stale_uploads(staging + "/")
-        storage.delete_prefix(staging + "/")
+        # Nor does other runs' staging here (another recipe's, one a gate failed): a published
+        # prefix takes no second commit, so it could never be published and only holds space.
+        for prefix in dict.fromkeys((staging, staging_root(final_prefix))):
+            storage.abort_stale_uploads(prefix + "/")
+            storage.delete_prefix(prefix + "/")
     return storage.stat(marker_key)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.disk_space import HEADROOM_PER_TENSOR, bytes_to_write, check_free_space
+from flows.disk_space import HEADROOM_PER_TENSOR, InsufficientSpace, bytes_to_write, check_free_space
 from flows.execute import ConversionFailed, run_units, start_ray
 from flows.pipeline import (
     convert_units,
@@ -137,6 +137,23 @@ def test_a_disk_that_fills_during_the_run_stops_it_and_the_rerun_resumes(
     finalize_and_publish(plan, dest_uri, results, cluster=cluster, device="cpu")
     assert is_published(open_storage(dest_uri), "")
     assert not staging.exists()
+
+
+def test_the_refusal_names_what_other_runs_left_staged_there(tiny_llama: Path, small_disk: Path) -> None:
+    # An earlier run of another plan (a failed gate, another recipe) staged its result here: on a
+    # large model that alone can leave too little room, and nothing said so.
+    plan = plan_conversion(str(tiny_llama), Recipe.preset("W4A16"), shard_size=SHARD)
+    dest = small_disk / "out"
+    check_free_space(plan, str(dest))
+    other = dest / ".staging" / "0123456789abcdef"
+    other.mkdir(parents=True)
+    (other / "model-00001-of-00002.safetensors").write_bytes(bytes(24 << 20))
+    (dest / ".staging" / plan.plan_id).mkdir()  # this plan's own staging is not counted as another's
+    (dest / ".staging" / plan.plan_id / "unit-0.json").write_bytes(b"{}")
+    with pytest.raises(InsufficientSpace) as refused_:
+        check_free_space(plan, str(dest))
+    assert (f"(the staging of 1 other run(s) there holds 24.0 MiB: file://{other}; delete it if you "
+            "will not resume that run) or choose another destination") in str(refused_.value)
 
 
 def test_a_full_scratch_disk_of_an_s3_destination_says_how_to_move_it(

@@ -144,6 +144,29 @@ def test_a_commit_leaves_nothing_of_staging_behind(storage: Storage) -> None:
         assert storage.pending_uploads("out/v7/") == []
 
 
+def test_a_commit_removes_what_other_runs_staged_there(storage: Storage) -> None:
+    # An earlier run of another plan (a failed gate, another recipe) left its result staged; once
+    # this prefix is published it can never be committed there, so it only held space (hundreds
+    # of GB on a large model). A neighbouring version's staging is not touched.
+    earlier = Publisher(storage, "out/v8", run_id="earlier")
+    neighbour = Publisher(storage, "out/v9", run_id="n")
+    _stage(earlier)
+    earlier.stage_writer("model-00002.safetensors", size_hint=len(SHARD)).write(SHARD)  # killed mid-write
+    _stage(neighbour)
+    pub = Publisher(storage, "out/v8", run_id="r")
+    _stage(pub)
+    pub.commit()
+    assert [o.key for o in storage.list("out/v8/")] == [
+        f"out/v8/{DEFAULT_MARKER}", "out/v8/config.json", "out/v8/model.safetensors"]
+    assert sorted(o.key for o in storage.list("out/v9/")) == [
+        "out/v9/.staging/n/config.json", "out/v9/.staging/n/model.safetensors"]
+    if isinstance(storage, LocalStorage):
+        assert not (storage.root / "out/v8/.staging").exists()
+    else:
+        assert isinstance(storage, S3Storage)
+        assert storage.pending_uploads("out/v8/") == []
+
+
 def test_failure_before_marker_leaves_nothing_published_and_commit_resumes(
     proxy: FaultProxy, s3_bucket: str
 ) -> None:
