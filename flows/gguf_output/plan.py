@@ -29,7 +29,9 @@ from flows.sources import SourceError, read_source
 from infra.errors import CheckpointError
 from infra.gguf import split_file_name
 from infra.gguf.model import check_config, expert_count, family_for, map_tensor
+from infra.gguf.tokenizer import tokenizer_metadata
 from infra.safetensors import Catalog
+from infra.storage import open_storage
 from quantizers.gguf import row_bytes
 from quantizers.gguf.mixes import GGUF_SCHEMES, mix_type
 from workers.gguf_units import GGUFTarget
@@ -78,6 +80,11 @@ def build_gguf_plan(
         raise CheckpointError(f"{catalog.uri}: no config.json; GGUF output needs the model's architecture")
     check_config(config, f"{catalog.uri.rstrip('/')}/config.json")
     family = family_for(config, f"{catalog.uri.rstrip('/')}/config.json")
+    # The first split carries the tokenizer: a missing or unsupported one is refused here, not by
+    # the worker writing that split while the other units convert on (hours on a large model).
+    vocab_size = config["vocab_size"]
+    assert isinstance(vocab_size, int)  # check_config
+    tokenizer_metadata(open_storage(catalog.uri), vocab_size)
     # A quantized source (block-FP8, compressed-tensors) is read as the dense weights it means:
     # its jobs carry their scale parts, and the worker dequantizes them as for compressed-tensors.
     summary, entries = read_source(config, catalog)

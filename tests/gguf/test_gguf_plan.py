@@ -75,8 +75,12 @@ def test_unsupported_architecture_and_missing_tokenizer_are_refused(llama, tmp_p
                        "supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
         plan_conversion(str(source), Recipe.preset("Q8_0", format="gguf"))
     (source / "config.json").write_text(json.dumps(config))
-    (source / "tokenizer.json").unlink()
     plan = plan_conversion(str(source), Recipe.preset("Q8_0", format="gguf"), shard_size=1 << 40)
+    (source / "tokenizer.json").unlink()
+    # Planning refuses it (before, only the worker writing the first split did, while the others
+    # converted on); a tokenizer deleted after planning is still refused by that worker.
+    with pytest.raises(CheckpointError, match="tokenizer.json: missing; GGUF output needs the tokenizer"):
+        plan_conversion(str(source), Recipe.preset("Q8_0", format="gguf"), shard_size=1 << 40)
     staging = tmp_path / "staging"
     staging.mkdir()
     with pytest.raises(CheckpointError, match="tokenizer.json: missing; GGUF output needs the tokenizer"):
