@@ -409,10 +409,9 @@ def main() -> int:  # noqa: PLR0915 - one linear script, read top to bottom
 
         dest = workdir / "published"
         sub_plan = plan.model_copy(update={"units": tuple(sample)})
-        from infra.publish import Publisher
         from infra.storage import open_storage
 
-        staging = open_storage(dest).uri(Publisher(open_storage(dest), "", plan.plan_id).staging)
+        staging = open_storage(dest).uri(plan.publisher(open_storage(dest)).staging)
         sample_s, results, cpu_seconds = run_measured(sample, context(plan, staging))
         finalize_and_publish(sub_plan, str(dest), results)
         manifest = json.loads((dest / "quantfleet.json").read_text())

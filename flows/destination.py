@@ -21,7 +21,7 @@ destination is one version, `sweep` writes `OUT/<SCHEME>/` versions beside its `
 
 - published versions: a folder's `_QUANTFLEET_PUBLISHED.json` marker and the files it lists
   (with the sizes it lists);
-- staging areas `<folder>/.staging/<plan id>/...` of interrupted or gate-failed runs, so a re-run
+- staging areas `<folder>/.staging/<staging id>/...` of interrupted or gate-failed runs, so a re-run
   resumes; and files an interrupted commit already copied out of one (same name and size as a
   staged file beside them);
 - `LATEST` pointers that parse as such, and a sweep's `sweep.json` (when it parses as a sweep

@@ -29,7 +29,7 @@ from flows.destination import DestinationRefused, open_without_creating
 from flows.gguf_output.companion import GGUF_FOLDER
 from flows.plan import Plan
 from infra.errors import ObjectNotFound
-from infra.publish import Publisher, staging_root
+from infra.publish import staging_root
 from infra.sizes import format_size
 from infra.storage import Storage, join_key, open_storage
 from workers.convert_unit import unit_record_key
@@ -60,7 +60,7 @@ def _side_file_bytes(plan: Plan) -> int:
 def _staged_bytes(plan: Plan, dest: Storage) -> int:
     """The shards of units an interrupted run finished (their records staged beside them): what a
     re-run does not write again."""
-    staging = Publisher(dest, "", plan.plan_id).staging
+    staging = plan.publisher(dest).staging
     listed = {info.key: info.size for info in dest.list(staging + "/")}
     done = 0
     for half, prefix in ((plan, staging), (plan.gguf, join_key(staging, GGUF_FOLDER))):
@@ -74,7 +74,7 @@ def _staged_bytes(plan: Plan, dest: Storage) -> int:
 def _other_runs_staged(plan: Plan, dest: Storage) -> dict[str, int]:
     """Bytes staged at `dest` by other runs (another recipe, a failed gate), by staging folder."""
     root = staging_root("")
-    ours = Publisher(dest, "", plan.plan_id).staging + "/"
+    ours = plan.publisher(dest).staging + "/"
     held: dict[str, int] = {}
     for info in dest.list(root + "/"):
         if not info.key.startswith(ours):

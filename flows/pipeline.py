@@ -27,7 +27,7 @@ from flows.recipe import Recipe
 from flows.source_check import check_source_unchanged, file_tags, with_source_files
 from flows.sources import SourceError
 from infra.errors import AlreadyExists
-from infra.publish import Expected, Publisher, is_published
+from infra.publish import Expected, is_published
 from infra.safetensors import build_catalog, read_model_config
 from infra.storage import Storage, open_storage
 from workers.evaluation import Evaluation
@@ -128,7 +128,7 @@ def plan_conversion(
 
 def unit_context(plan: Plan, dest: Storage, device: str) -> UnitContext:
     """What every unit of `plan` needs besides its jobs, staging at `dest`."""
-    publisher = Publisher(dest, "", plan.plan_id)
+    publisher = plan.publisher(dest)
     if plan.recipe.format == "gguf":
         from flows.gguf_output.plan import gguf_context
 
@@ -208,14 +208,14 @@ def stage_for_publish(
 ) -> dict[str, Expected]:
     """Stage what makes the staged shards a loadable checkpoint; returns the staged files' records."""
     dest = check_not_published(dest_uri)
-    publisher = Publisher(dest, "", plan.plan_id)
+    publisher = plan.publisher(dest)
     stage_model_files(publisher, open_storage(plan.source_uri), plan, results, gguf_results or ())
     return dict(publisher.records)
 
 
 def staged_uri(plan: Plan, dest_uri: str) -> str:
     dest = open_storage(dest_uri)
-    return dest.uri(Publisher(dest, "", plan.plan_id).staging)
+    return dest.uri(plan.publisher(dest).staging)
 
 
 def evaluate_staged(
@@ -270,7 +270,7 @@ def gate_and_publish(
     A failing result stays in staging with its report; QualityGateFailed says why.
     """
     dest = check_not_published(dest_uri)
-    publisher = Publisher(dest, "", plan.plan_id)
+    publisher = plan.publisher(dest)
     publisher.records.update(records)
     tensors = [t for r in results for t in r.tensors]
     gates = tuple(gate_results(plan, tensors, evaluation, gguf_evaluation))

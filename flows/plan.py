@@ -20,7 +20,9 @@ from flows.mtp import mtp_choice, mtp_prefixes
 from flows.partners import link_nvfp4_partners
 from flows.recipe import Recipe
 from flows.sources import SourceSummary, SourceTensor, dense_bytes, read_source
+from infra.publish import Publisher
 from infra.safetensors import DTYPE_SIZE, Catalog
+from infra.storage import Storage
 from quantizers import QuantScheme, resolve_scheme
 from quantizers.errors import QuantizationError
 from quantizers.kernels import compile_floor_for
@@ -58,6 +60,12 @@ class Plan(BaseModel):
     # Each source shard file's (key, size, ETag or SHA-256) as planned: publishing checks that
     # they have not changed since (flows.source_check).
     source_files: tuple[tuple[str, int, str | None], ...] = Field(default=(), exclude_if=lambda v: not v)
+    # Where the units are staged at a destination (`identify_plan`); None: the plan id.
+    staging_id: str | None = Field(default=None, exclude_if=lambda v: v is None)
+
+    def publisher(self, dest: Storage) -> Publisher:
+        """This plan's staging and commit at `dest` (the destination's root)."""
+        return Publisher(dest, "", self.staging_id or self.plan_id)
 
     def method_of(self, scheme_index: int) -> str:
         return self.methods[scheme_index] if self.methods else "rtn"
@@ -157,15 +165,22 @@ def identify_plan(
     recipe: Recipe,
     shard_size: int,
     assign_key: str | None = None,
-) -> tuple[str, str]:
-    """(the source's identity, the plan id): the id hashes what decides the output's bytes, the
-    source, the recipe, the tool version, the shard size and a budget's assignment if any."""
+) -> tuple[str, str, str]:
+    """(the source's identity, the plan id, the staging id): the plan id hashes what decides the
+    output's bytes, the source, the recipe, the tool version, the shard size and a budget's
+    assignment if any; the staging id (where units are staged, so where a re-run resumes from)
+    the same without the recipe's per-tensor gates, which only decide whether a unit passes: a run
+    stopped by a gate resumes from its staged units once the gate is relaxed."""
     identity = _source_identity(catalog, file_tags or {})
     keyed: dict[str, object] = {"source": identity, "recipe": recipe.plan_key(), "tool": TOOL_VERSION,
                                 "shard_size": shard_size}
     if assign_key is not None:
         keyed["assignment"] = assign_key
-    return identity, hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+    def digest(key: dict[str, object]) -> str:
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    return identity, digest(keyed), digest({**keyed, "recipe": recipe.plan_key(tensor_gates=False)})
 
 
 def cut_into_units(
@@ -269,9 +284,10 @@ def build_plan(
         return out
 
     units = cut_into_units((((job,), output_bytes(job)) for job in jobs), shard_size, shard_file_name)
-    identity, plan_id = identify_plan(catalog, file_tags, recipe, shard_size, assign_key)
+    identity, plan_id, staging_id = identify_plan(catalog, file_tags, recipe, shard_size, assign_key)
     return Plan.model_construct(
         plan_id=plan_id,
+        staging_id=staging_id,
         tool_version=TOOL_VERSION,
         source_uri=catalog.uri,
         source_identity=identity,

@@ -239,11 +239,14 @@ class Recipe(SchemeChoice):
         """Whether the staged result is evaluated against the original before it is published."""
         return self.evaluate.enabled or self.gates.needs_evaluation
 
-    def plan_key(self) -> dict[str, object]:
+    def plan_key(self, *, tensor_gates: bool = True) -> dict[str, object]:
         """What of the recipe decides the converted bytes: everything but the model-level
-        evaluation and its gates, so relaxing a model gate resumes from the staged shards."""
+        evaluation and its gates, so relaxing a model gate resumes from the staged shards.
+        `tensor_gates=False` leaves out the per-tensor gates too (the staging id: the workers
+        check a reused unit's recorded figures against the gates they run with)."""
         data = self.model_dump(mode="json", exclude={"evaluate"})
-        data["gates"] = {k: v for k, v in data["gates"].items() if k not in Gates.MODEL_GATES}
+        data["gates"] = {k: v for k, v in data["gates"].items()
+                         if k not in Gates.MODEL_GATES and tensor_gates}
         # The default method adds nothing to the key, so RTN plans keep the ids they always had.
         for entry in (data, *data["overrides"]):
             if entry.get("method") == "rtn":

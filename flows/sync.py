@@ -46,7 +46,7 @@ from flows.pipeline import (
 from flows.plan import Plan
 from flows.recipe import Recipe
 from flows.versions import Checkpoint, find_checkpoints, move_latest, utc_now, version_prefix
-from infra.publish import Expected, Publisher, is_published
+from infra.publish import Expected, is_published
 from infra.storage import open_storage
 from workers.evaluation import Evaluation
 from workers.records import UnitResult
@@ -282,7 +282,7 @@ def sync_one(
         evaluation = evaluate_staged(plan, version_uri, cluster=cluster, device=device)
         gguf_evaluation = evaluate_staged_gguf(plan, version_uri, cluster=cluster, device=device)
         card = model_card(checkpoint, plan, version_uri, results, evaluation, gguf_results, gguf_evaluation)
-        staged = Publisher(open_storage(version_uri), "", plan.plan_id).stage_bytes(CARD_NAME, card.encode())
+        staged = plan.publisher(open_storage(version_uri)).stage_bytes(CARD_NAME, card.encode())
         records = {**records, CARD_NAME: Expected.of(staged)}
         with _report_lock:
             gate_and_publish(plan, version_uri, results, records, evaluation, gguf_results, gguf_evaluation)

@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,6 +63,44 @@ def _device(preference: str) -> torch.device:
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(preference)
+
+
+def _below_gates(
+    job: TensorJob, ctx: UnitContext, sqnr_db: float, cosine: float, output_error: float | None
+) -> str | None:
+    """Why a quantized tensor's figures fail the recipe's per-tensor gates, or None."""
+    assert job.scheme is not None
+    scheme = ctx.schemes[job.scheme]
+    where = f"{job.name} (in {job.file}): {scheme.name} ({scheme.describe()}) gives"
+    gate = ctx.min_sqnr_db[job.scheme]
+    if not (sqnr_db >= gate and cosine >= ctx.min_cosine):
+        return (f"{where} SQNR {sqnr_db:.1f} dB and cosine {cosine:.4f}, below the gate "
+                f"(SQNR >= {gate:g} dB, cosine >= {ctx.min_cosine:g})")
+    limit = ctx.max_output_error
+    if limit is not None and output_error is not None and not output_error <= limit:
+        return (f"{where} output error {output_error:.4f} on {ctx.probes} random probes, above the "
+                f"gate (output error <= {limit:g})")
+    return None
+
+
+def check_reused_gates(
+    done: UnitResult, unit: WorkUnit, below: Callable[[TensorJob, TensorRecord], str | None]
+) -> UnitResult:
+    """A staged unit passes the gates this run has, not only those it was converted under (the
+    staging id leaves the per-tensor gates out, so a tightened gate must be checked here)."""
+    jobs = {job.name: job for job in unit.jobs}
+    for record in done.tensors:
+        job = jobs.get(record.name)
+        why = None if job is None or record.scheme is None else below(job, record)
+        if why is not None:
+            raise UnitFailed(f"unit {unit.index} ({unit.file_name}): {why} (as staged by an earlier run)")
+    return done
+
+
+def _recorded_below_gates(job: TensorJob, record: TensorRecord, ctx: UnitContext) -> str | None:
+    if record.sqnr_db is None or record.cosine is None:
+        return None
+    return _below_gates(job, ctx, record.sqnr_db, record.cosine, record.output_error)
 
 
 def _finished(staging: Storage, unit: WorkUnit) -> UnitResult | None:
@@ -155,19 +193,9 @@ def _convert_job(
         probed = estimate_output_error(weight, result.scheme, probes, method=result.method,
                                        quantized=None if shared is not None else result)
     result.release()
-    gate = ctx.min_sqnr_db[job.scheme]
-    if not (error.sqnr_db >= gate and error.cosine >= ctx.min_cosine):
-        raise TensorQualityError(
-            f"{job.name} (in {job.file}): {scheme.name} ({scheme.describe()}) gives SQNR "
-            f"{error.sqnr_db:.1f} dB and cosine {error.cosine:.4f}, below the gate "
-            f"(SQNR >= {gate:g} dB, cosine >= {ctx.min_cosine:g})"
-        )
-    if ctx.max_output_error is not None and probed is not None and not probed <= ctx.max_output_error:
-        raise TensorQualityError(
-            f"{job.name} (in {job.file}): {scheme.name} ({scheme.describe()}) gives output error "
-            f"{probed:.4f} on {ctx.probes} random probes, above the gate "
-            f"(output error <= {ctx.max_output_error:g})"
-        )
+    below = _below_gates(job, ctx, error.sqnr_db, error.cosine, probed)
+    if below is not None:
+        raise TensorQualityError(below)
     bytes_out = 0
     for suffix, part in result.tensors.items():
         bytes_out += sink.put(part, write[f"{job.module}.{suffix}"])
@@ -208,7 +236,7 @@ def convert_unit(unit: WorkUnit, ctx: UnitContext, node: str = "local") -> UnitR
     staging = open_storage(ctx.staging_uri)
     done = _finished(staging, unit)
     if done is not None:
-        return done
+        return check_reused_gates(done, unit, lambda job, record: _recorded_below_gates(job, record, ctx))
     source = open_storage(ctx.source_uri)
     device = _device(ctx.device)
     specs = [

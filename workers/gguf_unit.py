@@ -34,7 +34,14 @@ from quantizers.errors import QuantizationError
 from quantizers.gguf import GGUF_TYPES, dequantize_gguf, quantize_gguf
 from quantizers.gguf.floats import to_float_bytes
 from quantizers.gguf.layout import llama_rope_permute
-from workers.convert_unit import _device, _finished, _scratch_file, _upload, unit_record_key
+from workers.convert_unit import (
+    _device,
+    _finished,
+    _scratch_file,
+    _upload,
+    check_reused_gates,
+    unit_record_key,
+)
 from workers.errors import TensorQualityError, UnitFailed
 from workers.records import TensorRecord, UnitContext, UnitResult
 from workers.source_read import read_dense
@@ -98,6 +105,23 @@ def _header(unit: WorkUnit, ctx: UnitContext, source: Storage) -> tuple[bytes, d
     return layout(metadata, split_tensors(unit))
 
 
+def _below_gate(job: TensorJob, ctx: UnitContext, sqnr_db: float, cosine: float) -> str | None:
+    """Why a GGUF tensor's figures fail the recipe's per-tensor gate, or None."""
+    assert job.gguf is not None
+    type_name = job.gguf.type_name
+    gate = ctx.min_sqnr_db[0] if ctx.min_sqnr_db else default_min_sqnr_db(type_name)
+    if sqnr_db >= gate and cosine >= ctx.min_cosine:
+        return None
+    return (f"{job.name} (in {job.file}): GGUF {type_name} gives SQNR {sqnr_db:.1f} dB and cosine "
+            f"{cosine:.4f}, below the gate (SQNR >= {gate:g} dB, cosine >= {ctx.min_cosine:g})")
+
+
+def _recorded_below_gate(job: TensorJob, record: TensorRecord, ctx: UnitContext) -> str | None:
+    if record.sqnr_db is None or record.cosine is None:
+        return None
+    return _below_gate(job, ctx, record.sqnr_db, record.cosine)
+
+
 def _convert_job(
     job: TensorJob, reader: TensorReader, ctx: UnitContext, device: torch.device, fd: int, offset: int
 ) -> TensorRecord:
@@ -121,12 +145,9 @@ def _convert_job(
     os.pwrite(fd, data.tobytes(), offset)
     restored = dequantize_gguf(packed, target.type_name, (weight.shape[0], weight.shape[1]))
     figures = weight_error(weight.float().cpu(), restored)
-    gate = ctx.min_sqnr_db[0] if ctx.min_sqnr_db else default_min_sqnr_db(target.type_name)
-    if not (figures.sqnr_db >= gate and figures.cosine >= ctx.min_cosine):
-        raise TensorQualityError(
-            f"{where}: GGUF {target.type_name} gives SQNR {figures.sqnr_db:.1f} dB and cosine "
-            f"{figures.cosine:.4f}, below the gate (SQNR >= {gate:g} dB, cosine >= {ctx.min_cosine:g})"
-        )
+    below = _below_gate(job, ctx, figures.sqnr_db, figures.cosine)
+    if below is not None:
+        raise TensorQualityError(below)
     return TensorRecord(
         name=job.name, scheme=f"GGUF {target.type_name}", bytes_in=bytes_in, bytes_out=data.size,
         sqnr_db=figures.sqnr_db, relative_error=figures.relative_error, cosine=figures.cosine,
@@ -152,7 +173,7 @@ def convert_gguf_unit(unit: WorkUnit, ctx: UnitContext, node: str = "local") -> 
     staging = open_storage(ctx.staging_uri)
     done = _finished(staging, unit)
     if done is not None:
-        return done
+        return check_reused_gates(done, unit, lambda job, record: _recorded_below_gate(job, record, ctx))
     source = open_storage(ctx.source_uri)
     device = _device(ctx.device)
     header, offsets, size = _header(unit, ctx, source)

@@ -26,7 +26,7 @@ from typing import Any
 from flows.gguf_output.plan import build_gguf_plan, gguf_context
 from flows.gguf_output.report import gguf_bits_per_weight
 from flows.plan import Plan
-from infra.publish import Expected, Publisher
+from infra.publish import Expected
 from infra.safetensors import Catalog
 from infra.storage import Storage, join_key
 from workers.records import UnitContext, UnitResult
@@ -57,7 +57,7 @@ def with_gguf_plan(
 def gguf_staging_uri(plan: Plan, dest: Storage) -> str:
     """Where the GGUF half is staged: `gguf/` of the version's staging area (the compressed-tensors
     plan's), where the one commit finds it and the evaluation reads it."""
-    return dest.uri(join_key(Publisher(dest, "", plan.plan_id).staging, GGUF_FOLDER))
+    return dest.uri(join_key(plan.publisher(dest).staging, GGUF_FOLDER))
 
 
 def gguf_half_context(plan: Plan, dest: Storage, device: str) -> UnitContext:

@@ -106,9 +106,10 @@ def build_gguf_plan(
         ((jobs, jobs[0].gguf.nbytes if jobs[0].gguf is not None else 0) for jobs in groups.values()),
         shard_size, split_file_name, memory_factor=_TENSOR_MEMORY_FACTOR,
     )
-    identity, plan_id = identify_plan(catalog, file_tags, recipe, shard_size)
+    identity, plan_id, staging_id = identify_plan(catalog, file_tags, recipe, shard_size)
     return Plan.model_construct(
         plan_id=plan_id,
+        staging_id=staging_id,
         tool_version=TOOL_VERSION,
         source_uri=catalog.uri,
         source_identity=identity,

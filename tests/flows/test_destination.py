@@ -434,7 +434,7 @@ def test_an_interrupted_conversion_resumes_and_leaves_no_staging(capsys, checkpo
     dest = tmp_path / "out"
     plan = plan_conversion(str(checkpoint), Recipe.preset("W8A16"), shard_size=50_000_000)
     convert_units(plan, str(dest))  # every unit staged; the driver "dies" before finalize
-    assert list((dest / ".staging").iterdir()) == [dest / ".staging" / plan.plan_id]
+    assert list((dest / ".staging").iterdir()) == [dest / ".staging" / plan.staging_id]
     assert foreign_files(open_storage(dest)) == []
     argv = ["convert", str(checkpoint), str(dest), "--scheme", "W8A16", "--shard-size", "50MB",
             "--no-prefect"]

@@ -27,7 +27,7 @@ from flows.pipeline import (
     unit_context,
 )
 from flows.recipe import Recipe
-from infra.publish import Publisher, is_published
+from infra.publish import is_published
 from infra.storage import open_storage
 from tests.flows.test_destination import MODES, refused
 from tests.s3_server import MotoS3
@@ -68,7 +68,7 @@ def test_what_is_left_to_write_leaves_out_the_units_an_interrupted_run_finished(
     assert bytes_to_write(plan, dest) == plan.bytes_out + side
 
     convert_units(plan, str(tmp_path / "dest"), cluster=start_ray(), device="cpu")
-    staging = Publisher(dest, "", plan.plan_id).staging
+    staging = plan.publisher(dest).staging
     shards = {u.file_name: (tmp_path / "dest" / staging / u.file_name).stat().st_size for u in plan.units}
     # The plan counts the shards' tensor bytes; their headers fit in the margin for records.
     for unit in plan.units:
@@ -122,12 +122,12 @@ def test_a_disk_that_fills_during_the_run_stops_it_and_the_rerun_resumes(
     message = str(failed.value)
     first = plan.units[0]
     assert (f"unit 0 ({first.file_name}): no space left on device writing in "
-            f"{small_disk}/out/.staging/{plan.plan_id} (") in message, message
+            f"{small_disk}/out/.staging/{plan.staging_id} (") in message, message
     assert failed.value.not_started >= len(plan.units) - 4, message
     assert (f"{failed.value.not_started} more unit(s) not started: the disk is full. The units "
             "finished before stay staged: free some space and run the same command again to "
             "resume") in message, message
-    staging = small_disk / "out" / ".staging" / plan.plan_id
+    staging = small_disk / "out" / ".staging" / plan.staging_id
     assert not [p.name for p in staging.rglob("*") if p.is_file() and not p.name.endswith(".json")
                 and p.name not in {u.file_name for u in plan.units}]  # no scratch file left
 
@@ -148,8 +148,8 @@ def test_the_refusal_names_what_other_runs_left_staged_there(tiny_llama: Path, s
     other = dest / ".staging" / "0123456789abcdef"
     other.mkdir(parents=True)
     (other / "model-00001-of-00002.safetensors").write_bytes(bytes(24 << 20))
-    (dest / ".staging" / plan.plan_id).mkdir()  # this plan's own staging is not counted as another's
-    (dest / ".staging" / plan.plan_id / "unit-0.json").write_bytes(b"{}")
+    (dest / ".staging" / plan.staging_id).mkdir()  # this plan's own staging is not counted as another's
+    (dest / ".staging" / plan.staging_id / "unit-0.json").write_bytes(b"{}")
     with pytest.raises(InsufficientSpace) as refused_:
         check_free_space(plan, str(dest))
     assert (f"(the staging of 1 other run(s) there holds 24.0 MiB: file://{other}; delete it if you "
