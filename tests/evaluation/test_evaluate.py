@@ -107,6 +107,14 @@ def test_cli_evaluate_user_errors_are_one_line(tmp_path, capsys) -> None:
     assert err.startswith("quantfleet: error:") and err.count("\n") == 1
 
 
+def test_an_encoder_against_a_causal_lm_is_one_line(minilm, tiny_llama, capsys) -> None:
+    assert main(["evaluate", minilm, str(tiny_llama)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"quantfleet: error: {minilm} is an encoder but {tiny_llama} is not\n"
+    assert main(["evaluate", str(tiny_llama), minilm]) == 2
+    assert capsys.readouterr().err == f"quantfleet: error: {tiny_llama} is a causal LM but {minilm} is not\n"
+
+
 def test_checkpoints_without_tokenizer_files_are_named(tmp_path, capsys) -> None:
     # From a Qwen2 config with no tokenizer files, transformers builds an empty tokenizer (one
     # token) instead of failing; the error must say what is missing, not that the text is short.

@@ -197,7 +197,8 @@ def evaluate(
         kind = model_kind(original_dir)
         gguf = is_gguf(quantized_dir)
         if not gguf and model_kind(quantized_dir) != kind:
-            raise EvaluationError(f"{original} is a {kind} but {quantized} is not")
+            named = {"encoder": "an encoder", "causal-lm": "a causal LM"}.get(kind, f"a {kind}")
+            raise EvaluationError(f"{original} is {named} but {quantized} is not")
         tokenizer = _tokenizer(original_dir, quantized_dir)
         if original_source is not None:
             reference = load_source_dequantized(original_dir, original_source, causal=kind == "causal-lm",
