@@ -112,6 +112,10 @@ def plan_conversion(
         check_evaluation_inputs(source, catalog.side_files, recipe.evaluate.text, why=why)
     tags = file_tags(source, catalog.files)
     plan = build_plan(catalog, recipe, shard_size=shard_size, file_tags=tags, config=config)
+    unmatched = recipe.unmatched(job.name for job in plan.jobs() if len(job.shape) == 2)
+    if unmatched:
+        _log.warning("%s: the recipe's %s match no 2-D weight of this checkpoint, so they select nothing "
+                     "(`quantfleet plan --json` lists its tensors)", source.uri(), "; ".join(unmatched))
     # The GGUF half of a both-formats recipe is planned first: a refusal comes before any measuring.
     plan = with_gguf_plan(plan, catalog, shard_size=shard_size, file_tags=tags, config=config)
     if not recipe.mixed:

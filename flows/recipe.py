@@ -34,6 +34,7 @@ the evaluation on. A result below a gate is never published.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -98,9 +99,10 @@ class Gates(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    min_sqnr_db: float | None = None  # None: the default for the scheme's bit width
-    min_cosine: float = 0.9
-    max_output_error: float | None = Field(default=None, gt=0)  # ||Wx - W'x|| / ||Wx|| on probes
+    # No NaN or infinity: a comparison with NaN is always false, so every tensor would fail.
+    min_sqnr_db: float | None = Field(default=None, allow_inf_nan=False)  # None: by the bit width
+    min_cosine: float = Field(default=0.9, ge=-1, le=1)
+    max_output_error: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # ||Wx - W'x|| / ||Wx||
     max_mean_kl: float | None = Field(default=None, ge=0)  # causal LMs: mean KL(original || quantized)
     min_top1: float | None = Field(default=None, ge=0, le=1)  # causal LMs: top-1 token agreement
     min_embedding_cosine: float | None = Field(default=None, ge=-1, le=1)  # encoders: pooled cosine
@@ -297,6 +299,19 @@ class Recipe(SchemeChoice):
             return None
         return self._base_scheme, self.method
 
+    def unmatched(self, weights: Iterable[str]) -> list[str]:
+        """`targets` and each override's targets that match none of `weights` (2-D weight names):
+        most often a misspelt module name, which would otherwise quantize as if it were absent."""
+        if self.format == "gguf":
+            return []  # llama.cpp's rules choose the types; targets do not apply
+        modules = [w.removesuffix(".weight") for w in weights if w.endswith(".weight")]
+        targets, _, overrides = self._matchers
+        found = [] if any(targets.matches(m) for m in modules) else [f"targets {list(self.targets)}"]
+        for number, (matcher, _, _) in enumerate(overrides):
+            if not any(matcher.matches(m) for m in modules):
+                found.append(f"overrides[{number}] targets {list(self.overrides[number].targets)}")
+        return found
+
     def ignore_list(self) -> list[str]:
         """The `ignore` entries written to config.json."""
         return sorted(set(self.ignore + (DEFAULT_IGNORE if self.use_default_ignore else ())))
@@ -315,8 +330,10 @@ class Recipe(SchemeChoice):
         location = Path(path)
         try:
             data = yaml.safe_load(location.read_text()) or {}
-        except (OSError, yaml.YAMLError) as error:
+        except (OSError, UnicodeDecodeError) as error:
             raise RecipeError(f"{location}: cannot read recipe: {error}") from error
+        except yaml.YAMLError as error:
+            raise RecipeError(f"{location}: not valid YAML: {_yaml_problem(error)}") from error
         try:
             recipe = cls.model_validate(data)
             recipe.check_schemes()
@@ -327,6 +344,14 @@ class Recipe(SchemeChoice):
         except ValueError as error:
             raise RecipeError(f"{location}: {error}") from error
         return recipe
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: the problem and where (its own text spans several lines)."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        return f"{error.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(error).split())
 
 
 class _Matcher:

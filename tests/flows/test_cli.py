@@ -179,6 +179,48 @@ def test_a_bad_recipe_names_the_file_and_field(minilm, tmp_path, capsys):
     assert err.startswith(f"quantfleet: error: {recipe}: gates.min_sqnr: Extra inputs are not permitted")
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # PyYAML's own message spans four lines (the text, a caret under it).
+        (b"scheme: W4A16\n  gates: : :\n",
+         "not valid YAML: mapping values are not allowed here (line 2, column 8)"),
+        (b"\xff\xfescheme", "cannot read recipe: 'utf-8' codec can't decode byte 0xff"),
+        # A gate no tensor can pass failed every unit after converting it.
+        (b"scheme: W4A16\ngates:\n  min_sqnr_db: .nan\n",
+         "gates.min_sqnr_db: Input should be a finite number"),
+        (b"scheme: W4A16\ngates:\n  min_cosine: 2\n",
+         "gates.min_cosine: Input should be less than or equal to 1"),
+    ],
+)
+def test_a_recipe_file_that_cannot_be_used_is_one_line(minilm, tmp_path, capsys, text, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_bytes(text)
+    assert main(["plan", minilm, "--recipe", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"quantfleet: error: {recipe}: {message}"), err
+    assert err.count("\n") == 1, err
+
+
+def test_recipe_targets_that_match_no_weight_are_warned_about(minilm, tmp_path, caplog) -> None:
+    # A misspelt module name quantized as if the override were absent, and said nothing.
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("scheme: W4A16\noverrides:\n  - targets: ['encoder.layer.0.atention.self.query']\n"
+                      "    scheme: W8A16\n  - targets: ['re:.*attention.self.query$']\n    scheme: W8A16\n")
+    with caplog.at_level(logging.WARNING, logger="flows.pipeline"):
+        assert main(["plan", minilm, "--recipe", str(recipe)]) == 0
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1, warned
+    assert ("the recipe's overrides[0] targets ['encoder.layer.0.atention.self.query'] match no 2-D "
+            "weight") in warned[0]
+    caplog.clear()
+    recipe.write_text("scheme: W4A16\ntargets: ['re:.*querry$']\n")
+    with caplog.at_level(logging.WARNING, logger="flows.pipeline"):
+        assert main(["plan", minilm, "--recipe", str(recipe)]) == 0
+    assert ["the recipe's targets ['re:.*querry$'] match no 2-D weight" in r.getMessage()
+            for r in caplog.records] == [True]
+
+
 def test_compile_kernels_fills_the_kernel_cache_that_workers_use(tmp_path) -> None:
     # A fresh process and an empty cache: the compile really happens and lands in the directory
     # named by XDG_CACHE_HOME (what ~/.cache is to a user), which later processes then reuse.

@@ -196,3 +196,14 @@ def test_a_config_json_planning_cannot_use_is_one_line_before_converting(cli_env
         assert len(lines) == 1 and lines[0].startswith("quantfleet: error:"), f"{case}:\n{result.stderr}"
         assert f"{source}/{expected}" in lines[0], f"{case}:\n{result.stderr}"
         assert not dest.exists(), case
+
+
+def test_a_recipe_that_is_not_yaml_is_one_line_in_the_default_mode(cli_env, minilm, tmp_path) -> None:
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("scheme: W4A16\n  gates: : :\n")  # PyYAML's own message spans four lines
+    result = run_cli("convert", minilm, str(tmp_path / "out"), "--recipe", str(recipe), env=cli_env)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert lines == [f"quantfleet: error: {recipe}: not valid YAML: mapping values are not allowed here "
+                     "(line 2, column 8)"], result.stderr
+    assert not (tmp_path / "out").exists()
