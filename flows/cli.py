@@ -641,11 +641,16 @@ def _cmd_sync(args: argparse.Namespace) -> int:
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
     from flows.destination import check_destination
-    from flows.schedule import deploy_sync, serve_sync, sync_parameters
+    from flows.schedule import deploy_sync, schedule_arguments, serve_sync, sync_parameters
     from flows.sync import load_recipe
 
     for spec in args.recipes:
         load_recipe(spec)
+    when = {"cron": args.cron, "interval": args.interval}
+    try:
+        schedule_arguments(**when)  # a bad schedule is the user's to fix, server or not
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
     # Every run would refuse an overlap; what the destination holds is checked by each run, with the
     # credentials of the machine that runs it (a work pool's workers may not be this one).
     check_destination(args.source, args.dest, source_kind="tree", contents=False)
@@ -658,7 +663,6 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
                 "PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
     params = sync_parameters(args.source, args.dest, args.recipes, max_parallel=args.max_parallel,
                              shard_size=args.shard_size, ray_address=args.ray_address)
-    when = {"cron": args.cron, "interval": args.interval}
     try:
         if args.pool:
             deployment_id = deploy_sync(args.name, params, args.pool, work_queue=args.work_queue, **when)

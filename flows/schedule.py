@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-__all__ = ["ENTRYPOINT", "REPO_ROOT", "sync_parameters", "sync_deployment", "serve_sync", "deploy_sync"]
+__all__ = ["ENTRYPOINT", "REPO_ROOT", "sync_parameters", "sync_deployment", "serve_sync", "deploy_sync",
+           "schedule_arguments"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = "flows/sync.py:sync_flow"
@@ -44,7 +45,9 @@ def sync_parameters(
     return params
 
 
-def _schedule(cron: str | None, interval: float | None) -> dict[str, Any]:
+def schedule_arguments(cron: str | None, interval: float | None) -> dict[str, Any]:
+    """The deployment's schedule from a cron expression or an interval in seconds (exactly one);
+    ValueError, in one line, for a bad one."""
     if (cron is None) == (interval is None):
         raise ValueError("give exactly one of a cron expression and an interval")
     if cron is not None:
@@ -77,7 +80,7 @@ def sync_deployment(
     return sync_flow.to_deployment(
         name=name, parameters=parameters, concurrency_limit=_limit(),
         description="quantfleet sync: convert and publish new checkpoints", tags=["quantfleet"],
-        **_schedule(cron, interval),
+        **schedule_arguments(cron, interval),
     )
 
 
@@ -107,6 +110,6 @@ def deploy_sync(
         name=name, work_pool_name=pool, work_queue_name=work_queue, parameters=parameters,
         concurrency_limit=_limit(), build=False, push=False, print_next_steps=False,
         description="quantfleet sync: convert and publish new checkpoints", tags=["quantfleet"],
-        **_schedule(cron, interval),
+        **schedule_arguments(cron, interval),
     )
     return deployment_id

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from flows.cli import main
 from flows.versions import read_latest, verify_uri
 from infra.publish import is_published
 from infra.storage import open_storage
@@ -220,3 +221,20 @@ def test_schedule_with_pool_registers_a_deployment(
     assert [s.schedule.cron for s in deployment.schedules] == ["0 1 * * *"]  # type: ignore[union-attr]
     assert deployment.global_concurrency_limit is not None
     assert deployment.global_concurrency_limit.limit == 1
+
+
+@pytest.mark.parametrize(
+    ("when", "message"),
+    [(["--cron", "bogus"], "invalid cron expression 'bogus' (expected 5 fields, e.g. \"0 1 * * *\")"),
+     (["--interval", "0"], "the interval must be positive, got 0 s")],
+)
+def test_a_bad_schedule_is_named_before_the_server_is_asked_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, when: list[str],
+    message: str,
+) -> None:
+    # Without a server the user was told to start one, and only then that the schedule was wrong.
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    code = main(["schedule", *when, "--source", str(tmp_path / "drop"), "--dest", str(tmp_path / "out"),
+                 "--recipe", "W4A16"])
+    assert code == 2
+    assert capsys.readouterr().err == f"quantfleet: error: {message}\n"
