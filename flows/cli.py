@@ -702,7 +702,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from flows.destination import DestinationRefused
-    from flows.execute import ConversionFailed
+    from flows.execute import ClusterError, ConversionFailed
     from flows.gates import QualityGateFailed
     from flows.pipeline import SourceError
     from flows.prefect_server import PrefectServerError
@@ -712,8 +712,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from workers.errors import ConversionError
 
     errors: tuple[type[BaseException], ...] = (
-        InfraError, QuantizationError, ConversionError, ConversionFailed, RecipeError, SourceError,
-        QualityGateFailed, DestinationRefused, argparse.ArgumentTypeError, PrefectServerError,
+        InfraError, QuantizationError, ConversionError, ConversionFailed, ClusterError, RecipeError,
+        SourceError, QualityGateFailed, DestinationRefused, argparse.ArgumentTypeError, PrefectServerError,
     )
     try:  # boto3 is only needed for s3:// URIs (a GPU node's image may lack it)
         from botocore.exceptions import BotoCoreError

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -20,8 +21,9 @@ from workers.records import UnitContext, UnitResult
 from workers.units import WorkUnit
 
 __all__ = [
-    "ClusterInfo", "ConversionFailed", "start_ray", "run_units", "run_evaluation", "unit_concurrency",
-    "warm_workers", "unit_threads", "TaskSize", "task_size", "memory_request", "warn_oversized_units",
+    "ClusterError", "ClusterInfo", "ConversionFailed", "check_device", "start_ray", "run_units",
+    "run_evaluation", "unit_concurrency", "warm_workers", "unit_threads", "TaskSize", "task_size",
+    "memory_request", "warn_oversized_units",
 ]
 
 _log = logging.getLogger(__name__)
@@ -61,6 +63,40 @@ class ClusterInfo(BaseModel):
     node_memory: float = 0.0  # the same on the node that has the most (0: unknown)
 
 
+class ClusterError(Exception):
+    """The Ray cluster cannot be reached, or cannot run the conversion as asked; nothing was done."""
+
+
+# How long a cluster's address may take to accept a connection before it is called unreachable.
+_CONNECT_TIMEOUT_S = 10.0
+
+
+def _check_reachable(target: str) -> None:
+    """Refuse, in one line and within seconds, an address nothing answers at: ray.init() retries
+    for minutes, printing Ray's own warnings, before it gives up."""
+    host, sep, port = target.removeprefix("ray://").rpartition(":")
+    if target in ("local", "auto") or not sep or not port.isdigit():
+        return  # Ray's own forms; anything else Ray reports itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        why = error.strerror or str(error) or type(error).__name__
+        raise ClusterError(
+            f"cannot reach the Ray cluster at {target} ({why}): check --ray-address or RAY_ADDRESS, "
+            "or leave both unset to start a local Ray"
+        ) from error
+
+
+def check_device(device: str, cluster: ClusterInfo) -> None:
+    """Refuse `--device cuda` on a cluster without a GPU (each unit failed on its worker)."""
+    if device == "cuda" and cluster.gpus <= 0:
+        raise ClusterError(
+            f"--device cuda: the Ray cluster at {cluster.address} has no GPU ({cluster.nodes} node(s), "
+            f"{cluster.cpus:g} CPUs); use --device auto (its GPUs where it has them, else the CPUs) "
+            "or --device cpu"
+        )
+
+
 def start_ray(address: str | None = None) -> ClusterInfo:
     """Connect to `address` (or RAY_ADDRESS); with neither, start a local Ray (the default)."""
     import ray
@@ -69,6 +105,7 @@ def start_ray(address: str | None = None) -> ClusterInfo:
         # "local" starts a new Ray: without it, ray.init() joins whatever cluster `ray start` last
         # started on this machine, which is not what the CLI promises.
         target = address or os.environ.get("RAY_ADDRESS") or "local"
+        _check_reachable(target)
         ray.init(
             address=target,
             include_dashboard=False,
@@ -168,7 +205,8 @@ def warm_workers(
     variants: Sequence[tuple[bool, ...]] = (),
 ) -> list[Any]:
     """Send one warm-up task per worker slot, sized as `run_units` sizes the units' tasks, and
-    return at once (the refs: nobody needs to wait on them).
+    return at once (the refs: nobody needs to wait on them). `--device cuda` on a cluster without
+    a GPU is refused here, before any task (ClusterError).
 
     The CLI calls this right after planning, before Prefect's temporary server is up: the
     workers' imports and kernel compiles (`workers.warmup`) then overlap with that wait instead of
@@ -176,6 +214,7 @@ def warm_workers(
     """
     from workers.ray_task import warm_up_remote
 
+    check_device(device, cluster)
     size = task_size(cluster, unit_memory, units)
     return [
         warm_up_remote.options(  # type: ignore[call-arg]
@@ -266,6 +305,7 @@ def run_units(
 
     from workers.ray_task import convert_unit_remote
 
+    check_device(context.device, cluster)
     size = task_size(cluster, max((u.memory_bytes for u in units), default=0), len(units))
     # Twice the slots: the next unit is queued on a worker before the previous one finishes.
     limit = max_in_flight or max(2, size.slots * 2)

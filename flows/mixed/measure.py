@@ -10,7 +10,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from flows.execute import ClusterInfo, ConversionFailed, memory_request, task_size, warn_oversized_units
+from flows.execute import (
+    ClusterInfo,
+    ConversionFailed,
+    check_device,
+    memory_request,
+    task_size,
+    warn_oversized_units,
+)
 from flows.progress import printing_above_bars
 from workers.measure_unit import MeasureContext, TensorMeasure
 from workers.units import WorkUnit
@@ -32,6 +39,7 @@ def measure_units(
 
     from workers.ray_task import measure_unit_remote
 
+    check_device(context.device, cluster)
     work = [u for u in units if any(j.scheme is not None and not j.passthrough for j in u.jobs)]
     # As conversion sizes its tasks: a plan of fewer units than cores measures on all of them.
     size = task_size(cluster, max((u.memory_bytes for u in work), default=0), len(work))

@@ -11,6 +11,7 @@ import asyncio
 import json
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -207,3 +208,34 @@ def test_a_recipe_that_is_not_yaml_is_one_line_in_the_default_mode(cli_env, mini
     assert lines == [f"quantfleet: error: {recipe}: not valid YAML: mapping values are not allowed here "
                      "(line 2, column 8)"], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_ray_address_nothing_answers_at_is_one_line_at_once(cli_env, minilm, tmp_path) -> None:
+    # ray.init() retried for minutes, printing Ray's warnings, before it gave up.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]  # free again once closed: nothing listens there
+    for mode in ([], ["--no-prefect"]):
+        result = run_cli("convert", minilm, str(tmp_path / "out"), "--ray-address", f"127.0.0.1:{closed}",
+                         *mode, env=cli_env)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2, result.stderr
+        assert lines == [f"quantfleet: error: cannot reach the Ray cluster at 127.0.0.1:{closed} "
+                         "(Connection refused): check --ray-address or RAY_ADDRESS, or leave both unset "
+                         "to start a local Ray"], result.stderr
+        assert not (tmp_path / "out").exists()
+
+
+def test_device_cuda_on_a_cluster_without_a_gpu_is_one_line(cli_env, minilm, tmp_path) -> None:
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        pytest.skip("the test session's Ray has a GPU here: --device cuda is valid on it")
+    # Every unit failed on its worker with "torch.cuda.Stream requires CUDA support".
+    result = run_cli("convert", minilm, str(tmp_path / "out"), "--device", "cuda", env=cli_env)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("quantfleet: error: --device cuda: the Ray cluster at "), \
+        result.stderr
+    assert "has no GPU" in lines[0] and "use --device auto" in lines[0], result.stderr
+    assert not (tmp_path / "out" / "_QUANTFLEET_PUBLISHED.json").exists()
