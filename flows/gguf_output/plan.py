@@ -78,8 +78,10 @@ def build_gguf_plan(
 ) -> Plan:
     if config is None:
         raise CheckpointError(f"{catalog.uri}: no config.json; GGUF output needs the model's architecture")
-    check_config(config, f"{catalog.uri.rstrip('/')}/config.json")
+    # The architecture first: a model llama.cpp has no graph for is refused for that, not for a
+    # hyper-parameter its family happens to lack (BERT's rms_norm_eps).
     family = family_for(config, f"{catalog.uri.rstrip('/')}/config.json")
+    check_config(config, f"{catalog.uri.rstrip('/')}/config.json")
     # The first split carries the tokenizer: a missing or unsupported one is refused here, not by
     # the worker writing that split while the other units convert on (hours on a large model).
     vocab_size = config["vocab_size"]

@@ -112,8 +112,10 @@ def _check_qwen3_moe(config: dict[str, Any], name: str, source: str) -> None:
             f"{source}: {name} with norm_topk_prob false cannot be written as GGUF; llama.cpp's "
             "qwen3moe always normalises the top-k expert weights"
         )
-    dense = list(config.get("mlp_only_layers") or [])
-    step = int(config.get("decoder_sparse_step") or 1)
+    dense, step = config.get("mlp_only_layers") or [], config.get("decoder_sparse_step") or 1
+    if not isinstance(dense, list) or not _is_int(step):
+        raise CheckpointError(f"{source}: 'mlp_only_layers' must be a list and 'decoder_sparse_step' an "
+                              f"integer, not {dense!r} and {step!r}")
     if dense or step != 1:
         raise UnsupportedArchitectureError(
             f"{source}: {name} with dense layers (mlp_only_layers {dense}, decoder_sparse_step {step}) "

@@ -96,3 +96,11 @@ def test_pre_tokenizer_names() -> None:
     assert pre_tokenizer_name({"pre_tokenizer": {"type": "Metaspace"}}) is None
 
 
+
+
+def test_an_architecture_llama_cpp_cannot_run_is_refused_for_that_first() -> None:
+    # MiniLM (BertModel) also lacks rms_norm_eps; the architecture is the reason to give.
+    from flows.cli import bundled_model_path
+
+    with pytest.raises(CheckpointError, match="architecture BertModel cannot be written as GGUF"):
+        plan_conversion(bundled_model_path(), Recipe.preset("Q8_0", format="gguf"))
