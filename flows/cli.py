@@ -513,7 +513,7 @@ def _convert_with(server, source: str, dest: str, recipe, args: argparse.Namespa
     print(summary.report)
     print(f"Published: {summary.dest_uri}")
     print(f"Size: {format_size(summary.bytes_in)} -> {format_size(summary.bytes_out)} "
-          f"({summary.bytes_in / max(summary.bytes_out, 1):.2f}x smaller); "
+          f"({_size_change(summary.bytes_in, summary.bytes_out)}); "
           f"{summary.units} units, {summary.reused_units} reused from an earlier run")
     if summary.gguf_bytes_out:
         print(f"GGUF: {summary.dest_uri}/gguf/ ({format_size(summary.gguf_bytes_out)}), in the same version")
@@ -521,6 +521,15 @@ def _convert_with(server, source: str, dest: str, recipe, args: argparse.Namespa
     print(f"Time: {wall:.1f} s in all: {summary.seconds:.1f} s converting and publishing, "
           f"{wall - summary.seconds:.1f} s of fixed start-up (Prefect, Ray, planning)")
     return 0
+
+
+def _size_change(before: int, after: int) -> str:
+    """`2.95x smaller`, or `1.35x larger` (FP8 of an int4 source, a pass-through's headers)."""
+    if after == before:
+        return "the same size"
+    if after > before:
+        return f"{after / max(before, 1):.2f}x larger"
+    return f"{before / max(after, 1):.2f}x smaller"
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:

@@ -250,3 +250,12 @@ def test_local_conversion_without_prefect_or_boto3(minilm, tmp_path) -> None:
     probe = subprocess.run([sys.executable, "-c", "from infra.storage import S3Storage"], text=True,
                            capture_output=True, env={**os.environ, **env})
     assert "boto3 is not installed" in probe.stderr
+
+
+def test_the_size_line_says_larger_when_the_result_is_larger() -> None:
+    from flows.cli import _size_change
+
+    # FP8 of an int4 source grows: "0.74x smaller" said it backwards.
+    assert _size_change(1_600, 2_160) == "1.35x larger"
+    assert _size_change(4_400, 1_500) == "2.93x smaller"
+    assert _size_change(0, 0) == _size_change(7, 7) == "the same size"
