@@ -84,23 +84,20 @@ def _below_gates(
 
 
 def check_reused_gates(
-    done: UnitResult, unit: WorkUnit, below: Callable[[TensorJob, TensorRecord], str | None]
+    done: UnitResult, unit: WorkUnit, below: Callable[[TensorJob, float, float, float | None], str | None]
 ) -> UnitResult:
     """A staged unit passes the gates this run has, not only those it was converted under (the
-    staging id leaves the per-tensor gates out, so a tightened gate must be checked here)."""
+    staging id leaves the per-tensor gates out, so a tightened gate must be checked here).
+    `below(job, sqnr_db, cosine, output_error)` is the unit kind's gate check."""
     jobs = {job.name: job for job in unit.jobs}
     for record in done.tensors:
         job = jobs.get(record.name)
-        why = None if job is None or record.scheme is None else below(job, record)
+        if job is None or record.scheme is None or record.sqnr_db is None or record.cosine is None:
+            continue  # kept, or carried over as the source stored it: no figures to gate
+        why = below(job, record.sqnr_db, record.cosine, record.output_error)
         if why is not None:
             raise UnitFailed(f"unit {unit.index} ({unit.file_name}): {why} (as staged by an earlier run)")
     return done
-
-
-def _recorded_below_gates(job: TensorJob, record: TensorRecord, ctx: UnitContext) -> str | None:
-    if record.sqnr_db is None or record.cosine is None:
-        return None
-    return _below_gates(job, ctx, record.sqnr_db, record.cosine, record.output_error)
 
 
 def _finished(staging: Storage, unit: WorkUnit) -> UnitResult | None:
@@ -236,7 +233,8 @@ def convert_unit(unit: WorkUnit, ctx: UnitContext, node: str = "local") -> UnitR
     staging = open_storage(ctx.staging_uri)
     done = _finished(staging, unit)
     if done is not None:
-        return check_reused_gates(done, unit, lambda job, record: _recorded_below_gates(job, record, ctx))
+        return check_reused_gates(done, unit, lambda job, sqnr, cosine, output_error: _below_gates(
+            job, ctx, sqnr, cosine, output_error))
     source = open_storage(ctx.source_uri)
     device = _device(ctx.device)
     specs = [

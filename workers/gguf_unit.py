@@ -116,12 +116,6 @@ def _below_gate(job: TensorJob, ctx: UnitContext, sqnr_db: float, cosine: float)
             f"{cosine:.4f}, below the gate (SQNR >= {gate:g} dB, cosine >= {ctx.min_cosine:g})")
 
 
-def _recorded_below_gate(job: TensorJob, record: TensorRecord, ctx: UnitContext) -> str | None:
-    if record.sqnr_db is None or record.cosine is None:
-        return None
-    return _below_gate(job, ctx, record.sqnr_db, record.cosine)
-
-
 def _convert_job(
     job: TensorJob, reader: TensorReader, ctx: UnitContext, device: torch.device, fd: int, offset: int
 ) -> TensorRecord:
@@ -173,7 +167,8 @@ def convert_gguf_unit(unit: WorkUnit, ctx: UnitContext, node: str = "local") -> 
     staging = open_storage(ctx.staging_uri)
     done = _finished(staging, unit)
     if done is not None:
-        return check_reused_gates(done, unit, lambda job, record: _recorded_below_gate(job, record, ctx))
+        return check_reused_gates(
+            done, unit, lambda job, sqnr, cosine, _: _below_gate(job, ctx, sqnr, cosine))
     source = open_storage(ctx.source_uri)
     device = _device(ctx.device)
     header, offsets, size = _header(unit, ctx, source)
