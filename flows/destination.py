@@ -13,7 +13,9 @@ refuses, in one line and having written nothing:
   destination inside one is allowed. Local paths are compared after resolving symlinks and
   `..` (and by device and inode, which also catches bind mounts); S3 URIs by bucket and
   '/'-separated prefix segments.
-- a destination holding files quantfleet did not write, named (a few) and counted.
+- a destination holding files quantfleet did not write, named (a few) and counted;
+- a local destination this user cannot create files in (a read-only filesystem, no write
+  permission, a file where a folder of its path should be): every unit met it at its first write.
 
 What quantfleet writes, and so accepts in a destination, at any depth (a `convert` or `demo`
 destination is one version, `sweep` writes `OUT/<SCHEME>/` versions beside its `sweep.*` files,
@@ -266,6 +268,23 @@ def open_without_creating(uri: str | StorageURI) -> Storage:
     return open_storage(str(parsed))
 
 
+def _unwritable(path: str) -> str | None:
+    """Why this user cannot create files at the local `path` (or, before it exists, in its nearest
+    existing folder), or None: found now, not by every unit's first write after start-up."""
+    folder = Path(path)
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    if os.access(folder, os.W_OK | os.X_OK):
+        return None
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return f"{folder} is on a read-only filesystem" if read_only else f"this user may not write in {folder}"
+
+
 def check_destination(
     source_uri: str, dest_uri: str, *, source_kind: SourceKind = "checkpoint", contents: bool = True
 ) -> None:
@@ -290,6 +309,9 @@ def check_destination(
         return
     if dest.scheme == "file" and os.path.lexists(dest.path) and not os.path.isdir(dest.path):
         raise DestinationRefused(f"{dest}: is a file, not a folder: choose a folder to publish into")
+    unwritable = _unwritable(dest.path) if dest.scheme == "file" else None
+    if unwritable is not None:
+        raise DestinationRefused(f"{dest}: cannot publish there: {unwritable}; choose another destination")
     foreign = foreign_files(open_without_creating(dest))
     if foreign:
         shown = ", ".join(foreign[:_SHOWN]) + (f" and {len(foreign) - _SHOWN} more" if len(foreign) > _SHOWN

@@ -23,7 +23,7 @@ from workers.units import WorkUnit
 __all__ = [
     "ClusterError", "ClusterInfo", "ConversionFailed", "check_device", "start_ray", "run_units",
     "run_evaluation", "unit_concurrency", "warm_workers", "unit_threads", "TaskSize", "task_size",
-    "memory_request", "warn_oversized_units",
+    "memory_request", "warn_oversized_units", "unit_failure_line",
 ]
 
 _log = logging.getLogger(__name__)
@@ -292,6 +292,13 @@ def _describe(error: BaseException) -> str:
     return str(_cause(error)).strip().splitlines()[-1]
 
 
+def unit_failure_line(unit: WorkUnit, message: str) -> str:
+    """A failure's line names its unit (a worker's own errors do; an OSError's message does not)."""
+    if message.startswith(f"unit {unit.index} "):
+        return message
+    return f"unit {unit.index} ({unit.file_name}): {message}"
+
+
 def run_units(
     units: Sequence[WorkUnit],
     context: UnitContext,
@@ -334,7 +341,7 @@ def run_units(
             try:
                 result = ray.get(ref)
             except Exception as error:  # noqa: BLE001 - every failure is collected and reported
-                failures.append((unit, _describe(error)))
+                failures.append((unit, unit_failure_line(unit, _describe(error))))
                 # The failure is listed again at the end (ConversionFailed); -v shows it as it happens.
                 _log.info("unit %d failed: %s", unit.index, _describe(error))
                 if isinstance(_cause(error), OutOfSpace):

@@ -16,6 +16,7 @@ from flows.execute import (
     check_device,
     memory_request,
     task_size,
+    unit_failure_line,
     warn_oversized_units,
 )
 from flows.progress import printing_above_bars
@@ -66,7 +67,7 @@ def measure_units(
                 try:
                     records = ray.get(ref)
                 except Exception as error:  # noqa: BLE001 - every failure is collected and reported
-                    failures.append((unit, _describe(error)))
+                    failures.append((unit, unit_failure_line(unit, _describe(error))))
                     continue
                 errors.update({r.name: r for r in records})
     if failures:

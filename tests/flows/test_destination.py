@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -184,6 +185,55 @@ def test_convert_refuses_a_destination_holding_other_files(
 
     untouched([tree, home], run)
     assert "delete" not in err
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path) -> Iterator[Path]:
+    """A read-only tmpfs mounted at a fresh folder (unmounted after the test): writes there fail
+    with EROFS, for root too (as CI runs), where permission bits would not stop it."""
+    mount = tmp_path / "read-only"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=256m", "tmpfs", str(mount)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"a read-only filesystem needs a mount, and mounting a tmpfs failed here: "
+                    f"{(done.stderr or done.stdout).strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_destination_that_cannot_be_written_is_refused_before_any_work(
+    capsys, checkpoint: Path, tmp_path: Path, read_only_folder: Path, mode: list[str]
+) -> None:
+    # Every unit failed at its first write, after Ray's start-up, each with the same bare
+    # "[Errno 30] Read-only file system" line (thousands of lines on a large model).
+    refused(capsys, ["convert", str(checkpoint), str(read_only_folder / "out"), "--scheme", "W8A16", *mode],
+            f"file://{read_only_folder}/out: cannot publish there: {read_only_folder} is on a read-only "
+            "filesystem; choose another destination")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    refused(capsys, ["convert", str(checkpoint), str(a_file / "out"), "--scheme", "W8A16", *mode],
+            f"cannot publish there: {a_file} is a file, not a folder")
+    assert a_file.read_text() == "mine"
+
+
+def test_a_unit_failure_without_a_unit_in_its_message_is_named(
+    local_ray: None, checkpoint: Path, read_only_folder: Path
+) -> None:
+    # Past the check (the flows' steps called directly): an OSError's own text names no unit.
+    from flows.execute import ConversionFailed
+    from flows.pipeline import convert_units, plan_conversion
+
+    plan = plan_conversion(str(checkpoint), Recipe.preset("W8A16"), shard_size=20_000_000)
+    with pytest.raises(ConversionFailed) as failed:
+        convert_units(plan, str(read_only_folder / "out"), device="cpu")
+    lines = str(failed.value).splitlines()[1:]
+    assert [line.split(":")[0] for line in lines] == [
+        f"  - unit {u.index} ({u.file_name})" for u in plan.units], lines
+    assert all("Read-only file system" in line for line in lines), lines
 
 
 def test_the_issue_example_is_refused_before_any_work(capsys, checkpoint: Path, tree: Path) -> None:
