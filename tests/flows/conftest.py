@@ -7,7 +7,9 @@ worker processes (children of this process) reach the same loopback server.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -96,6 +98,21 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model("qwen", tmp_path_factory.mktemp("qwen"))
+
+
+@contextmanager
+def mounted_tmpfs(mount: Path, options: str, why: str) -> Iterator[Path]:
+    """A tmpfs mounted at the fresh folder `mount` with `options` (unmounted afterwards); the test
+    is skipped, saying `why` it needs one, where mounting is not allowed (it needs root)."""
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"{why}, and mounting a tmpfs failed here: {(done.stderr or done.stdout).strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def upload_dir(local: Path, storage: Storage) -> None:

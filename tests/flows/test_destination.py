@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from flows.destination import DestinationRefused, check_destination, foreign_fil
 from flows.recipe import Recipe
 from infra.publish import Publisher
 from infra.storage import Storage, open_storage, parse_uri
-from tests.flows.conftest import upload_dir
+from tests.flows.conftest import mounted_tmpfs, upload_dir
 from tests.s3_server import MotoS3
 
 PLAN_ID = "0123456789abcdef"  # staging areas are named by plan ids: 16 hex digits
@@ -191,17 +190,8 @@ def test_convert_refuses_a_destination_holding_other_files(
 def read_only_folder(tmp_path: Path) -> Iterator[Path]:
     """A read-only tmpfs mounted at a fresh folder (unmounted after the test): writes there fail
     with EROFS, for root too (as CI runs), where permission bits would not stop it."""
-    mount = tmp_path / "read-only"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=256m", "tmpfs", str(mount)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"a read-only filesystem needs a mount, and mounting a tmpfs failed here: "
-                    f"{(done.stderr or done.stdout).strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "read-only", "ro,size=256m", "a read-only filesystem needs one") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.mark.parametrize("mode", MODES)

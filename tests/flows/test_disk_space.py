@@ -11,7 +11,6 @@ is skipped, saying so, where mounting is not allowed).
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from flows.pipeline import (
 from flows.recipe import Recipe
 from infra.publish import is_published
 from infra.storage import open_storage
+from tests.flows.conftest import mounted_tmpfs
 from tests.flows.test_destination import MODES, refused
 from tests.s3_server import MotoS3
 from workers.convert_unit import convert_unit, unit_record_key
@@ -85,17 +85,8 @@ def test_what_is_left_to_write_leaves_out_the_units_an_interrupted_run_finished(
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 32 MiB tmpfs mounted at a fresh folder (unmounted after the test)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"a full disk needs a small filesystem, and mounting a tmpfs failed here: "
-                    f"{(done.stderr or done.stdout).strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "size=32m", "a full disk needs a small filesystem") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_disk_that_fills_during_the_run_stops_it_and_the_rerun_resumes(
