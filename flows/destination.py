@@ -44,7 +44,7 @@ from pydantic import ValidationError
 from infra.errors import ObjectNotFound
 from infra.publish import DEFAULT_MARKER
 from infra.storage import LocalStorage, Storage, StorageURI, open_storage, parse_uri
-from infra.storage.local import TEMP_PREFIX
+from infra.storage.local import TEMP_PREFIX, nearest_existing
 
 __all__ = ["DestinationRefused", "SourceKind", "check_destination", "foreign_files", "overlap"]
 
@@ -271,9 +271,7 @@ def open_without_creating(uri: str | StorageURI) -> Storage:
 def _unwritable(path: str) -> str | None:
     """Why this user cannot create files at the local `path` (or, before it exists, in its nearest
     existing folder), or None: found now, not by every unit's first write after start-up."""
-    folder = Path(path)
-    while not os.path.lexists(folder) and folder != folder.parent:
-        folder = folder.parent
+    folder = nearest_existing(Path(path))
     if not folder.is_dir():
         return f"{folder} is a file, not a folder"
     if os.access(folder, os.W_OK | os.X_OK):

@@ -60,12 +60,12 @@ class Plan(BaseModel):
     # Each source shard file's (key, size, ETag or SHA-256) as planned: publishing checks that
     # they have not changed since (flows.source_check).
     source_files: tuple[tuple[str, int, str | None], ...] = Field(default=(), exclude_if=lambda v: not v)
-    # Where the units are staged at a destination (`identify_plan`); None: the plan id.
-    staging_id: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    # Where the units are staged at a destination (`identify_plan`).
+    staging_id: str
 
     def publisher(self, dest: Storage) -> Publisher:
         """This plan's staging and commit at `dest` (the destination's root)."""
-        return Publisher(dest, "", self.staging_id or self.plan_id)
+        return Publisher(dest, "", self.staging_id)
 
     def method_of(self, scheme_index: int) -> str:
         return self.methods[scheme_index] if self.methods else "rtn"

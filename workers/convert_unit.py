@@ -70,17 +70,17 @@ def _below_gates(
 ) -> str | None:
     """Why a quantized tensor's figures fail the recipe's per-tensor gates, or None."""
     assert job.scheme is not None
-    scheme = ctx.schemes[job.scheme]
-    where = f"{job.name} (in {job.file}): {scheme.name} ({scheme.describe()}) gives"
-    gate = ctx.min_sqnr_db[job.scheme]
+    gate, limit = ctx.min_sqnr_db[job.scheme], ctx.max_output_error
     if not (sqnr_db >= gate and cosine >= ctx.min_cosine):
-        return (f"{where} SQNR {sqnr_db:.1f} dB and cosine {cosine:.4f}, below the gate "
-                f"(SQNR >= {gate:g} dB, cosine >= {ctx.min_cosine:g})")
-    limit = ctx.max_output_error
-    if limit is not None and output_error is not None and not output_error <= limit:
-        return (f"{where} output error {output_error:.4f} on {ctx.probes} random probes, above the "
-                f"gate (output error <= {limit:g})")
-    return None
+        why = (f"SQNR {sqnr_db:.1f} dB and cosine {cosine:.4f}, below the gate "
+               f"(SQNR >= {gate:g} dB, cosine >= {ctx.min_cosine:g})")
+    elif limit is not None and output_error is not None and not output_error <= limit:
+        why = (f"output error {output_error:.4f} on {ctx.probes} random probes, above the "
+               f"gate (output error <= {limit:g})")
+    else:
+        return None  # every tensor passes through here: the message is built only for a failure
+    scheme = ctx.schemes[job.scheme]
+    return f"{job.name} (in {job.file}): {scheme.name} ({scheme.describe()}) gives {why}"
 
 
 def check_reused_gates(

@@ -31,7 +31,7 @@ from infra.storage.base import (
     check_prefix,
 )
 
-__all__ = ["TEMP_PREFIX", "LocalStorage"]
+__all__ = ["TEMP_PREFIX", "LocalStorage", "nearest_existing"]
 
 TEMP_PREFIX = ".qf-tmp-"
 _XATTR = "user.quantfleet.sha256"
@@ -43,6 +43,13 @@ def _raise_os_error(exc: OSError, uri: str, what: str) -> NoReturn:
     if isinstance(exc, PermissionError):
         raise AccessDenied(f"{uri}: permission denied ({what})") from exc
     raise StorageError(f"{uri}: {what} failed: {exc.strerror or exc}") from exc
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path`, or before it exists its nearest existing parent: where it would be created."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _get_sha256(path: Path, st: os.stat_result) -> str | None:
@@ -149,10 +156,7 @@ class LocalStorage(Storage):
         """What the filesystem holding the root (or, before it exists, its nearest existing
         parent) leaves this user: blocks reserved for root are not counted. None when the
         filesystem reports no size at all (some FUSE and network mounts), so nothing is known."""
-        folder = self.root
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
-        usage = shutil.disk_usage(folder)
+        usage = shutil.disk_usage(nearest_existing(self.root))
         return None if usage.total == 0 else usage.free
 
     def map_range(self, key: str, offset: int, length: int) -> memoryview | None:
