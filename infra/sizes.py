@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["format_size"]
+__all__ = ["format_size", "format_decimal_size"]
 
 
 def format_size(n: float) -> str:
@@ -14,3 +14,11 @@ def format_size(n: float) -> str:
         if abs(n) < 1024:
             return f"{n:.1f} {unit}"
     return f"{n / 1024:.1f} TiB"
+
+
+def format_decimal_size(n: int) -> str:
+    """`1 B`, `500 kB`, `53.52 MB` ... `1.2 TB`: sizes as users give them (`--target-size 120GB`)."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.4g} {unit}"
+    return f"{int(n)} B"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from infra.sizes import format_decimal_size
+
 __all__ = ["DEFAULT_CANDIDATES", "ASYM_CANDIDATE", "default_candidates", "parse_size", "describe_budget"]
 
 # (preset, group size) pairs tried per tensor when a recipe names no candidates. W4A16_ASYM g64
@@ -68,4 +70,5 @@ def describe_budget(target_bits: float | None, target_size: int | None) -> str:
     if target_bits is not None:
         return f"{target_bits:g} bits per quantized weight"
     assert target_size is not None
-    return f"{target_size / 1e9:.4g} GB in all ({target_size} bytes)"
+    return f"{format_decimal_size(target_size)} in all ({target_size} bytes)"
+

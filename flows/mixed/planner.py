@@ -40,6 +40,7 @@ from flows.partners import partner_key
 from flows.plan import Plan
 from flows.recipe import Recipe, RecipeError
 from infra.safetensors import DTYPE_SIZE
+from infra.sizes import format_decimal_size
 from quantizers import QuantScheme, resolve_scheme
 from workers.measure_unit import MeasureContext, TensorMeasure
 from workers.units import TensorJob, output_specs
@@ -76,11 +77,11 @@ def _budget_bits(recipe: Recipe, plan: Plan, targeted: list[TensorJob]) -> int:
 def _refuse(recipe: Recipe, budget: int, floor: int, elements: int) -> RecipeError:
     given = describe_budget(recipe.target_bits, recipe.target_size)
     if recipe.target_bits is not None:
-        need = f"{floor / elements:.4f} bits per quantized weight"
+        need = f"{floor / elements:.4f} bits per quantized weight (every tensor on its cheapest candidate)"
     else:
-        need = f"{math.ceil((recipe.target_size or 0) + (floor - budget) / 8)} bytes in all"
-    return RecipeError(f"budget of {given} is below the smallest the candidates can store: {need} "
-                       "(every tensor on its cheapest candidate)")
+        size = math.ceil((recipe.target_size or 0) + (floor - budget) / 8)
+        need = f"{format_decimal_size(size)} in all ({size} bytes, every tensor on its cheapest candidate)"
+    return RecipeError(f"budget of {given} is below the smallest the candidates can store: {need}")
 
 
 def plan_mixed(

@@ -9,6 +9,7 @@ measure pass redone from scratch) publishes the same bytes. A bad budget is one 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -158,5 +159,6 @@ def test_a_size_budget_below_what_the_kept_tensors_take_is_refused(tiny_llama, t
     argv = ["convert", str(tiny_llama), str(tmp_path / "out"), "--target-size", "1MB", "--no-prefect"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("quantfleet: error: budget of 0.001 GB in all (1000000 bytes) is below "
+    assert err[-1].startswith("quantfleet: error: budget of 1 MB in all (1000000 bytes) is below "
                               "the smallest the candidates can store: "), err
+    assert re.search(r"store: [0-9.]+ MB in all \([0-9]+ bytes, every tensor", err[-1]), err
