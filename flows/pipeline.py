@@ -28,7 +28,7 @@ from flows.source_check import check_source_unchanged, file_tags, with_source_fi
 from flows.sources import SourceError
 from infra.errors import AlreadyExists
 from infra.publish import Expected, is_published
-from infra.safetensors import build_catalog, read_model_config
+from infra.safetensors import INDEX_NAME, build_catalog, read_model_config
 from infra.storage import Storage, open_storage
 from workers.evaluation import Evaluation
 from workers.records import TensorRecord, UnitContext, UnitResult
@@ -107,6 +107,9 @@ def plan_conversion(
         _log.warning("%s has no config.json: the result carries no quantization_config, which vLLM "
                      "and transformers need to load it (add the model's config.json to the source)",
                      source.uri())
+    if catalog.unlisted_files:
+        names = ", ".join(key.rsplit("/", 1)[-1] for key in catalog.unlisted_files)
+        _log.warning("%s: %s not named in %s, so left out of the conversion", source.uri(), names, INDEX_NAME)
     if recipe.evaluates:
         why = "--evaluate" if recipe.evaluate.enabled else "the recipe's model-level gates"
         check_evaluation_inputs(source, catalog.side_files, recipe.evaluate.text, why=why)

@@ -60,6 +60,9 @@ class Catalog(BaseModel):
     tensors: dict[str, CatalogEntry]  # tensor name -> location
     side_files: tuple[str, ...]  # storage keys of config.json, tokenizer*, ... (top level)
     index_metadata: dict[str, Any] | None = None
+    # top-level *.safetensors files the index does not name (Mistral's consolidated.safetensors, a
+    # stray copy): never read, so planning can say they are left out
+    unlisted_files: tuple[str, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -194,8 +197,11 @@ def build_catalog(storage: Storage, prefix: str = "", *, max_workers: int = 8) -
         _raise_no_weights(storage, prefix, top)
     headers = _read_headers(storage, weights, max_workers)
     tensors = _collect_tensors(headers)
+    unlisted: tuple[str, ...] = ()
     if weight_map is not None:
         _check_against_index(storage, index_key, weight_map, tensors, prefix)
+        listed = {o.key for o in weights}
+        unlisted = tuple(o.key for o in top if o.key.endswith(".safetensors") and o.key not in listed)
     side = tuple(
         o.key
         for o in top
@@ -211,6 +217,7 @@ def build_catalog(storage: Storage, prefix: str = "", *, max_workers: int = 8) -
         tensors=tensors,
         side_files=side,
         index_metadata=index_meta,
+        unlisted_files=unlisted,
     )
 
 

@@ -70,6 +70,17 @@ def test_a_source_without_config_json_is_planned_with_a_warning(minilm, tmp_path
     assert not caplog.records
 
 
+def test_a_safetensors_file_the_index_does_not_name_is_left_out_with_a_warning(tiny_llama, tmp_path,
+                                                                                caplog) -> None:
+    source = tmp_path / "stray"
+    shutil.copytree(tiny_llama, source)
+    shutil.copy(next(source.glob("model-00001-*.safetensors")), source / "consolidated.safetensors")
+    with caplog.at_level(logging.WARNING, logger="flows.pipeline"):
+        assert main(["plan", str(source)]) == 0
+    line = f"{source}: consolidated.safetensors not named in model.safetensors.index.json"
+    assert any(line in r.getMessage() for r in caplog.records), caplog.text
+
+
 def test_missing_credentials_is_one_clear_line(s3) -> None:
     bucket = s3.create_bucket()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}

@@ -156,6 +156,7 @@ def test_catalog_from_index(storage: Storage) -> None:
         "ckpt/tokenizer_config.json",
     )
     assert cat.total_bytes == sum(x.numel() * x.element_size() for x in t.values())
+    assert cat.unlisted_files == ("ckpt/consolidated.safetensors",)  # never read: it is junk
     with TensorReader(storage) as r:
         e = cat.tensors["model.layers.0.mlp.weight_scale"]
         assert torch.equal(_bits(r.read(e.file, e.info)), _bits(t[e.info.name]))
