@@ -20,7 +20,8 @@ size: on a large model that alone can be the missing room. A commit removes it (
 Object storage has no such limit (`Storage.free_bytes` is None) and is not checked. Nor are the
 workers' scratch folders, where the shards of an S3 destination are assembled (one per running
 unit, on each node's own disk): a disk that fills there, or one that another process fills during
-the run, stops the run at the unit that met it (`workers.errors.OutOfSpace`).
+the run, stops the run at the unit that met it (`workers.errors.OutOfSpace`; a destination that
+turns read-only or stops accepting the credentials does the same, `DestinationUnwritable`).
 """
 
 from __future__ import annotations

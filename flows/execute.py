@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 from pydantic import BaseModel, ConfigDict
 
 from infra.sizes import format_size
-from workers.errors import OutOfSpace
+from workers.errors import DestinationFailed
 from workers.evaluation import Evaluation
 from workers.records import UnitContext, UnitResult
 from workers.units import WorkUnit
@@ -40,14 +40,14 @@ class ConversionFailed(Exception):
     """Some units failed for good; the message lists every failure."""
 
     def __init__(self, failures: list[tuple[WorkUnit, str]], not_started: int = 0,
-                 disk_full: bool = False) -> None:
+                 stopped_by: DestinationFailed | None = None) -> None:
         self.failures = failures
         self.not_started = not_started
         lines = [f"{len(failures)} unit(s) failed:"]
         lines += [f"  - {message}" for _, message in failures]
-        if disk_full:
-            lines.append(f"  - {not_started} more unit(s) not started: the disk is full. The units "
-                         "finished before stay staged: free some space and run the same command "
+        if stopped_by is not None:
+            lines.append(f"  - {not_started} more unit(s) not started: {stopped_by.reason}. The units "
+                         f"finished before stay staged: {stopped_by.remedy} and run the same command "
                          "again to resume")
         super().__init__("\n".join(lines))
 
@@ -324,7 +324,8 @@ def run_units(
     in_flight: dict[ray.ObjectRef, WorkUnit] = {}
     results: dict[int, UnitResult] = {}
     failures: list[tuple[WorkUnit, str]] = []
-    not_started, disk_full = 0, False
+    not_started = 0
+    stopped_by: DestinationFailed | None = None  # the failure that stopped the queue
     while pending or in_flight:
         while pending and len(in_flight) < limit:
             unit = pending.pop()
@@ -344,10 +345,11 @@ def run_units(
                 failures.append((unit, unit_failure_line(unit, _describe(error))))
                 # The failure is listed again at the end (ConversionFailed); -v shows it as it happens.
                 _log.info("unit %d failed: %s", unit.index, _describe(error))
-                if isinstance(_cause(error), OutOfSpace):
+                cause = _cause(error)
+                if isinstance(cause, DestinationFailed):
                     # Every unit still queued would be read and quantized only to fail the same
                     # way; those in flight finish (or fail) and stay staged for the re-run.
-                    disk_full = True
+                    stopped_by = stopped_by or cause
                     not_started += len(pending)
                     pending.clear()
                 continue
@@ -355,7 +357,7 @@ def run_units(
             if on_done is not None:
                 on_done(unit, result)
     if failures:
-        raise ConversionFailed(sorted(failures, key=lambda f: f[0].index), not_started, disk_full)
+        raise ConversionFailed(sorted(failures, key=lambda f: f[0].index), not_started, stopped_by)
     return [results[u.index] for u in units]
 
 

@@ -6,12 +6,18 @@ import errno
 import shutil
 from pathlib import Path
 
+from infra.errors import AccessDenied
 from infra.sizes import format_size
 
-__all__ = ["ConversionError", "OutOfSpace", "TensorQualityError", "UnitFailed", "out_of_space"]
+__all__ = [
+    "ConversionError", "DestinationFailed", "DestinationUnwritable", "OutOfSpace", "TensorQualityError",
+    "UnitFailed", "out_of_space", "unwritable_destination",
+]
 
 # A full disk, or this user's quota on it spent: no later unit can write there either.
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# A filesystem remounted read-only (ext4 does so on I/O errors), a permission taken away.
+_NO_WRITE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class ConversionError(Exception):
@@ -26,8 +32,25 @@ class UnitFailed(ConversionError):
     """A work unit could not be converted; wraps the cause with the unit and tensor named."""
 
 
-class OutOfSpace(UnitFailed):
-    """The disk a unit writes its shard to is full: the driver starts no further unit."""
+class DestinationFailed(UnitFailed):
+    """The destination takes no more writes: every unit after this one would fail the same way
+    (after reading and quantizing its tensors), so the driver starts no further unit. `reason`
+    and `remedy` finish the driver's line about the units it did not start."""
+
+    reason = "the destination cannot be written"
+    remedy = "make it writable"
+
+
+class OutOfSpace(DestinationFailed):
+    """The disk a unit writes its shard to is full."""
+
+    reason = "the disk is full"
+    remedy = "free some space"
+
+
+class DestinationUnwritable(DestinationFailed):
+    """The destination refuses writes: a read-only filesystem, a permission or credentials
+    withdrawn (an expired session token) while the run went on."""
 
 
 def out_of_space(
@@ -37,12 +60,7 @@ def out_of_space(
     `path` it wrote, with what that filesystem has left; None when no full disk is behind it.
     `in_temp_folder`: `path` is a scratch file in the worker's temp folder (a shard bound for
     object storage), which TMPDIR moves."""
-    chain: list[BaseException] = []
-    seen: BaseException | None = error
-    while seen is not None and seen not in chain:  # a chain can loop back on itself
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    seen = next((e for e in chain if isinstance(e, OSError) and e.errno in _NO_SPACE), None)
+    seen = next((e for e in _chain(error) if isinstance(e, OSError) and e.errno in _NO_SPACE), None)
     if seen is None:
         return None
     try:
@@ -53,3 +71,36 @@ def out_of_space(
     hint = ("; shards bound for object storage are assembled there, one per running unit: point "
             "TMPDIR at a larger disk on the workers") if in_temp_folder else ""
     return OutOfSpace(f"unit {unit}: {what} writing in {path.parent} ({free}){hint}")
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    seen: BaseException | None = error
+    while seen is not None and seen not in chain:  # a chain can loop back on itself
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return chain
+
+
+def _within(filename: object, folders: list[Path]) -> bool:
+    if not isinstance(filename, str | Path):
+        return False
+    path = Path(filename)
+    return any(path == folder or folder in path.parents for folder in folders)
+
+
+def unwritable_destination(
+    error: BaseException, unit: str, staging_uri: str, folders: list[Path]
+) -> DestinationUnwritable | None:
+    """`error` as a DestinationUnwritable naming `unit`, when what is behind it is a write refused
+    under the staging storage (`staging_uri`) or one of the local `folders` the unit writes in
+    (staging on local disk, the scratch folder); None for anything else, a source that cannot be
+    read included (other units may read theirs)."""
+    for cause in _chain(error):
+        if isinstance(cause, OSError) and cause.errno in _NO_WRITE and _within(cause.filename, folders):
+            return DestinationUnwritable(f"unit {unit}: {cause.strerror or cause} writing in "
+                                         f"{Path(cause.filename).parent}")
+        base = staging_uri.rstrip("/")
+        if isinstance(cause, AccessDenied) and str(cause).startswith((f"{base}/", f"{base}:")):
+            return DestinationUnwritable(f"unit {unit}: {cause}")
+    return None

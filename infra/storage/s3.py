@@ -76,8 +76,10 @@ _TRANSIENT_CODES = frozenset(
         "ConditionalRequestConflict",  # 409: a concurrent conditional write; retry decides
     }
 )
+# ExpiredToken and its kin are 400s: a session token (STS, SSO) that ran out during a long run.
 _DENIED_CODES = frozenset(
-    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled", "ExpiredToken",
+     "InvalidToken", "TokenRefreshRequired"}
 )
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
 

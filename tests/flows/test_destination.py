@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -210,20 +211,62 @@ def test_a_destination_that_cannot_be_written_is_refused_before_any_work(
     assert a_file.read_text() == "mine"
 
 
-def test_a_unit_failure_without_a_unit_in_its_message_is_named(
-    local_ray: None, checkpoint: Path, read_only_folder: Path
+def test_a_destination_that_turns_read_only_mid_run_stops_it_and_the_rerun_resumes(
+    local_ray: None, checkpoint: Path, tmp_path: Path
 ) -> None:
-    # Past the check (the flows' steps called directly): an OSError's own text names no unit.
+    # Past the up-front check (ext4 remounts itself read-only on I/O errors): every unit still
+    # queued failed the same way, each with a bare "[Errno 30] Read-only file system" line.
     from flows.execute import ConversionFailed
-    from flows.pipeline import convert_units, plan_conversion
+    from flows.pipeline import convert_units, finalize_and_publish, plan_conversion
 
     plan = plan_conversion(str(checkpoint), Recipe.preset("W8A16"), shard_size=20_000_000)
-    with pytest.raises(ConversionFailed) as failed:
-        convert_units(plan, str(read_only_folder / "out"), device="cpu")
-    lines = str(failed.value).splitlines()[1:]
-    assert [line.split(":")[0] for line in lines] == [
-        f"  - unit {u.index} ({u.file_name})" for u in plan.units], lines
-    assert all("Read-only file system" in line for line in lines), lines
+    assert len(plan.units) >= 3
+    with mounted_tmpfs(tmp_path / "disk", "size=256m", "a filesystem to remount read-only needs one") as disk:
+        dest = str(disk / "out")
+
+        def read_only_after_the_first(unit, result) -> None:  # noqa: ANN001
+            if unit.index == 0:
+                subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+
+        # One unit in flight at a time, so the next one is sent after the remount.
+        with pytest.raises(ConversionFailed) as failed:
+            convert_units(plan, dest, device="cpu", max_in_flight=1, on_done=read_only_after_the_first)
+        assert str(failed.value).splitlines() == [
+            "1 unit(s) failed:",
+            f"  - unit 1 ({plan.units[1].file_name}): Read-only file system writing in "
+            f"{disk}/out/.staging/{plan.staging_id}",
+            f"  - {len(plan.units) - 2} more unit(s) not started: the destination cannot be written. The "
+            "units finished before stay staged: make it writable and run the same command again to resume",
+        ]
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        results = convert_units(plan, dest, device="cpu")
+        assert [r.reused for r in results] == [True] + [False] * (len(plan.units) - 1)
+        finalize_and_publish(plan, dest, results, device="cpu")
+        assert (disk / "out" / "_QUANTFLEET_PUBLISHED.json").exists()
+
+
+def test_an_s3_destination_whose_token_expires_mid_run_fails_the_unit_as_unwritable(
+    checkpoint: Path, s3: MotoS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A session token (STS, SSO) runs out hours into a large conversion: S3 answers 400
+    # ExpiredToken to every write. The unit says so in a way that stops the run (DestinationFailed).
+    from flows.pipeline import plan_conversion, unit_context
+    from tests.infra.fault_proxy import FaultProxy
+    from workers.convert_unit import convert_unit
+    from workers.errors import DestinationUnwritable
+
+    plan = plan_conversion(str(checkpoint), Recipe.preset("W8A16"), shard_size=20_000_000)
+    dest = f"s3://{s3.create_bucket()}/out"
+    with FaultProxy(s3.host, s3.port) as proxy:
+        monkeypatch.setenv("QUANTFLEET_S3_ENDPOINT_URL", proxy.endpoint_url)
+        context = unit_context(plan, open_storage(dest), "cpu")
+        proxy.add("expired", method="PUT|POST", times=1000)
+        unit = plan.units[0]
+        with pytest.raises(DestinationUnwritable) as failed:
+            convert_unit(unit, context)
+    assert str(failed.value).startswith(
+        f"unit 0 ({unit.file_name}): {context.staging_uri}/{unit.file_name}: access denied ("), failed.value
+    assert str(failed.value).endswith("ExpiredToken: The provided token has expired.")
 
 
 def test_the_issue_example_is_refused_before_any_work(capsys, checkpoint: Path, tree: Path) -> None:

@@ -4,6 +4,7 @@ Rules fire a bounded number of times on requests matching (method, path/query re
   "503"       -> 503 ServiceUnavailable (transient)
   "slowdown"  -> 503 SlowDown (throttling, transient)
   "403"       -> 403 AccessDenied (permanent)
+  "expired"   -> 400 ExpiredToken (a session token that ran out: permanent)
   "drop"      -> the connection is closed before any response (connection reset)
   "cut_body"  -> forwarded, but the response body is cut in half (reset mid-download)
 Every request is logged (method, path, headers) so tests can count attempts.
@@ -21,12 +22,13 @@ from typing import Literal, Self
 
 __all__ = ["FaultProxy", "Rule", "Seen"]
 
-Action = Literal["503", "slowdown", "403", "drop", "cut_body"]
+Action = Literal["503", "slowdown", "403", "expired", "drop", "cut_body"]
 _HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade"}
 _ERRORS = {
     "503": (503, "ServiceUnavailable", "Please reduce your request rate."),
     "slowdown": (503, "SlowDown", "Please reduce your request rate."),
     "403": (403, "AccessDenied", "Access Denied"),
+    "expired": (400, "ExpiredToken", "The provided token has expired."),
 }
 
 

@@ -61,6 +61,14 @@ def test_403_fails_at_once_naming_the_uri(store: S3Storage, proxy: FaultProxy) -
     assert proxy.count("GET") == 1  # no retries for a permanent error
 
 
+def test_an_expired_session_token_is_denied_and_not_retried(store: S3Storage, proxy: FaultProxy) -> None:
+    # A 400, not a 403: without its code in the denied set it was a generic StorageError.
+    proxy.add("expired", method="PUT", times=5)
+    with pytest.raises(AccessDenied, match=r"access denied \(put\): ExpiredToken: The provided token"):
+        store.put_bytes("late.bin", b"x")
+    assert proxy.count("PUT") == 1
+
+
 def test_missing_key_fails_at_once(store: S3Storage, proxy: FaultProxy) -> None:
     with pytest.raises(ObjectNotFound, match=r"s3://.*/run/none\.bin: not found \(read\)"):
         store.read_range("none.bin", 0, 1)

@@ -1,4 +1,6 @@
-"""A full disk behind a unit's failure, however deep in the chain, becomes one OutOfSpace line."""
+"""A full disk behind a unit's failure, however deep in the chain, becomes one OutOfSpace line; a
+write the destination refuses (read-only, permission, expired credentials) a DestinationUnwritable,
+and only when the refused write is the destination's (another unit's source may be readable)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from workers.errors import OutOfSpace, UnitFailed, out_of_space
+from infra.errors import AccessDenied
+from workers.errors import DestinationUnwritable, OutOfSpace, UnitFailed, out_of_space, unwritable_destination
 
 
 def _wrapped(cause: BaseException) -> UnitFailed:
@@ -36,3 +39,34 @@ def test_other_failures_are_left_as_they_are(tmp_path: Path) -> None:
     looped, other = ValueError("a"), ValueError("b")
     looped.__context__, other.__context__ = other, looped  # a chain that loops: no hang
     assert out_of_space(looped, "0", tmp_path / "a") is None
+
+
+STAGING = "file:///data/out/.staging/0123abcd"
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES, errno.EPERM])
+def test_a_refused_write_in_the_units_folders_stops_the_run(tmp_path: Path, code: int) -> None:
+    scratch = tmp_path / "out" / ".staging" / "0123abcd" / ".qf-tmp-1-model.safetensors"
+    refused = OSError(code, "refused", str(scratch))
+    found = unwritable_destination(_wrapped(refused), "1 (model.safetensors)", STAGING, [scratch.parent])
+    assert isinstance(found, DestinationUnwritable)
+    assert str(found) == f"unit 1 (model.safetensors): refused writing in {scratch.parent}"
+
+
+def test_a_source_that_cannot_be_read_is_left_to_its_unit(tmp_path: Path) -> None:
+    source_file = tmp_path / "source" / "model-00002.safetensors"
+    error = _wrapped(OSError(errno.EACCES, "Permission denied", str(source_file)))
+    assert unwritable_destination(error, "1", STAGING, [tmp_path / "out"]) is None
+    denied = AccessDenied("s3://models/source/model.safetensors: access denied (read): AccessDenied")
+    assert unwritable_destination(denied, "1", "s3://models/out/.staging/0123abcd", []) is None
+    # A staging prefix that merely starts the same is another prefix.
+    other = AccessDenied("file:///data/out/.staging/0123abcdef/x: permission denied (put)")
+    assert unwritable_destination(other, "1", STAGING, []) is None
+
+
+def test_credentials_refused_at_the_staging_storage_stop_the_run() -> None:
+    expired = AccessDenied(f"{STAGING}/units/00001.json: access denied (put): ExpiredToken: The provided "
+                           "token has expired.")
+    found = unwritable_destination(expired, "1 (model.safetensors)", STAGING, [])
+    assert isinstance(found, DestinationUnwritable)
+    assert str(found) == f"unit 1 (model.safetensors): {expired}"
