@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 from pydantic import BaseModel, ConfigDict
 
 from infra.sizes import format_size
-from workers.errors import DestinationFailed
+from workers.errors import FailsEveryUnit
 from workers.evaluation import Evaluation
 from workers.records import UnitContext, UnitResult
 from workers.units import WorkUnit
@@ -40,7 +40,7 @@ class ConversionFailed(Exception):
     """Some units failed for good; the message lists every failure."""
 
     def __init__(self, failures: list[tuple[WorkUnit, str]], not_started: int = 0,
-                 stopped_by: DestinationFailed | None = None) -> None:
+                 stopped_by: FailsEveryUnit | None = None) -> None:
         self.failures = failures
         self.not_started = not_started
         lines = [f"{len(failures)} unit(s) failed:"]
@@ -325,7 +325,7 @@ def run_units(
     results: dict[int, UnitResult] = {}
     failures: list[tuple[WorkUnit, str]] = []
     not_started = 0
-    stopped_by: DestinationFailed | None = None  # the failure that stopped the queue
+    stopped_by: FailsEveryUnit | None = None  # the failure that stopped the queue
     while pending or in_flight:
         while pending and len(in_flight) < limit:
             unit = pending.pop()
@@ -346,7 +346,7 @@ def run_units(
                 # The failure is listed again at the end (ConversionFailed); -v shows it as it happens.
                 _log.info("unit %d failed: %s", unit.index, _describe(error))
                 cause = _cause(error)
-                if isinstance(cause, DestinationFailed):
+                if isinstance(cause, FailsEveryUnit):
                     # Every unit still queued would be read and quantized only to fail the same
                     # way; those in flight finish (or fail) and stay staged for the re-run.
                     stopped_by = stopped_by or cause

@@ -12,6 +12,7 @@ __all__ = [
     "CatalogError",
     "CheckpointError",
     "CommitRefused",
+    "CredentialsRejected",
     "HeaderError",
     "InfraError",
     "IntegrityError",
@@ -46,6 +47,11 @@ class ObjectNotFound(StorageError):
 
 class AccessDenied(StorageError):
     """The credentials may not perform the operation (403). Retrying does not help."""
+
+
+class CredentialsRejected(AccessDenied):
+    """The credentials themselves are refused (an expired session token, an unknown key, a bad
+    signature, none found): every request made with them fails, whatever it asks for."""
 
 
 class AlreadyExists(StorageError):

@@ -33,11 +33,11 @@ from quantizers import (
 from quantizers.kernels import compile_floor
 from workers.batched_reads import BatchedReader
 from workers.errors import (
-    DestinationFailed,
+    FailsEveryUnit,
     TensorQualityError,
     UnitFailed,
     out_of_space,
-    unwritable_destination,
+    shared_failure,
 )
 from workers.pipeline import ShardSink, run_pipelined
 from workers.records import TensorRecord, UnitContext, UnitResult
@@ -229,19 +229,20 @@ def convert_unit(unit: WorkUnit, ctx: UnitContext, node: str = "local") -> UnitR
     """Convert `unit` and stage its shard; returns the record (a finished unit is not redone).
 
     `node` names the machine for the record (the Ray wrapper passes its node), so a resumed run
-    reports where and how fast each unit really ran. A destination that stopped taking writes
-    fails the unit as a DestinationFailed (the driver then starts no further unit).
+    reports where and how fast each unit really ran. A destination that stopped taking writes, or
+    credentials the storage rejects, fail the unit as a FailsEveryUnit (the driver then starts no
+    further unit).
     """
     try:
         return _convert_unit(unit, ctx, node)
-    except DestinationFailed:
+    except FailsEveryUnit:
         raise
     except Exception as error:
         staging = open_storage(ctx.staging_uri)
         beside = staging.local_path(unit.file_name)
         folders = [Path(ctx.scratch_dir or tempfile.gettempdir())]
         folders += [beside.parent] if beside is not None else []
-        refused = unwritable_destination(error, f"{unit.index} ({unit.file_name})", staging.uri(), folders)
+        refused = shared_failure(error, f"{unit.index} ({unit.file_name})", staging.uri(), folders)
         if refused is None:
             raise
         raise refused from error

@@ -6,12 +6,12 @@ import errno
 import shutil
 from pathlib import Path
 
-from infra.errors import AccessDenied
+from infra.errors import AccessDenied, CredentialsRejected
 from infra.sizes import format_size
 
 __all__ = [
-    "ConversionError", "DestinationFailed", "DestinationUnwritable", "OutOfSpace", "TensorQualityError",
-    "UnitFailed", "out_of_space", "unwritable_destination",
+    "ConversionError", "CredentialsRefused", "DestinationUnwritable", "FailsEveryUnit", "OutOfSpace",
+    "TensorQualityError", "UnitFailed", "out_of_space", "shared_failure",
 ]
 
 # A full disk, or this user's quota on it spent: no later unit can write there either.
@@ -32,25 +32,33 @@ class UnitFailed(ConversionError):
     """A work unit could not be converted; wraps the cause with the unit and tensor named."""
 
 
-class DestinationFailed(UnitFailed):
-    """The destination takes no more writes: every unit after this one would fail the same way
-    (after reading and quantizing its tensors), so the driver starts no further unit. `reason`
-    and `remedy` finish the driver's line about the units it did not start."""
+class FailsEveryUnit(UnitFailed):
+    """A failure every unit after this one would meet too (the destination takes no more writes,
+    the storage refuses the credentials), mostly after reading and quantizing its tensors: the
+    driver starts no further unit. `reason` and `remedy` finish its line about those units."""
 
     reason = "the destination cannot be written"
     remedy = "make it writable"
 
 
-class OutOfSpace(DestinationFailed):
+class OutOfSpace(FailsEveryUnit):
     """The disk a unit writes its shard to is full."""
 
     reason = "the disk is full"
     remedy = "free some space"
 
 
-class DestinationUnwritable(DestinationFailed):
-    """The destination refuses writes: a read-only filesystem, a permission or credentials
-    withdrawn (an expired session token) while the run went on."""
+class DestinationUnwritable(FailsEveryUnit):
+    """The destination refuses writes: a read-only filesystem, a permission or a bucket policy
+    withdrawn while the run went on."""
+
+
+class CredentialsRefused(FailsEveryUnit):
+    """Object storage refuses the credentials themselves (an STS or SSO session token that
+    expired during a long run, a deleted key), for the source and the destination alike."""
+
+    reason = "the storage refuses the credentials"
+    remedy = "renew them (a session token expires after its set hours)"
 
 
 def out_of_space(
@@ -89,14 +97,17 @@ def _within(filename: object, folders: list[Path]) -> bool:
     return any(path == folder or folder in path.parents for folder in folders)
 
 
-def unwritable_destination(
+def shared_failure(
     error: BaseException, unit: str, staging_uri: str, folders: list[Path]
-) -> DestinationUnwritable | None:
-    """`error` as a DestinationUnwritable naming `unit`, when what is behind it is a write refused
-    under the staging storage (`staging_uri`) or one of the local `folders` the unit writes in
-    (staging on local disk, the scratch folder); None for anything else, a source that cannot be
-    read included (other units may read theirs)."""
+) -> FailsEveryUnit | None:
+    """`error` as the FailsEveryUnit it means, naming `unit`: credentials the storage rejects
+    (CredentialsRefused), or a write refused under the staging storage (`staging_uri`) or one of
+    the local `folders` the unit writes in, staging on local disk and the scratch folder
+    (DestinationUnwritable). None for anything else, a source object or file that cannot be read
+    included (other units may read theirs)."""
     for cause in _chain(error):
+        if isinstance(cause, CredentialsRejected):
+            return CredentialsRefused(f"unit {unit}: {cause}")
         if isinstance(cause, OSError) and cause.errno in _NO_WRITE and _within(cause.filename, folders):
             return DestinationUnwritable(f"unit {unit}: {cause.strerror or cause} writing in "
                                          f"{Path(cause.filename).parent}")

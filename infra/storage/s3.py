@@ -37,6 +37,7 @@ from urllib3.exceptions import HTTPError as URLLib3HTTPError
 from infra.errors import (
     AccessDenied,
     AlreadyExists,
+    CredentialsRejected,
     InvalidURI,
     ObjectNotFound,
     StorageError,
@@ -76,10 +77,11 @@ _TRANSIENT_CODES = frozenset(
         "ConditionalRequestConflict",  # 409: a concurrent conditional write; retry decides
     }
 )
-# ExpiredToken and its kin are 400s: a session token (STS, SSO) that ran out during a long run.
-_DENIED_CODES = frozenset(
-    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled", "ExpiredToken",
-     "InvalidToken", "TokenRefreshRequired"}
+_DENIED_CODES = frozenset({"AccessDenied", "AllAccessDisabled"})
+# The credentials themselves, not what they may do. ExpiredToken and its kin are 400s: a session
+# token (STS, SSO) that ran out during a long run.
+_REJECTED_CODES = frozenset(
+    {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired"}
 )
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
 
@@ -121,6 +123,8 @@ def translate_error(exc: BaseException, uri: str, op: str) -> StorageError:
         detail = f"{code or status}: {message}" if message else (code or str(status))
         if code in _TRANSIENT_CODES or status in (429, 500, 502, 503, 504):
             return TransientStorageError(f"{uri}: {op} failed transiently ({detail})")
+        if code in _REJECTED_CODES:
+            return CredentialsRejected(f"{uri}: access denied ({op}): {detail}")
         if code in _DENIED_CODES or status == 403:
             return AccessDenied(f"{uri}: access denied ({op}): {detail}")
         if code in _MISSING_CODES or status == 404:
@@ -130,7 +134,7 @@ def translate_error(exc: BaseException, uri: str, op: str) -> StorageError:
             return AlreadyExists(f"{uri}: already exists; refusing to overwrite ({op})")
         return StorageError(f"{uri}: {op} failed ({detail})")
     if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
-        return AccessDenied(
+        return CredentialsRejected(
             f"{uri}: no usable AWS credentials ({op}); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
             "or AWS_PROFILE"
         )

@@ -245,15 +245,15 @@ def test_a_destination_that_turns_read_only_mid_run_stops_it_and_the_rerun_resum
         assert (disk / "out" / "_QUANTFLEET_PUBLISHED.json").exists()
 
 
-def test_an_s3_destination_whose_token_expires_mid_run_fails_the_unit_as_unwritable(
+def test_an_s3_session_token_that_expires_mid_run_fails_the_unit_in_a_way_that_stops_the_run(
     checkpoint: Path, s3: MotoS3, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A session token (STS, SSO) runs out hours into a large conversion: S3 answers 400
-    # ExpiredToken to every write. The unit says so in a way that stops the run (DestinationFailed).
+    # ExpiredToken to every request. The unit says so in a way that stops the run (FailsEveryUnit).
     from flows.pipeline import plan_conversion, unit_context
     from tests.infra.fault_proxy import FaultProxy
     from workers.convert_unit import convert_unit
-    from workers.errors import DestinationUnwritable
+    from workers.errors import CredentialsRefused
 
     plan = plan_conversion(str(checkpoint), Recipe.preset("W8A16"), shard_size=20_000_000)
     dest = f"s3://{s3.create_bucket()}/out"
@@ -262,7 +262,7 @@ def test_an_s3_destination_whose_token_expires_mid_run_fails_the_unit_as_unwrita
         context = unit_context(plan, open_storage(dest), "cpu")
         proxy.add("expired", method="PUT|POST", times=1000)
         unit = plan.units[0]
-        with pytest.raises(DestinationUnwritable) as failed:
+        with pytest.raises(CredentialsRefused) as failed:
             convert_unit(unit, context)
     assert str(failed.value).startswith(
         f"unit 0 ({unit.file_name}): {context.staging_uri}/{unit.file_name}: access denied ("), failed.value

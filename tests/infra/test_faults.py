@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from infra.errors import AccessDenied, ObjectNotFound, TransientStorageError
+from infra.errors import AccessDenied, CredentialsRejected, ObjectNotFound, TransientStorageError
 from infra.storage import S3Storage
 from infra.storage.parts import MiB
 
@@ -62,9 +62,10 @@ def test_403_fails_at_once_naming_the_uri(store: S3Storage, proxy: FaultProxy) -
 
 
 def test_an_expired_session_token_is_denied_and_not_retried(store: S3Storage, proxy: FaultProxy) -> None:
-    # A 400, not a 403: without its code in the denied set it was a generic StorageError.
+    # A 400, not a 403: it was a generic StorageError. The credentials themselves are refused, so
+    # every other request fails too (the driver stops the run on it).
     proxy.add("expired", method="PUT", times=5)
-    with pytest.raises(AccessDenied, match=r"access denied \(put\): ExpiredToken: The provided token"):
+    with pytest.raises(CredentialsRejected, match=r"access denied \(put\): ExpiredToken: The provided token"):
         store.put_bytes("late.bin", b"x")
     assert proxy.count("PUT") == 1
 

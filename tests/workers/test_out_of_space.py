@@ -1,6 +1,7 @@
 """A full disk behind a unit's failure, however deep in the chain, becomes one OutOfSpace line; a
-write the destination refuses (read-only, permission, expired credentials) a DestinationUnwritable,
-and only when the refused write is the destination's (another unit's source may be readable)."""
+write the destination refuses (read-only, permission) a DestinationUnwritable, and only when the
+refused write is the destination's (another unit's source may be readable); credentials the
+storage rejects, wherever, a CredentialsRefused. Each of these stops the run (FailsEveryUnit)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from infra.errors import AccessDenied
-from workers.errors import DestinationUnwritable, OutOfSpace, UnitFailed, out_of_space, unwritable_destination
+from infra.errors import AccessDenied, CredentialsRejected
+from workers.errors import (
+    CredentialsRefused,
+    DestinationUnwritable,
+    OutOfSpace,
+    UnitFailed,
+    out_of_space,
+    shared_failure,
+)
 
 
 def _wrapped(cause: BaseException) -> UnitFailed:
@@ -48,7 +56,7 @@ STAGING = "file:///data/out/.staging/0123abcd"
 def test_a_refused_write_in_the_units_folders_stops_the_run(tmp_path: Path, code: int) -> None:
     scratch = tmp_path / "out" / ".staging" / "0123abcd" / ".qf-tmp-1-model.safetensors"
     refused = OSError(code, "refused", str(scratch))
-    found = unwritable_destination(_wrapped(refused), "1 (model.safetensors)", STAGING, [scratch.parent])
+    found = shared_failure(_wrapped(refused), "1 (model.safetensors)", STAGING, [scratch.parent])
     assert isinstance(found, DestinationUnwritable)
     assert str(found) == f"unit 1 (model.safetensors): refused writing in {scratch.parent}"
 
@@ -56,17 +64,36 @@ def test_a_refused_write_in_the_units_folders_stops_the_run(tmp_path: Path, code
 def test_a_source_that_cannot_be_read_is_left_to_its_unit(tmp_path: Path) -> None:
     source_file = tmp_path / "source" / "model-00002.safetensors"
     error = _wrapped(OSError(errno.EACCES, "Permission denied", str(source_file)))
-    assert unwritable_destination(error, "1", STAGING, [tmp_path / "out"]) is None
+    assert shared_failure(error, "1", STAGING, [tmp_path / "out"]) is None
     denied = AccessDenied("s3://models/source/model.safetensors: access denied (read): AccessDenied")
-    assert unwritable_destination(denied, "1", "s3://models/out/.staging/0123abcd", []) is None
+    assert shared_failure(denied, "1", "s3://models/out/.staging/0123abcd", []) is None
     # A staging prefix that merely starts the same is another prefix.
     other = AccessDenied("file:///data/out/.staging/0123abcdef/x: permission denied (put)")
-    assert unwritable_destination(other, "1", STAGING, []) is None
+    assert shared_failure(other, "1", STAGING, []) is None
 
 
-def test_credentials_refused_at_the_staging_storage_stop_the_run() -> None:
-    expired = AccessDenied(f"{STAGING}/units/00001.json: access denied (put): ExpiredToken: The provided "
-                           "token has expired.")
-    found = unwritable_destination(expired, "1 (model.safetensors)", STAGING, [])
+def test_a_bucket_policy_refusing_staging_writes_stops_the_run() -> None:
+    denied = AccessDenied(f"{STAGING}/units/00001.json: access denied (put): AccessDenied: Access Denied")
+    found = shared_failure(denied, "1 (model.safetensors)", STAGING, [])
     assert isinstance(found, DestinationUnwritable)
+    assert str(found) == f"unit 1 (model.safetensors): {denied}"
+
+
+@pytest.mark.parametrize("uri", [f"{STAGING}/model.safetensors", "s3://models/source/model.safetensors"])
+def test_rejected_credentials_stop_the_run_wherever_they_meet_them(uri: str) -> None:
+    expired = CredentialsRejected(f"{uri}: access denied (read): ExpiredToken: The token has expired.")
+    found = shared_failure(_wrapped_any(expired), "1 (model.safetensors)", STAGING, [])
+    assert isinstance(found, CredentialsRefused)
     assert str(found) == f"unit 1 (model.safetensors): {expired}"
+    assert (found.reason, found.remedy) == ("the storage refuses the credentials",
+                                            "renew them (a session token expires after its set hours)")
+
+
+def _wrapped_any(cause: Exception) -> UnitFailed:
+    try:
+        try:
+            raise cause
+        except Exception as error:
+            raise UnitFailed(f"reading failed: {error}") from error
+    except UnitFailed as failed:
+        return failed
