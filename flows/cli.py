@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         "units are not recomputed.",
     )
     convert.add_argument("source", metavar="SRC", help="checkpoint with *.safetensors (and config.json)")
-    convert.add_argument("dest", metavar="DST", help="where to publish; must not hold a published version")
+    convert.add_argument("dest", metavar="DST", help="where to publish; must not hold another published "
+                         "conversion (this same command again finds nothing to do)")
     _add_recipe_options(convert)
     run = convert.add_argument_group("where it runs")
     run.add_argument("--ray-address", default=None,
@@ -458,15 +459,22 @@ def _convert_with(server, source: str, dest: str, recipe, args: argparse.Namespa
 
     from flows.disk_space import check_free_space
     from flows.execute import start_ray
-    from flows.pipeline import check_not_published, plan_conversion, warm_workers_for
+    from flows.pipeline import plan_conversion, warm_workers_for
     from flows.progress import printing_above_bars, reporting_progress
+    from flows.published import check_published_request, check_same_plan, published_as_planned
+    from infra.errors import AlreadyExists
 
-    check_not_published(dest)
+    published = check_published_request(dest, source, recipe)  # another conversion there: refused
     # Planned before Ray starts: a source that cannot be converted is refused before any work (a
     # budget's measure pass starts Ray itself).
     plan = plan_conversion(source, recipe, shard_size=args.shard_size,
                            ray_address=getattr(args, "ray_address", None),
                            device=getattr(args, "device", "auto"))
+    if published is not None:
+        check_same_plan(published, plan)
+        print(f"{published.dest_uri} already holds this conversion (plan {plan.plan_id}); nothing to do. "
+              f"`quantfleet verify {published.dest_uri}` re-hashes it.")
+        return 0
     check_free_space(plan, dest)  # before Ray starts, like the refusals above
     _startup_log.info("start-up: planned at %.1f s", time.perf_counter() - started)
     cluster = start_ray(getattr(args, "ray_address", None))  # at once if the measure pass started it
@@ -485,30 +493,23 @@ def _convert_with(server, source: str, dest: str, recipe, args: argparse.Namespa
         bar.update(unit.bytes_in)
 
     if use_prefect:
+        import flows.convert  # noqa: F401 - imported now: Prefect sets up its logging before the bar's
         from flows.console import hide_run_failures_on_console
-        from flows.convert import convert_flow  # Prefect sets up its logging before the bar's
 
         hide_run_failures_on_console(args.verbose)
     # The bar is closed (its line ended) even when the run fails, so the error starts a line. Log
     # lines (a warning, Prefect's and -v's records, Ray's worker logs) print above the bar rather
     # than on its line.
-    with bar, reporting_progress(on_done), printing_above_bars():
-        if use_prefect:
-            if server is not None:
-                server.use()
-                _startup_log.info("start-up: Prefect server ready at %.1f s", time.perf_counter() - started)
-            summary = convert_flow(
-                source, dest, recipe, shard_size=args.shard_size,
-                ray_address=getattr(args, "ray_address", None), device=getattr(args, "device", "auto"),
-            )
-        else:
-            from flows.pipeline import run_conversion
-
-            summary = run_conversion(
-                source, dest, recipe, shard_size=args.shard_size,
-                ray_address=getattr(args, "ray_address", None), device=getattr(args, "device", "auto"),
-                on_done=on_done,
-            )
+    try:
+        with bar, reporting_progress(on_done), printing_above_bars():
+            summary = _run_conversion_steps(server, source, dest, recipe, args, use_prefect, on_done, started)
+    except AlreadyExists:
+        overlapping = published_as_planned(dest, plan)
+        if overlapping is None:
+            raise
+        print(f"\n{overlapping.dest_uri} was published by an overlapping run of this conversion while this "
+              f"one converted (plan {plan.plan_id}); nothing more to do.")
+        return 0
     print()
     print(summary.report)
     print(f"Published: {summary.dest_uri}")
@@ -521,6 +522,28 @@ def _convert_with(server, source: str, dest: str, recipe, args: argparse.Namespa
     print(f"Time: {wall:.1f} s in all: {summary.seconds:.1f} s converting and publishing, "
           f"{wall - summary.seconds:.1f} s of fixed start-up (Prefect, Ray, planning)")
     return 0
+
+
+def _run_conversion_steps(server, source: str, dest: str, recipe, args: argparse.Namespace,  # noqa: ANN001
+                          use_prefect: bool, on_done, started: float):  # noqa: ANN001, ANN202
+    """The conversion's steps, as the Prefect flow or in this process (`--no-prefect`)."""
+    if use_prefect:
+        from flows.convert import convert_flow
+
+        if server is not None:
+            server.use()
+            _startup_log.info("start-up: Prefect server ready at %.1f s", time.perf_counter() - started)
+        return convert_flow(
+            source, dest, recipe, shard_size=args.shard_size,
+            ray_address=getattr(args, "ray_address", None), device=getattr(args, "device", "auto"),
+        )
+    from flows.pipeline import run_conversion
+
+    return run_conversion(
+        source, dest, recipe, shard_size=args.shard_size,
+        ray_address=getattr(args, "ray_address", None), device=getattr(args, "device", "auto"),
+        on_done=on_done,
+    )
 
 
 def _size_change(before: int, after: int) -> str:
@@ -603,19 +626,21 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from flows.destination import check_destination
+    from flows.published import check_published_request
     from flows.recipe import Recipe
-    from infra.publish import is_published
     from infra.storage import open_storage
 
     check_destination(bundled_model_path(), args.dest)
-    dest = open_storage(args.dest)
-    if is_published(dest, ""):
+    recipe = Recipe.preset(args.scheme)
+    # Another scheme's demo (or any other conversion) there is refused, naming it.
+    if check_published_request(args.dest, bundled_model_path(), recipe) is not None:
+        dest = open_storage(args.dest)
         print(f"{dest.uri()} already holds the demo conversion; its report:\n")
         print(dest.read_bytes("report.md").decode())
         print(f"Everything in {args.dest} was written by quantfleet: delete it to convert again.")
         return 0
     args.shard_size = 50_000_000
-    return _run_convert(bundled_model_path(), args.dest, Recipe.preset(args.scheme), args, use_prefect=True)
+    return _run_convert(bundled_model_path(), args.dest, recipe, args, use_prefect=True)
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
+from flows.cli import bundled_model_path, main
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -130,18 +130,49 @@ def test_demo_converts_the_bundled_model_with_prefect_local_mode(tmp_path) -> No
     assert "Traceback" not in first.stderr and "Error emitting event" not in first.stderr, first.stderr
     again = run_cli("demo", str(tmp_path / "demo"), env=env)
     assert again.returncode == 0 and "already holds the demo conversion" in again.stdout
+    # Another scheme's demo is another conversion: refused, not passed off as the one there.
+    other = run_cli("demo", str(tmp_path / "demo"), "--scheme", "FP8", env=env)
+    assert other.returncode == 2 and other.stderr.strip().endswith(
+        ": W4A16 of file://" + bundled_model_path() + "); choose another destination (published versions "
+        "are never overwritten)"), other.stdout + other.stderr
     # A published result is a compressed-tensors source: planned for dequantization, not refused.
     planned = run_cli("plan", str(tmp_path / "demo"), "--scheme", "W8A16")
     assert planned.returncode == 0 and "source: compressed-tensors" in planned.stdout, planned.stderr
 
 
-def test_destination_already_published_is_refused(minilm, tmp_path, capsys) -> None:
+def test_a_published_destination_takes_only_the_command_that_published_it(minilm, tmp_path, capsys) -> None:
+    source = tmp_path / "source"
+    shutil.copytree(minilm, source)
     dest = tmp_path / "out"
-    assert main(["convert", minilm, str(dest), "--scheme", "FP8", "--no-prefect"]) == 0
+    argv = ["convert", str(source), str(dest), "--scheme", "FP8", "--no-prefect"]
+    assert main(argv) == 0
+    plan_id = json.loads((dest / "quantfleet.json").read_text())["plan_id"]
+    published = {p: p.stat().st_mtime_ns for p in dest.rglob("*")}
     capsys.readouterr()
-    assert main(["convert", minilm, str(dest), "--scheme", "FP8", "--no-prefect"]) == 2
+
+    # The same command again (a scheduler's retry): a success with nothing to do, nothing touched.
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"file://{dest} already holds this conversion (plan {plan_id}); nothing to do." in out, out
+    assert {p: p.stat().st_mtime_ns for p in dest.rglob("*")} == published
+
+    # Another recipe: refused before planning, naming what is there.
+    assert main(["convert", str(source), str(dest), "--scheme", "W8A16", "--no-prefect"]) == 2
     err = capsys.readouterr().err
-    assert "already holds a published conversion" in err
+    assert err.strip() == (f"quantfleet: error: file://{dest}: already holds a published conversion (plan "
+                           f"{plan_id}: FP8 of file://{source}); choose another destination (published "
+                           "versions are never overwritten)"), err
+
+    # The same request on a source rewritten since: refused after planning, naming both plans.
+    weights = source / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"quantfleet: error: file://{dest}: already holds this recipe's conversion of "
+                          "an earlier state of the source, or with another shard size (published plan "
+                          f"{plan_id}; this command plans "), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert {p: p.stat().st_mtime_ns for p in dest.rglob("*")} == published
 
 
 def _corrupt_copy(source: Path, dest: Path) -> Path:

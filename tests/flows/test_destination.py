@@ -526,5 +526,36 @@ def test_an_interrupted_conversion_resumes_and_leaves_no_staging(capsys, checkpo
     assert f"{units} units, {units} reused from an earlier run" in capsys.readouterr().out
     assert (dest / "_QUANTFLEET_PUBLISHED.json").exists()
     assert not (dest / ".staging").exists()  # no empty staging folder left behind
+    # The same command in the default Prefect mode: published already, so nothing to do.
+    published = digests(dest)
+    assert main(argv[:-1]) == 0
+    assert "already holds this conversion (plan " in capsys.readouterr().out
+    assert digests(dest) == published
     refused(capsys, ["convert", str(checkpoint), str(dest), "--scheme", "W8A16"],
-            "already holds a published conversion")
+            "already holds this recipe's conversion of an earlier state of the source, or with another "
+            "shard size")
+    refused(capsys, ["convert", str(checkpoint), str(dest), "--scheme", "FP8"],
+            f"already holds a published conversion (plan {plan.plan_id}: W8A16 of file://{checkpoint})")
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_a_run_beaten_to_the_commit_by_the_same_command_finds_its_own_conversion(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    # Two overlapping runs of one command: the second to publish finds the first's commit (the CLI
+    # then ends with nothing more to do, as the later of two `quantfleet convert`s did by hand).
+    from flows.pipeline import convert_units, finalize_and_publish, plan_conversion, run_conversion
+    from flows.published import published_as_planned
+    from infra.errors import AlreadyExists
+
+    dest = str(tmp_path / "out")
+    plan = plan_conversion(str(checkpoint), Recipe.preset("W8A16"), shard_size=50_000_000)
+    results = convert_units(plan, dest)
+    assert published_as_planned(dest, plan) is None  # nothing published yet
+    run_conversion(str(checkpoint), dest, Recipe.preset("W8A16"), shard_size=50_000_000)  # the other run
+    with pytest.raises(AlreadyExists):
+        finalize_and_publish(plan, dest, results)
+    found = published_as_planned(dest, plan)
+    assert found is not None and found.plan_id == plan.plan_id
+    other = plan_conversion(str(checkpoint), Recipe.preset("FP8"), shard_size=50_000_000)
+    assert published_as_planned(dest, other) is None
