@@ -105,6 +105,17 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
                        "memory but adds its own rounding to the figures)")
 
 
+def _installed_version() -> str:
+    # From the package metadata rather than flows.plan.TOOL_VERSION: that import loads torch, and
+    # the parser is built for every command (a test keeps the two equal).
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("quantfleet")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quantfleet",
@@ -112,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         "against the original, and publish the result to a directory or an S3 bucket.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    parser.add_argument("--version", action="version", version=f"quantfleet {_installed_version()}",
+                        help="print the version (the one plan ids and manifests record) and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     convert = commands.add_parser(

@@ -32,6 +32,15 @@ def test_help_explains_every_option(capsys) -> None:
         assert option in text
 
 
+def test_version_is_the_one_plans_and_manifests_record(capsys) -> None:
+    from flows.plan import TOOL_VERSION
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"quantfleet {TOOL_VERSION}"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
