@@ -11,29 +11,22 @@ import argparse
 import atexit
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from infra import sizes
 from infra.sizes import format_size
 
 __all__ = ["main", "build_parser", "bundled_model_path"]
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
 def parse_size(text: str) -> int:
-    """'5GB', '500MiB', '5e9' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
-    if not match or match.group(2).upper() not in _SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 5GB, 500MiB, 2e9)")
-    value = float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return int(value)
+    """`infra.sizes.parse_size` for argparse: its message becomes the option's error line."""
+    try:
+        return sizes.parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def bundled_model_path() -> str:
@@ -311,10 +304,8 @@ def _recipe(args: argparse.Namespace):  # noqa: ANN202 - imported lazily for a f
                 f"--target-bits must be above 0 and at most 32, got {args.target_bits:g}")
         budget["target_bits"] = args.target_bits
     if getattr(args, "target_size", None) is not None:
-        from flows.mixed.budget import parse_size
-
         try:
-            budget["target_size"] = parse_size(args.target_size)
+            budget["target_size"] = sizes.parse_size(args.target_size)
         except ValueError as error:
             raise argparse.ArgumentTypeError(f"--target-size: {error}") from error
     if getattr(args, "recipe", None):

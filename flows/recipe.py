@@ -212,7 +212,7 @@ class Recipe(SchemeChoice):
     @field_validator("target_size", mode="before")
     @classmethod
     def _size(cls, value: object) -> object:
-        from flows.mixed.budget import parse_size
+        from infra.sizes import parse_size
 
         return None if value is None else parse_size(value)  # type: ignore[arg-type]
 

@@ -8,11 +8,9 @@ number of bits for the quantized tensors, which the solver never exceeds.
 
 from __future__ import annotations
 
-import re
-
 from infra.sizes import format_decimal_size
 
-__all__ = ["DEFAULT_CANDIDATES", "ASYM_CANDIDATE", "default_candidates", "parse_size", "describe_budget"]
+__all__ = ["DEFAULT_CANDIDATES", "ASYM_CANDIDATE", "default_candidates", "describe_budget"]
 
 # (preset, group size) pairs tried per tensor when a recipe names no candidates. W4A16_ASYM g64
 # (which the issue lists) is left out by default because transformers 5.x cannot load asymmetric
@@ -45,26 +43,6 @@ def default_candidates(method: str) -> tuple[dict[str, object], ...]:
     if method == "rtn":
         return tuple({"method": "rtn", **c} for c in DEFAULT_CANDIDATES)
     return tuple({**c, "method": method} for c in DEFAULT_CANDIDATES)
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str | int | float) -> int:
-    """'120GB', '500MiB', '5e9', 5e9 -> bytes; anything else is a ValueError saying what is expected."""
-    if isinstance(text, bool):
-        raise ValueError(f"not a size: {text!r} (examples: 120GB, 500MiB, 2e9)")
-    if isinstance(text, int | float):
-        value = float(text)
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
-        if not match or match.group(2).upper() not in _UNITS:
-            raise ValueError(f"not a size: {text!r} (examples: 120GB, 500MiB, 2e9)")
-        value = float(match.group(1)) * _UNITS[match.group(2).upper()]
-    if not value >= 1 or value != value or value == float("inf"):
-        raise ValueError(f"size must be a positive number of bytes: {text!r}")
-    return int(value)
-
 
 def describe_budget(target_bits: float | None, target_size: int | None) -> str:
     if target_bits is not None:

@@ -63,6 +63,16 @@ def test_user_mistakes_get_one_line(minilm, capsys, args, message) -> None:
     assert "Traceback" not in err
 
 
+def test_a_size_too_large_for_a_float_is_an_option_error(minilm, capsys) -> None:
+    # --shard-size 1e400 was an OverflowError's traceback.
+    with pytest.raises(SystemExit) as done:
+        main(["plan", minilm, "--shard-size", "1e400"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("quantfleet plan: error: argument --shard-size: size must be a "
+                                            "positive, finite number of bytes: '1e400'"), err
+
+
 def test_a_source_without_config_json_is_planned_with_a_warning(minilm, tmp_path, caplog) -> None:
     # Allowed (the weights alone convert), but the result cannot be loaded by vLLM or transformers
     # without a config to carry its quantization_config: the user is told before converting.

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from flows.mixed.budget import parse_size
 from flows.mixed.sensitivity import format_weight, keeps_high, sensitivity
 from flows.mixed.solve import BudgetTooSmall, Item, Option, solve, total
 from flows.recipe import Recipe, RecipeError
+from infra.sizes import parse_size
 
 
 def _items(seed: int, count: int = 60) -> list[Item]:
@@ -90,6 +90,9 @@ def test_integer_grids_below_8_bits_weigh_more() -> None:
 
 def test_recipe_budget_fields(tmp_path) -> None:
     assert parse_size("120GB") == 120 * 10**9 and parse_size("500MiB") == 500 * 2**20
+    for bad in ("1e400", "0", "0.5B", float("nan"), float("inf")):  # 1e400 was an OverflowError
+        with pytest.raises(ValueError, match="size must be a positive, finite number of bytes"):
+            parse_size(bad)  # type: ignore[arg-type]
     assert Recipe.preset("W4A16", target_size="1.5GB").target_size == 1_500_000_000
     # Unset budget fields add nothing to the plan key or the dump (earlier plan ids stay).
     plain = Recipe.preset("W4A16")
