@@ -21,12 +21,12 @@ from workers.errors import (
 )
 
 
-def _wrapped(cause: BaseException) -> UnitFailed:
-    # As the shard writer reports it: its thread's OSError, re-raised as the unit's failure.
+def _wrapped(cause: Exception) -> UnitFailed:
+    # As the shard writer reports it: its thread's error, re-raised as the unit's failure.
     try:
         try:
             raise cause
-        except OSError as error:
+        except Exception as error:
             raise UnitFailed(f"writing the shard failed: {error}") from error
     except UnitFailed as failed:
         return failed
@@ -82,18 +82,9 @@ def test_a_bucket_policy_refusing_staging_writes_stops_the_run() -> None:
 @pytest.mark.parametrize("uri", [f"{STAGING}/model.safetensors", "s3://models/source/model.safetensors"])
 def test_rejected_credentials_stop_the_run_wherever_they_meet_them(uri: str) -> None:
     expired = CredentialsRejected(f"{uri}: access denied (read): ExpiredToken: The token has expired.")
-    found = shared_failure(_wrapped_any(expired), "1 (model.safetensors)", STAGING, [])
+    found = shared_failure(_wrapped(expired), "1 (model.safetensors)", STAGING, [])
     assert isinstance(found, CredentialsRefused)
     assert str(found) == f"unit 1 (model.safetensors): {expired}"
     assert (found.reason, found.remedy) == ("the storage refuses the credentials",
                                             "renew them (a session token expires after its set hours)")
 
-
-def _wrapped_any(cause: Exception) -> UnitFailed:
-    try:
-        try:
-            raise cause
-        except Exception as error:
-            raise UnitFailed(f"reading failed: {error}") from error
-    except UnitFailed as failed:
-        return failed
