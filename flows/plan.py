@@ -28,7 +28,7 @@ from quantizers.errors import QuantizationError
 from quantizers.kernels import compile_floor_for
 from workers.units import SAFETENSORS_TO_TORCH, TensorJob, WorkUnit, output_specs
 
-__all__ = ["Plan", "build_plan", "job_bytes_in", "shard_file_name", "TOOL_VERSION"]
+__all__ = ["Plan", "build_plan", "job_bytes_in", "shard_file_name", "source_identity", "TOOL_VERSION"]
 
 TOOL_VERSION = "0.1.0"
 
@@ -114,7 +114,7 @@ def _output_bytes(job: TensorJob, schemes: tuple[QuantScheme, ...]) -> int:
     return total
 
 
-def _source_identity(catalog: Catalog, sizes: dict[str, tuple[int, str | None]]) -> str:
+def source_identity(catalog: Catalog, sizes: dict[str, tuple[int, str | None]]) -> str:
     """A hash of what the source is: each shard file's key, size, ETag or SHA-256, tensor count.
 
     On S3 the ETag changes with the content, so a re-uploaded checkpoint with new weights gets a
@@ -171,7 +171,7 @@ def identify_plan(
     assignment if any; the staging id (where units are staged, so where a re-run resumes from)
     the same without the recipe's per-tensor gates, which only decide whether a unit passes: a run
     stopped by a gate resumes from its staged units once the gate is relaxed."""
-    identity = _source_identity(catalog, file_tags or {})
+    identity = source_identity(catalog, file_tags or {})
     keyed: dict[str, object] = {"source": identity, "recipe": recipe.plan_key(), "tool": TOOL_VERSION,
                                 "shard_size": shard_size}
     if assign_key is not None:

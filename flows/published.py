@@ -10,6 +10,8 @@ naming what the destination holds.
 published manifest's source URI, whole recipe (its evaluation and gates included: asking for an
 evaluation the published result lacks is not a no-op) and tool version first, the plan id (the
 source's identity and the shard size, a budget's assignment) once the command has planned.
+`sweep`, which reuses a point published by an earlier sweep, checks the source's identity (file
+keys, sizes, ETags) without planning: a budget's plan would run its measure pass again.
 """
 
 from __future__ import annotations
@@ -18,19 +20,23 @@ import json
 from typing import NamedTuple
 
 from flows.destination import open_without_creating
-from flows.plan import TOOL_VERSION, Plan
+from flows.plan import TOOL_VERSION, Plan, source_identity
 from flows.recipe import Recipe
+from flows.source_check import file_tags
 from flows.versions import MANIFEST_NAME
 from infra.errors import AlreadyExists, StorageError
 from infra.publish import is_published
+from infra.safetensors import build_catalog
 from infra.storage import open_storage
 
 __all__ = [
     "PublishedConversion", "published_conversion", "check_published_request", "check_same_plan",
-    "published_as_planned",
+    "published_as_planned", "check_same_source",
 ]
 
 _NEVER_OVERWRITTEN = "choose another destination (published versions are never overwritten)"
+_CHANGED_SOURCE = (f"{_NEVER_OVERWRITTEN}; `quantfleet sync` publishes each state of a source as a version "
+                   "of its own")
 
 
 class PublishedConversion(NamedTuple):
@@ -39,6 +45,7 @@ class PublishedConversion(NamedTuple):
     dest_uri: str
     plan_id: str
     source_uri: str
+    source_identity: str
     recipe: dict[str, object]
     tool_version: str
 
@@ -58,9 +65,10 @@ def published_conversion(dest_uri: str) -> PublishedConversion | None:
     try:
         data = json.loads(dest.read_bytes(MANIFEST_NAME))
         return PublishedConversion(dest.uri(), str(data["plan_id"]), str(data["source"]["uri"]),
-                                   dict(data["recipe"]), str(data["tool_version"]))
+                                   str(data["source"]["identity"]), dict(data["recipe"]),
+                                   str(data["tool_version"]))
     except (StorageError, ValueError, KeyError, TypeError):
-        return PublishedConversion(dest.uri(), "", "", {}, "")
+        return PublishedConversion(dest.uri(), "", "", "", {}, "")
 
 
 def check_published_request(dest_uri: str, source_uri: str, recipe: Recipe) -> PublishedConversion | None:
@@ -86,8 +94,16 @@ def check_same_plan(published: PublishedConversion, plan: Plan) -> None:
         raise AlreadyExists(
             f"{published.dest_uri}: already holds this recipe's conversion of an earlier state of the "
             f"source, or with another shard size (published plan {published.plan_id}; this command plans "
-            f"{plan.plan_id}); {_NEVER_OVERWRITTEN}; `quantfleet sync` publishes each state of a "
-            "source as a version of its own")
+            f"{plan.plan_id}); {_CHANGED_SOURCE}")
+
+
+def check_same_source(published: PublishedConversion, source_uri: str) -> None:
+    """Refuse a request that matches the published one but whose source's files changed since."""
+    source = open_storage(source_uri)
+    catalog = build_catalog(source)
+    if source_identity(catalog, file_tags(source, catalog.files)) != published.source_identity:
+        raise AlreadyExists(f"{published.dest_uri}: already holds this recipe's conversion of an earlier "
+                            f"state of {source.uri()} (plan {published.plan_id}); {_CHANGED_SOURCE}")
 
 
 def published_as_planned(dest_uri: str, plan: Plan) -> PublishedConversion | None:

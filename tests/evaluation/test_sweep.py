@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,32 @@ def test_cli_sweep_on_minilm_orders_schemes_by_embedding_cosine(minilm, tmp_path
     assert shards and [p.stat().st_mtime_ns for p in shards] == published
     assert [p.scheme for p in SweepResult.model_validate_json((out / "sweep.json").read_text()).points] \
         == ["W8A16"]
+
+
+def test_cli_sweep_does_not_reuse_a_point_made_from_another_model(minilm, tmp_path, capsys) -> None:
+    # Sweeping another model (a fine-tune of the same base, say) into a folder an earlier sweep
+    # used charted the earlier model's points as this one's: the reuse looked at the marker only.
+    source = tmp_path / "minilm"
+    shutil.copytree(minilm, source)
+    out = tmp_path / "sweep"
+    options = ["--schemes", "W8A16", "--out", str(out), "--max-tokens", "256", "--context", "128",
+               "--shard-size", "50MB"]
+    assert main(["sweep", str(source), *options]) == 0
+    capsys.readouterr()
+
+    assert main(["sweep", minilm, *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"quantfleet: error: file://{out}/W8A16: already holds a published conversion "
+                          "(plan "), err
+    assert f": W8A16 of file://{source}); choose another destination" in err, err
+
+    weights = source / "model.safetensors"  # the same model, rewritten since
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert main(["sweep", str(source), *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"quantfleet: error: file://{out}/W8A16: already holds this recipe's conversion "
+                          f"of an earlier state of file://{source} (plan "), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_cli_sweep_rejects_an_unknown_scheme_in_one_line(minilm, tmp_path, capsys) -> None:
