@@ -11,7 +11,9 @@ import argparse
 import atexit
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -797,13 +799,30 @@ def main(argv: Sequence[str] | None = None, *, early_server: bool = False) -> in
     try:
         return commands[args.command]()
     except KeyboardInterrupt:
-        print("quantfleet: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+        # Ray passes a handler's KeyboardInterrupt on as a plain one: the flag says which it was.
+        terminated = _sigterm_received.is_set()
+        how = "stopped (SIGTERM)" if terminated else "interrupted"
+        print(f"quantfleet: {how}; re-run the same command to resume", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except Exception as error:
         if os.environ.get("QUANTFLEET_DEBUG") or not isinstance(error, _user_errors()):
             raise
         print(f"quantfleet: error: {error}", file=sys.stderr)
         return 2
+
+
+_sigterm_received = threading.Event()
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM (a scheduler or `kill` stopping the job), handled as Ctrl-C is: the same clean-up
+    (Ray's processes, Prefect's temporary server, finished units staged for the re-run) and a line
+    saying how to resume, with status 143. Python's default ends the process at once, leaving the
+    Prefect server it started early behind; Ray's (once it runs) exits with status 15, silently.
+    During a flow run Prefect's handler comes first: it records the run as crashed, then sends the
+    signal again, to this one."""
+    _sigterm_received.set()
+    raise KeyboardInterrupt
 
 
 def entry() -> None:
@@ -812,6 +831,7 @@ def entry() -> None:
     after a conversion has loaded torch, Ray and Prefect that takes seconds and saves nothing
     (every output is written, synced and published before `main` returns). An unexpected error
     still propagates as usual, with its traceback."""
+    signal.signal(signal.SIGTERM, _terminate)
     code = main(early_server=True)
     if "ray" in sys.modules:  # a command that used Ray: stopped without Ray's exit-time pause
         from flows.execute import stop_ray

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -23,7 +25,7 @@ from workers.units import WorkUnit
 __all__ = [
     "ClusterError", "ClusterInfo", "ConversionFailed", "check_device", "start_ray", "run_units",
     "run_evaluation", "unit_concurrency", "warm_workers", "unit_threads", "TaskSize", "task_size",
-    "memory_request", "warn_oversized_units", "unit_failure_line",
+    "memory_request", "warn_oversized_units", "unit_failure_line", "wait_for_one",
 ]
 
 _log = logging.getLogger(__name__)
@@ -106,6 +108,9 @@ def start_ray(address: str | None = None) -> ClusterInfo:
         # started on this machine, which is not what the CLI promises.
         target = address or os.environ.get("RAY_ADDRESS") or "local"
         _check_reachable(target)
+        # ray.init replaces the process's SIGTERM handler with sys.exit(15): the CLI's own (stop
+        # as Ctrl-C does, saying how to resume) is put back.
+        own_handler = _sigterm_handler()
         ray.init(
             address=target,
             include_dashboard=False,
@@ -114,6 +119,8 @@ def start_ray(address: str | None = None) -> ClusterInfo:
             # No runtime_env: workers import the project from the driver's environment, and a
             # runtime_env (even env_vars alone) costs every first task its agent's set-up.
         )
+        if callable(own_handler):
+            signal.signal(signal.SIGTERM, own_handler)
     resources = ray.cluster_resources()
     alive = [n for n in ray.nodes() if n.get("Alive")]
     return ClusterInfo(
@@ -124,6 +131,14 @@ def start_ray(address: str | None = None) -> ClusterInfo:
         memory=resources.get("memory", 0.0),
         node_memory=max((n.get("Resources", {}).get("memory", 0.0) for n in alive), default=0.0),
     )
+
+
+def _sigterm_handler() -> Any:
+    """The SIGTERM handler Python code installed in this process, if any (only the main thread
+    may change handlers, and only there does Ray replace it)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.getsignal(signal.SIGTERM)
 
 
 def memory_request(unit_memory: int, cluster: ClusterInfo) -> int:
@@ -336,7 +351,7 @@ def run_units(
                 name=f"convert {unit.file_name}",
             ).remote(unit, context)
             in_flight[ref] = unit
-        done, _ = ray.wait(list(in_flight), num_returns=1)
+        done = wait_for_one(list(in_flight))
         for ref in done:
             unit = in_flight.pop(ref)
             try:
@@ -359,6 +374,27 @@ def run_units(
     if failures:
         raise ConversionFailed(sorted(failures, key=lambda f: f[0].index), not_started, stopped_by)
     return [results[u.index] for u in units]
+
+
+def wait_for_one(refs: list[Any]) -> list[Any]:
+    """`ray.wait` for the first of `refs` to finish, letting a signal's exception through whole.
+
+    Ray runs Python's signal handlers inside its wait and passes on a KeyboardInterrupt, but any
+    other exception a handler raises there comes out as a SystemError ("returned a result with an
+    exception set"): Prefect's SIGTERM handler (a TerminationSignal, during a flow run) did, and a
+    `kill` of a conversion printed that traceback instead of stopping it. The handler's exception
+    is raised as itself, so Prefect records the run as crashed and the CLI says how to resume.
+    """
+    import ray
+
+    try:
+        done, _ = ray.wait(refs, num_returns=1)
+    except SystemError as error:
+        raised = error.__cause__ or error.__context__
+        if isinstance(raised, BaseException) and not isinstance(raised, Exception):
+            raise raised from None
+        raise
+    return done
 
 
 def run_evaluation(cluster: ClusterInfo, original: str, quantized: str, **options: object) -> Evaluation:

@@ -17,6 +17,7 @@ from flows.execute import (
     memory_request,
     task_size,
     unit_failure_line,
+    wait_for_one,
     warn_oversized_units,
 )
 from flows.progress import printing_above_bars
@@ -60,7 +61,7 @@ def measure_units(
                     memory=memory_request(unit.memory_bytes, cluster), name=f"measure {unit.file_name}",
                 ).remote(unit, context)
                 in_flight[ref] = unit
-            done, _ = ray.wait(list(in_flight), num_returns=1)
+            done = wait_for_one(list(in_flight))
             for ref in done:
                 unit = in_flight.pop(ref)
                 bar.update(1)

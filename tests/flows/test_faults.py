@@ -82,6 +82,37 @@ def test_killed_driver_resumes_and_gives_identical_bytes(medium_llama, reference
     assert file_digests(open_storage(dest)) == reference
 
 
+def test_sigterm_stops_a_conversion_cleanly_and_the_rerun_resumes(medium_llama, tmp_path):
+    # What a scheduler (Kubernetes, Slurm, systemd) sends to stop a job, in the default Prefect
+    # mode. It printed a SystemError traceback (Prefect's TerminationSignal raised inside Ray's
+    # wait) and exited 1; without Prefect it exited 15 saying nothing.
+    from tests.flows.test_cli import processes_started_with
+
+    dest = tmp_path / "out"
+    command = _cli("convert", str(medium_llama), str(dest), "--scheme", "W4A16", "--shard-size", "2MB")
+    marker = f"QUANTFLEET_TEST_RUN={tmp_path.name}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PREFECT_API_URL": "",
+           "PREFECT_HOME": str(tmp_path / "prefect"), "QUANTFLEET_TEST_RUN": tmp_path.name}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list((dest / ".staging").glob("*/units/*.json")):
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, out + err
+    assert err.strip().splitlines()[-1] == "quantfleet: stopped (SIGTERM); re-run the same command to resume"
+    assert "Traceback" not in err, err
+    assert processes_started_with(marker) == []  # Ray and Prefect's server stopped with it
+    staged = len(list((dest / ".staging").glob("*/units/*.json")))
+    assert staged >= 1 and not (dest / "_QUANTFLEET_PUBLISHED.json").exists()
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    reused = int(rerun.stdout.split(" reused from an earlier run")[0].rsplit(" ", 1)[-1])
+    assert reused >= staged and (dest / "_QUANTFLEET_PUBLISHED.json").exists()
+
+
 def _kill_one_convert_worker(stop: threading.Event, killed: list[int]) -> None:
     """SIGKILL the first Ray worker process seen running a convert task."""
     while not stop.is_set() and not killed:
