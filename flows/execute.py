@@ -111,14 +111,20 @@ def start_ray(address: str | None = None) -> ClusterInfo:
         # ray.init replaces the process's SIGTERM handler with sys.exit(15): the CLI's own (stop
         # as Ctrl-C does, saying how to resume) is put back.
         own_handler = _sigterm_handler()
-        ray.init(
-            address=target,
-            include_dashboard=False,
-            log_to_driver=True,
-            logging_level=logging.WARNING,
-            # No runtime_env: workers import the project from the driver's environment, and a
-            # runtime_env (even env_vars alone) costs every first task its agent's set-up.
-        )
+        try:
+            ray.init(
+                address=target,
+                include_dashboard=False,
+                log_to_driver=True,
+                logging_level=logging.WARNING,
+                # No runtime_env: workers import the project from the driver's environment, and a
+                # runtime_env (even env_vars alone) costs every first task its agent's set-up.
+            )
+        except SystemExit as exit_:
+            # Ray's handler, in place while it starts (seconds), caught a SIGTERM meant for ours.
+            if exit_.code == signal.SIGTERM and callable(own_handler):
+                own_handler(signal.SIGTERM, None)
+            raise
         if callable(own_handler):
             signal.signal(signal.SIGTERM, own_handler)
     resources = ray.cluster_resources()

@@ -93,6 +93,21 @@ def test_sigterm_stops_a_conversion_cleanly_and_the_rerun_resumes(medium_llama, 
     marker = f"QUANTFLEET_TEST_RUN={tmp_path.name}"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PREFECT_API_URL": "",
            "PREFECT_HOME": str(tmp_path / "prefect"), "QUANTFLEET_TEST_RUN": tmp_path.name}
+    stopped = "quantfleet: stopped (SIGTERM); re-run the same command to resume"
+
+    # While Ray starts (seconds, under a handler of Ray's own that exited 15 silently): its GCS
+    # server, started by ray.init, is up.
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any("gcs_server" in _name(pid) for pid in processes_started_with(marker)):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, out + err
+    assert err.strip().splitlines()[-1] == stopped and "Traceback" not in err, err
+
+    # Mid-conversion, during the flow run.
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list((dest / ".staging").glob("*/units/*.json")):
@@ -101,8 +116,7 @@ def test_sigterm_stops_a_conversion_cleanly_and_the_rerun_resumes(medium_llama, 
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, out + err
-    assert err.strip().splitlines()[-1] == "quantfleet: stopped (SIGTERM); re-run the same command to resume"
-    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == stopped and "Traceback" not in err, err
     assert processes_started_with(marker) == []  # Ray and Prefect's server stopped with it
     staged = len(list((dest / ".staging").glob("*/units/*.json")))
     assert staged >= 1 and not (dest / "_QUANTFLEET_PUBLISHED.json").exists()
@@ -111,6 +125,13 @@ def test_sigterm_stops_a_conversion_cleanly_and_the_rerun_resumes(medium_llama, 
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     reused = int(rerun.stdout.split(" reused from an earlier run")[0].rsplit(" ", 1)[-1])
     assert reused >= staged and (dest / "_QUANTFLEET_PUBLISHED.json").exists()
+
+
+def _name(pid: int) -> str:
+    try:
+        return psutil.Process(pid).name()
+    except psutil.NoSuchProcess:
+        return ""
 
 
 def _kill_one_convert_worker(stop: threading.Event, killed: list[int]) -> None:
