@@ -108,25 +108,7 @@ def start_ray(address: str | None = None) -> ClusterInfo:
         # started on this machine, which is not what the CLI promises.
         target = address or os.environ.get("RAY_ADDRESS") or "local"
         _check_reachable(target)
-        # ray.init replaces the process's SIGTERM handler with sys.exit(15): the CLI's own (stop
-        # as Ctrl-C does, saying how to resume) is put back.
-        own_handler = _sigterm_handler()
-        try:
-            ray.init(
-                address=target,
-                include_dashboard=False,
-                log_to_driver=True,
-                logging_level=logging.WARNING,
-                # No runtime_env: workers import the project from the driver's environment, and a
-                # runtime_env (even env_vars alone) costs every first task its agent's set-up.
-            )
-        except SystemExit as exit_:
-            # Ray's handler, in place while it starts (seconds), caught a SIGTERM meant for ours.
-            if exit_.code == signal.SIGTERM and callable(own_handler):
-                own_handler(signal.SIGTERM, None)
-            raise
-        if callable(own_handler):
-            signal.signal(signal.SIGTERM, own_handler)
+        _init_keeping_sigterm_handler(target)
     resources = ray.cluster_resources()
     alive = [n for n in ray.nodes() if n.get("Alive")]
     return ClusterInfo(
@@ -139,12 +121,30 @@ def start_ray(address: str | None = None) -> ClusterInfo:
     )
 
 
-def _sigterm_handler() -> Any:
-    """The SIGTERM handler Python code installed in this process, if any (only the main thread
-    may change handlers, and only there does Ray replace it)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.getsignal(signal.SIGTERM)
+def _init_keeping_sigterm_handler(target: str) -> None:
+    """`ray.init` at `target`, keeping this process's SIGTERM handler: Ray replaces it with
+    sys.exit(15), silently, where the CLI's stops as Ctrl-C does and says how to resume. Only the
+    main thread has handlers to keep (and only there does Ray replace them)."""
+    import ray
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    own_handler = signal.getsignal(signal.SIGTERM) if main_thread else None
+    try:
+        ray.init(
+            address=target,
+            include_dashboard=False,
+            log_to_driver=True,
+            logging_level=logging.WARNING,
+            # No runtime_env: workers import the project from the driver's environment, and a
+            # runtime_env (even env_vars alone) costs every first task its agent's set-up.
+        )
+    except SystemExit as exit_:
+        # Ray's handler, in place while Ray starts (seconds), caught a SIGTERM meant for ours.
+        if exit_.code == signal.SIGTERM and callable(own_handler):
+            own_handler(signal.SIGTERM, None)
+        raise
+    if callable(own_handler):
+        signal.signal(signal.SIGTERM, own_handler)
 
 
 def memory_request(unit_memory: int, cluster: ClusterInfo) -> int:
