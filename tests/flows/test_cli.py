@@ -18,9 +18,10 @@ from flows.cli import bundled_model_path, main
 pytestmark = pytest.mark.usefixtures("local_ray")
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
+                          env={**os.environ, **(env or {})}, timeout=600, cwd=cwd)
 
 
 def test_help_explains_every_option(capsys) -> None:
@@ -154,6 +155,10 @@ def test_demo_converts_the_bundled_model_with_prefect_local_mode(tmp_path) -> No
     assert other.returncode == 2 and other.stderr.strip().endswith(
         ": W4A16 of file://" + bundled_model_path() + "); choose another destination (published versions "
         "are never overwritten)"), other.stdout + other.stderr
+    # Without a folder, each scheme's demo goes to its own (all of them went to ...-W4A16).
+    fp8 = run_cli("demo", "--scheme", "FP8", env=env, cwd=tmp_path)
+    assert fp8.returncode == 0, fp8.stdout + fp8.stderr
+    assert f"Published: file://{tmp_path}/out/all-minilm-l6-v2-FP8" in fp8.stdout, fp8.stdout
     # A published result is a compressed-tensors source: planned for dequantization, not refused.
     planned = run_cli("plan", str(tmp_path / "demo"), "--scheme", "W8A16")
     assert planned.returncode == 0 and "source: compressed-tensors" in planned.stdout, planned.stderr
