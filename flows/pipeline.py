@@ -23,10 +23,10 @@ from flows.finalize import REPORT_NAME, stage_model_files, stage_report_files, w
 from flows.gates import GateResult, QualityGateFailed, describe_failures, failed_gates, gate_results
 from flows.gguf_output.companion import gguf_half_context, gguf_staging_uri, with_gguf_plan
 from flows.plan import Plan, build_plan
+from flows.published import already_holds
 from flows.recipe import Recipe
 from flows.source_check import check_source_unchanged, file_tags, with_source_files
 from flows.sources import SourceError
-from infra.errors import AlreadyExists
 from infra.publish import Expected, is_published
 from infra.safetensors import INDEX_NAME, build_catalog, read_model_config
 from infra.storage import Storage, open_storage
@@ -178,10 +178,7 @@ def check_not_published(dest_uri: str) -> Storage:
     # Not made here: a run refused before it writes anything leaves no empty folder behind.
     dest = open_without_creating(dest_uri)
     if is_published(dest, ""):
-        raise AlreadyExists(
-            f"{dest.uri()}: already holds a published conversion; choose another destination "
-            "(published versions are never overwritten)"
-        )
+        raise already_holds(dest_uri)
     return dest
 
 

@@ -31,7 +31,7 @@ from infra.storage import open_storage
 
 __all__ = [
     "PublishedConversion", "published_conversion", "check_published_request", "check_same_plan",
-    "published_as_planned", "check_same_source",
+    "published_as_planned", "check_same_source", "already_holds",
 ]
 
 _NEVER_OVERWRITTEN = "choose another destination (published versions are never overwritten)"
@@ -82,9 +82,16 @@ def check_published_request(dest_uri: str, source_uri: str, recipe: Recipe) -> P
             and published.recipe == recipe.model_dump(mode="json")
             and published.tool_version == TOOL_VERSION)
     if not same:
-        raise AlreadyExists(f"{published.dest_uri}: already holds a published conversion "
-                            f"({published.describe()}); {_NEVER_OVERWRITTEN}")
+        raise already_holds(dest_uri, published)
     return published
+
+
+def already_holds(dest_uri: str, published: PublishedConversion | None = None) -> AlreadyExists:
+    """The refusal of a destination that holds a published conversion, naming it."""
+    published = published or published_conversion(dest_uri)
+    what = f" ({published.describe()})" if published is not None else ""
+    return AlreadyExists(f"{open_storage(dest_uri).uri()}: already holds a published conversion{what}; "
+                         f"{_NEVER_OVERWRITTEN}")
 
 
 def check_same_plan(published: PublishedConversion, plan: Plan) -> None:

@@ -559,3 +559,7 @@ def test_a_run_beaten_to_the_commit_by_the_same_command_finds_its_own_conversion
     assert found is not None and found.plan_id == plan.plan_id
     other = plan_conversion(str(checkpoint), Recipe.preset("FP8"), shard_size=50_000_000)
     assert published_as_planned(dest, other) is None
+    # Another conversion's run, at any of its steps, is told what holds the destination.
+    with pytest.raises(AlreadyExists, match=r"already holds a published conversion \(plan [0-9a-f]{16}: "
+                                            r"W8A16 of file://"):
+        convert_units(other, dest)
