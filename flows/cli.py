@@ -767,6 +767,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Every request Prefect's client makes to its server, at INFO (a third of -v's lines, some of
+    # them "422 Unprocessable Entity" that Prefect expects): not what -v is for.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, single-user cluster
     # An empty PREFECT_API_URL means no server (a temporary one), but Prefect's events worker takes
     # any string for a server's address and fails on every event it emits, each with a traceback.

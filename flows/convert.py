@@ -46,7 +46,7 @@ def plan_task(source: str, recipe: Recipe, shard_size: int, ray_address: str | N
               device: str = "auto") -> Plan:
     plan = plan_conversion(source, recipe, shard_size=shard_size, ray_address=ray_address, device=device)
     get_run_logger().info(
-        "plan %s: %d tensors in %d units, %.1f MiB in -> %.1f MiB out",
+        "plan %s: %d tensors in %d unit(s), %.1f MiB in -> %.1f MiB out",
         plan.plan_id, sum(len(u.jobs) for u in plan.units), len(plan.units),
         plan.bytes_in / 2**20, plan.bytes_out / 2**20,
     )
@@ -65,7 +65,7 @@ def convert_task(
     logger.info("Ray: %d node(s), %g CPUs, %g GPUs", cluster.nodes, cluster.cpus, cluster.gpus)
     results = convert_units(plan, dest, cluster=cluster, device=device, on_done=progress_hook())
     reused = sum(1 for r in results if r.reused)
-    logger.info("%d units converted, %d already done by an earlier run", len(results) - reused, reused)
+    logger.info("%d unit(s) converted, %d already done by an earlier run", len(results) - reused, reused)
     return results
 
 

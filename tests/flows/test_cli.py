@@ -164,6 +164,19 @@ def test_demo_converts_the_bundled_model_with_prefect_local_mode(tmp_path) -> No
     assert planned.returncode == 0 and "source: compressed-tensors" in planned.stdout, planned.stderr
 
 
+def test_verbose_shows_the_run_without_every_http_request(minilm, tmp_path) -> None:
+    import ray
+
+    # PREFECT_LOGGING_LEVEL: whatever an in-process CLI call of another test left in this process's
+    # environment (without -v the CLI sets WARNING), the child logs Prefect's INFO records.
+    env = {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": "", "PREFECT_LOGGING_LEVEL": "INFO",
+           "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    result = run_cli("-v", "convert", minilm, str(tmp_path / "out"), "--scheme", "W8A16", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "start-up: planned at" in result.stderr and "prefect.flow_runs" in result.stderr, result.stderr
+    assert "HTTP Request:" not in result.stderr, result.stderr  # was a third of the lines
+
+
 def test_a_published_destination_takes_only_the_command_that_published_it(minilm, tmp_path, capsys) -> None:
     source = tmp_path / "source"
     shutil.copytree(minilm, source)
