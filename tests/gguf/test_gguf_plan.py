@@ -35,6 +35,18 @@ def test_recipe_takes_gguf_types_only_and_refuses_what_does_not_apply(tmp_path) 
     assert "format" not in Recipe.preset("W4A16").plan_key()
 
 
+def test_format_gguf_without_a_scheme_plans_q4_k_m(llama, capsys) -> None:
+    # The compressed-tensors default (W4A16) was refused: "scheme 'W4A16' is not a GGUF type".
+    from flows.cli import main
+
+    assert main(["plan", str(llama), "--format", "gguf"]) == 0
+    assert "GGUF Q4_K_M" in capsys.readouterr().out
+    assert main(["plan", str(llama), "--format", "gguf", "--scheme", "Q8_0"]) == 0
+    assert "GGUF Q8_0" in capsys.readouterr().out
+    assert main(["plan", str(llama)]) == 0
+    assert "recipe: W4A16" in capsys.readouterr().out
+
+
 def test_plan_follows_llama_cpp_q4_k_m_rules(llama) -> None:
     plan = plan_conversion(str(llama), Recipe.preset("Q4_K_M", format="gguf"), shard_size=1 << 40)
     types = {job.gguf.name: job.gguf.type_name for job in plan.jobs() if job.gguf is not None}
