@@ -349,10 +349,25 @@ def _with_evaluation(recipe, args: argparse.Namespace):  # noqa: ANN001, ANN202
 
 def _cmd_schemes() -> int:
     from quantizers import PRESETS
+    from quantizers.gguf import GGUF_TYPES
+    from quantizers.gguf.mixes import GGUF_SCHEMES, MIXES
 
     print(f"{'scheme':<12} {'format':<22} {'stores':<28} bits/weight")
     for name, scheme in PRESETS.items():
         print(f"{name:<12} {scheme.format:<22} {scheme.describe():<28} {scheme.bits_per_weight:.2f}")
+    print("\nGGUF types, for llama.cpp (--format gguf --scheme TYPE, or --gguf TYPE beside the above):")
+    print(f"{'scheme':<12} {'stores':<60} bits/weight")
+    for name in GGUF_SCHEMES:
+        if name in MIXES:
+            base, more = GGUF_TYPES[MIXES[name]], GGUF_TYPES["Q6_K"]
+            stores = f"{base.name}; Q6_K for the output and some layers' attn_v, ffn_down"
+            bits = f"{base.bits_per_weight:.2f} / {more.bits_per_weight:.2f}"
+        else:
+            kind = GGUF_TYPES[name]
+            stores = ({"F16": "float16", "BF16": "bfloat16"}.get(name, name) if not kind.is_quantized
+                      else f"blocks of {kind.block_size} weights in {kind.type_size} bytes")
+            bits = f"{kind.bits_per_weight:.2f}"
+        print(f"{name:<12} {stores:<60} {bits}")
     return 0
 
 

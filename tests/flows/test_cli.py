@@ -33,6 +33,14 @@ def test_help_explains_every_option(capsys) -> None:
         assert option in text
 
 
+def test_schemes_lists_the_gguf_types_too(capsys) -> None:
+    assert main(["schemes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in lines if line.strip()}
+    assert rows["W4A16"].endswith("4.12") and rows["Q8_0"].endswith("8.50")
+    assert rows["Q4_K_M"].endswith("4.50 / 6.56") and rows["BF16"].endswith("16.00")
+
+
 def test_version_is_the_one_plans_and_manifests_record(capsys) -> None:
     from flows.plan import TOOL_VERSION
 
