@@ -481,12 +481,11 @@ def _run_convert(source: str, dest: str, recipe, args: argparse.Namespace, use_p
 
 def _convert_with(server, source: str, dest: str, recipe, args: argparse.Namespace,  # noqa: ANN001
                   use_prefect: bool, started: float) -> int:
-    from tqdm import tqdm
 
     from flows.disk_space import check_free_space
     from flows.execute import start_ray
     from flows.pipeline import plan_conversion, warm_workers_for
-    from flows.progress import printing_above_bars, reporting_progress
+    from flows.progress import printing_above_bars, progress_bar, reporting_progress
     from flows.published import check_published_request, check_same_plan, published_as_planned
     from infra.errors import AlreadyExists
 
@@ -508,14 +507,15 @@ def _convert_with(server, source: str, dest: str, recipe, args: argparse.Namespa
     warm_workers_for(plan, cluster, getattr(args, "device", "auto"))
     _startup_log.info("start-up: workers warm at %.1f s", time.perf_counter() - started)
     units = len(plan.units) + (len(plan.gguf.units) if plan.gguf is not None else 0)
-    bar = tqdm(total=plan.bytes_in + (plan.gguf.bytes_in if plan.gguf is not None else 0), unit="B",
-               unit_scale=True, unit_divisor=1024, desc=f"converting {units} units", dynamic_ncols=True)
+    bar = progress_bar(total=plan.bytes_in + (plan.gguf.bytes_in if plan.gguf is not None else 0), unit="B",
+                       unit_scale=True, unit_divisor=1024, desc=f"converting {units} units")
     done = {"units": 0, "reused": 0}
 
     def on_done(unit, result) -> None:  # noqa: ANN001
         done["units"] += 1
         done["reused"] += int(result.reused)
-        bar.set_postfix_str(f"units {done['units']}/{units}, reused {done['reused']}")
+        # Drawn by the update below, at the bar's own pace (in a log: every 30 s, not every unit).
+        bar.set_postfix_str(f"units {done['units']}/{units}, reused {done['reused']}", refresh=False)
         bar.update(unit.bytes_in)
 
     if use_prefect:
@@ -738,8 +738,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    from flows.progress import progress_bar
     from flows.versions import published_bytes, published_versions, verify_version
 
     if args.parallel < 1:
@@ -747,8 +746,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     versions = published_versions(args.uri)
     total = sum(published_bytes(storage, prefix) for storage, prefix, _ in versions)
     reports = []
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verifying",
-              disable=args.quiet, dynamic_ncols=True) as bar:
+    with progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verifying",
+                      disable=args.quiet) as bar:
         for storage, prefix, manifest_sha in versions:
             reports.append(verify_version(storage, prefix, manifest_sha256=manifest_sha,
                                           on_bytes=bar.update, parallel=args.parallel))

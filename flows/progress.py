@@ -17,7 +17,7 @@ from typing import Any, TextIO
 from workers.records import UnitResult
 from workers.units import WorkUnit
 
-__all__ = ["UnitHook", "printing_above_bars", "progress_hook", "reporting_progress"]
+__all__ = ["UnitHook", "printing_above_bars", "progress_bar", "progress_hook", "reporting_progress"]
 
 UnitHook = Callable[[WorkUnit, UnitResult], None]
 
@@ -41,6 +41,41 @@ def reporting_progress(hook: UnitHook) -> Iterator[None]:
     finally:
         _hook.reset(token)
         _global_hook.remove(hook)
+
+
+# Where no one watches a bar redraw in place (a scheduler's or CI's log, a file), how often it
+# writes a line: carriage-return redraws reach such a log as one line, at the end of the run.
+LOG_INTERVAL_S = 30.0
+
+
+def progress_bar(**options: Any) -> Any:
+    """A tqdm bar on stderr (`options`: tqdm's). On a terminal it redraws in place; elsewhere each
+    redraw is a line of its own, at most every LOG_INTERVAL_S and once at the end."""
+    from tqdm import tqdm
+
+    if sys.stderr.isatty():
+        return tqdm(file=sys.stderr, dynamic_ncols=True, **options)
+    return tqdm(file=_RedrawsAsLines(sys.stderr), mininterval=LOG_INTERVAL_S, ncols=100, **options)
+
+
+class _RedrawsAsLines:
+    """A stream for a bar that is not on a terminal: each redraw ("\r" + the bar) becomes a line,
+    and a redraw that repeats the last line or only clears it is dropped."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.last = ""
+
+    def write(self, text: str) -> int:
+        line = text.replace("\r", "").rstrip()
+        if line and line != self.last:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            self.last = line
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 class _AboveBars(logging.Handler):

@@ -7,7 +7,6 @@ same `ConversionFailed` a conversion raises (one line per unit).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 from flows.execute import (
@@ -20,7 +19,7 @@ from flows.execute import (
     wait_for_one,
     warn_oversized_units,
 )
-from flows.progress import printing_above_bars
+from flows.progress import printing_above_bars, progress_bar
 from workers.measure_unit import MeasureContext, TensorMeasure
 from workers.units import WorkUnit
 
@@ -37,7 +36,6 @@ def measure_units(
 ) -> dict[str, TensorMeasure]:
     """{tensor name: its errors per candidate} over every unit; raises ConversionFailed listing failures."""
     import ray
-    from tqdm import tqdm
 
     from workers.ray_task import measure_unit_remote
 
@@ -51,8 +49,8 @@ def measure_units(
     in_flight: dict[ray.ObjectRef, WorkUnit] = {}
     errors: dict[str, TensorMeasure] = {}
     failures: list[tuple[WorkUnit, str]] = []
-    with tqdm(total=len(work), desc=f"measuring {len(context.candidates)} candidates", unit="unit",
-              file=sys.stderr, dynamic_ncols=True, leave=False) as bar, printing_above_bars():
+    with progress_bar(total=len(work), desc=f"measuring {len(context.candidates)} candidates", unit="unit",
+                      leave=False) as bar, printing_above_bars():
         while pending or in_flight:
             while pending and len(in_flight) < limit:
                 unit = pending.pop()

@@ -18,10 +18,16 @@ from flows.cli import bundled_model_path, main
 pytestmark = pytest.mark.usefixtures("local_ray")
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600, cwd=cwd)
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+            raw_newlines: bool = False) -> subprocess.CompletedProcess[str]:
+    """The CLI in its own process; `raw_newlines` keeps carriage returns (text mode turns them
+    into newlines)."""
+    result = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True,
+                            env={**os.environ, **(env or {})}, timeout=600, cwd=cwd)
+    decoded = [stream.decode(errors="replace") for stream in (result.stdout, result.stderr)]
+    if not raw_newlines:
+        decoded = [text.replace("\r\n", "\n").replace("\r", "\n") for text in decoded]
+    return subprocess.CompletedProcess(result.args, result.returncode, *decoded)
 
 
 def test_help_explains_every_option(capsys) -> None:
