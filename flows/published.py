@@ -31,7 +31,7 @@ from infra.storage import open_storage
 
 __all__ = [
     "PublishedConversion", "published_conversion", "check_published_request", "check_same_plan",
-    "published_as_planned", "check_same_source", "already_holds",
+    "published_as_planned", "check_same_source", "current_identity", "already_holds",
 ]
 
 _NEVER_OVERWRITTEN = "choose another destination (published versions are never overwritten)"
@@ -104,13 +104,20 @@ def check_same_plan(published: PublishedConversion, plan: Plan) -> None:
             f"{plan.plan_id}); {_CHANGED_SOURCE}")
 
 
-def check_same_source(published: PublishedConversion, source_uri: str) -> None:
-    """Refuse a request that matches the published one but whose source's files changed since."""
+def current_identity(source_uri: str) -> str:
+    """The source's identity as a plan records it (file keys, sizes, ETags): headers only."""
     source = open_storage(source_uri)
     catalog = build_catalog(source)
-    if source_identity(catalog, file_tags(source, catalog.files)) != published.source_identity:
+    return source_identity(catalog, file_tags(source, catalog.files))
+
+
+def check_same_source(published: PublishedConversion, identity: str, source_uri: str) -> None:
+    """Refuse a request that matches the published one but whose source (now `identity`,
+    `current_identity`) changed since."""
+    if identity != published.source_identity:
         raise AlreadyExists(f"{published.dest_uri}: already holds this recipe's conversion of an earlier "
-                            f"state of {source.uri()} (plan {published.plan_id}); {_CHANGED_SOURCE}")
+                            f"state of {open_storage(source_uri).uri()} (plan {published.plan_id}); "
+                            f"{_CHANGED_SOURCE}")
 
 
 def published_as_planned(dest_uri: str, plan: Plan) -> PublishedConversion | None:

@@ -22,7 +22,7 @@ from flows.charts import scatter_chart
 from flows.destination import check_destination
 from flows.eval_inputs import check_evaluation_inputs
 from flows.finalize import MANIFEST_NAME
-from flows.published import check_published_request, check_same_source
+from flows.published import check_published_request, check_same_source, current_identity
 from flows.recipe import Recipe
 from flows.source_eval import source_model
 from infra.storage import open_storage
@@ -162,13 +162,15 @@ def run_sweep(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points = []
+    identity = ""  # the model's, once a published point is to be reused
     for scheme, recipe in zip(schemes, recipes, strict=True):
         dest = out / scheme.upper()
         # A point of an earlier sweep of this model is reused; another model's, or one converted
         # from an earlier state of this one, is refused (its figures would be charted as this one's).
         published = check_published_request(str(dest), model, recipe)
         if published is not None:
-            check_same_source(published, model)
+            identity = identity or current_identity(model)  # read once for every reused point
+            check_same_source(published, identity, model)
             _log.info("%s: already converted at %s; reusing it", scheme, dest)
         else:
             run_conversion(model, str(dest), recipe, shard_size=shard_size, ray_address=ray_address,
