@@ -25,7 +25,8 @@ from workers.units import WorkUnit
 __all__ = [
     "ClusterError", "ClusterInfo", "ConversionFailed", "check_device", "start_ray", "run_units",
     "run_evaluation", "unit_concurrency", "warm_workers", "unit_threads", "TaskSize", "task_size",
-    "memory_request", "warn_oversized_units", "unit_failure_line", "wait_for_one",
+    "memory_request", "warn_oversized_units", "unit_failure_line", "wait_for_one", "run_queue",
+    "QueueOutcome",
 ]
 
 _log = logging.getLogger(__name__)
@@ -39,19 +40,37 @@ READ_CONCURRENCY_ENV = "QUANTFLEET_READ_CONCURRENCY"
 
 
 class ConversionFailed(Exception):
-    """Some units failed for good; the message lists every failure."""
+    """Some units failed for good; the message lists every failure. `stopped_by`: the failure
+    every unit would meet that stopped the queue, `not_started` units before they began;
+    `staged`: finished units stay staged for the re-run (the measure pass keeps nothing)."""
 
     def __init__(self, failures: list[tuple[WorkUnit, str]], not_started: int = 0,
-                 stopped_by: FailsEveryUnit | None = None) -> None:
+                 stopped_by: FailsEveryUnit | None = None, *, staged: bool = True) -> None:
         self.failures = failures
         self.not_started = not_started
         lines = [f"{len(failures)} unit(s) failed:"]
         lines += [f"  - {message}" for _, message in failures]
         if stopped_by is not None:
-            lines.append(f"  - {not_started} more unit(s) not started: {stopped_by.reason}. The units "
-                         f"finished before stay staged: {stopped_by.remedy} and run the same command "
-                         "again to resume")
+            kept = ("The units finished before stay staged: {} and run the same command again to resume"
+                    if staged else "Nothing was converted: {} and run the same command again")
+            stopped = f"{not_started} more unit(s) not started: " if not_started else ""
+            lines.append(f"  - {stopped}{stopped_by.reason}. " + kept.format(stopped_by.remedy))
         super().__init__("\n".join(lines))
+
+
+class QueueOutcome(NamedTuple):
+    """What `run_queue` gathered: each finished unit's result by unit index, and the failures."""
+
+    results: dict[int, Any]
+    failures: list[tuple[WorkUnit, str]]
+    not_started: int  # units never started: a FailsEveryUnit stopped the queue
+    stopped_by: FailsEveryUnit | None
+
+    def raise_failures(self, *, staged: bool = True) -> None:
+        """Raise ConversionFailed listing every failure, in plan order (nothing when none)."""
+        if self.failures:
+            raise ConversionFailed(sorted(self.failures, key=lambda f: f[0].index), self.not_started,
+                                   self.stopped_by, staged=staged)
 
 
 class ClusterInfo(BaseModel):
@@ -329,8 +348,6 @@ def run_units(
     on_done: Callable[[WorkUnit, UnitResult], None] | None = None,
 ) -> list[UnitResult]:
     """Run every unit on the cluster; raise ConversionFailed listing all failures at the end."""
-    import ray
-
     from workers.ray_task import convert_unit_remote
 
     check_device(context.device, cluster)
@@ -340,23 +357,44 @@ def run_units(
     if os.environ.get(READ_CONCURRENCY_ENV):
         context = context.model_copy(update={"read_concurrency": _env_int(READ_CONCURRENCY_ENV, 8)})
     warn_oversized_units(units, cluster)
+
+    def submit(unit: WorkUnit) -> Any:
+        return convert_unit_remote.options(
+            num_cpus=size.threads,
+            num_gpus=size.num_gpus,
+            memory=memory_request(unit.memory_bytes, cluster),
+            name=f"convert {unit.file_name}",
+        ).remote(unit, context)
+
+    outcome = run_queue(units, submit, limit, on_done=on_done)
+    outcome.raise_failures()
+    return [outcome.results[u.index] for u in units]
+
+
+def run_queue(
+    units: Sequence[WorkUnit],
+    submit: Callable[[WorkUnit], Any],
+    limit: int,
+    *,
+    on_done: Callable[[WorkUnit, Any], None] | None = None,
+    on_settled: Callable[[WorkUnit], None] | None = None,
+) -> QueueOutcome:
+    """Submit units in plan order (`submit` returns the task's ObjectRef), at most `limit` in
+    flight; gather each result and each failure. `on_done` sees each result as it comes,
+    `on_settled` each unit that finished or failed. A FailsEveryUnit starts no further unit."""
+    import ray
+
     pending = list(units)
     pending.reverse()  # pop() from the end takes units in plan order
     in_flight: dict[ray.ObjectRef, WorkUnit] = {}
-    results: dict[int, UnitResult] = {}
+    results: dict[int, Any] = {}
     failures: list[tuple[WorkUnit, str]] = []
     not_started = 0
     stopped_by: FailsEveryUnit | None = None  # the failure that stopped the queue
     while pending or in_flight:
         while pending and len(in_flight) < limit:
             unit = pending.pop()
-            ref = convert_unit_remote.options(
-                num_cpus=size.threads,
-                num_gpus=size.num_gpus,
-                memory=memory_request(unit.memory_bytes, cluster),
-                name=f"convert {unit.file_name}",
-            ).remote(unit, context)
-            in_flight[ref] = unit
+            in_flight[submit(unit)] = unit
         done = wait_for_one(list(in_flight))
         for ref in done:
             unit = in_flight.pop(ref)
@@ -373,13 +411,13 @@ def run_units(
                     stopped_by = stopped_by or cause
                     not_started += len(pending)
                     pending.clear()
-                continue
-            results[unit.index] = result
-            if on_done is not None:
-                on_done(unit, result)
-    if failures:
-        raise ConversionFailed(sorted(failures, key=lambda f: f[0].index), not_started, stopped_by)
-    return [results[u.index] for u in units]
+            else:
+                results[unit.index] = result
+                if on_done is not None:
+                    on_done(unit, result)
+            if on_settled is not None:
+                on_settled(unit)
+    return QueueOutcome(results, failures, not_started, stopped_by)
 
 
 def wait_for_one(refs: list[Any]) -> list[Any]:

@@ -11,7 +11,7 @@ from infra.sizes import format_size
 
 __all__ = [
     "ConversionError", "CredentialsRefused", "DestinationUnwritable", "FailsEveryUnit", "OutOfSpace",
-    "TensorQualityError", "UnitFailed", "out_of_space", "shared_failure",
+    "TensorQualityError", "UnitFailed", "credentials_refused", "out_of_space", "shared_failure",
 ]
 
 # A full disk, or this user's quota on it spent: no later unit can write there either.
@@ -97,6 +97,13 @@ def _within(filename: object, folders: list[Path]) -> bool:
     return any(path == folder or folder in path.parents for folder in folders)
 
 
+def credentials_refused(error: BaseException, unit: str) -> CredentialsRefused | None:
+    """`error` as a CredentialsRefused naming `unit` when storage rejected the credentials behind
+    it (an expired session token, a deleted key); None otherwise."""
+    seen = next((e for e in _chain(error) if isinstance(e, CredentialsRejected)), None)
+    return None if seen is None else CredentialsRefused(f"unit {unit}: {seen}")
+
+
 def shared_failure(
     error: BaseException, unit: str, staging_uri: str, folders: list[Path]
 ) -> FailsEveryUnit | None:
@@ -105,9 +112,10 @@ def shared_failure(
     the local `folders` the unit writes in, staging on local disk and the scratch folder
     (DestinationUnwritable). None for anything else, a source object or file that cannot be read
     included (other units may read theirs)."""
+    refused = credentials_refused(error, unit)
+    if refused is not None:
+        return refused
     for cause in _chain(error):
-        if isinstance(cause, CredentialsRejected):
-            return CredentialsRefused(f"unit {unit}: {cause}")
         if isinstance(cause, OSError) and cause.errno in _NO_WRITE and _within(cause.filename, folders):
             return DestinationUnwritable(f"unit {unit}: {cause.strerror or cause} writing in "
                                          f"{Path(cause.filename).parent}")

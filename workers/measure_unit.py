@@ -20,7 +20,7 @@ from quantizers import QuantScheme, quantize
 from quantizers.errors import InvalidWeightError, UnsupportedSchemeError
 from quantizers.kernels import COMPILE_MIN_ELEMENTS, compile_floor
 from workers.batched_reads import BatchedReader
-from workers.errors import UnitFailed
+from workers.errors import CredentialsRefused, UnitFailed, credentials_refused
 from workers.source_read import read_dense
 from workers.units import WorkUnit
 
@@ -68,7 +68,22 @@ def _device(preference: str) -> torch.device:
 
 
 def measure_unit(unit: WorkUnit, ctx: MeasureContext) -> tuple[TensorMeasure, ...]:
-    """Each quantized job of `unit` measured under every candidate; reads only the unit's tensors."""
+    """Each quantized job of `unit` measured under every candidate; reads only the unit's tensors.
+
+    Credentials the storage rejects fail the unit as a CredentialsRefused (a FailsEveryUnit: the
+    driver then measures no further unit, as convert's does)."""
+    try:
+        return _measure_unit(unit, ctx)
+    except CredentialsRefused:
+        raise
+    except Exception as error:
+        refused = credentials_refused(error, f"{unit.index} ({unit.file_name})")
+        if refused is None:
+            raise
+        raise refused from error
+
+
+def _measure_unit(unit: WorkUnit, ctx: MeasureContext) -> tuple[TensorMeasure, ...]:
     source = open_storage(ctx.source_uri)
     device = _device(ctx.device)
     jobs = [job for job in unit.jobs if job.scheme is not None and not job.passthrough]

@@ -1,4 +1,5 @@
-"""Faults: a killed driver resumes, a killed worker is retried, units run across Ray nodes.
+"""Faults: a killed driver resumes, a killed worker is retried, units run across Ray nodes,
+credentials that expire mid-run stop it.
 
 These start their own Ray (a multi-node local cluster, or a CLI subprocess), so the session's
 local Ray is shut down first.
@@ -17,10 +18,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flows.pipeline import run_conversion
+from flows.pipeline import plan_conversion, run_conversion
 from flows.recipe import Recipe
 from infra.storage import open_storage
-from tests.flows.conftest import file_digests
+from tests.flows.conftest import file_digests, upload_dir
+from tests.flows.test_cli import run_cli
+from tests.infra.fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.slow
 
@@ -185,3 +188,40 @@ def test_units_spread_over_nodes_and_a_killed_worker_is_retried(medium_llama, re
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.mark.parametrize(("budget", "kept"), [
+    (("--target-bits", "5"), "Nothing was converted: renew them (a session token expires after its set "
+                             "hours) and run the same command again"),
+    (("--scheme", "W8A16"), "The units finished before stay staged: renew them (a session token expires "
+                            "after its set hours) and run the same command again to resume"),
+], ids=["measuring", "converting"])
+def test_credentials_that_expire_mid_run_stop_it_in_one_clear_message(
+    tiny_llama, s3, tmp_path, budget, kept  # noqa: ANN001
+) -> None:
+    # A session token (STS, SSO) runs out hours into a run on object storage: every read is then
+    # refused. The run stops at the first unit that says so, in one message that says why and what
+    # to do; the units still queued are not started. Mixed precision measures first (nothing staged
+    # yet), a plain scheme converts at once. The CLI's own Ray, so its workers read through the proxy.
+
+    source = f"s3://{s3.create_bucket()}/llama"
+    upload_dir(tiny_llama, open_storage(source))
+    shard = 200_000  # 7 units to measure, 13 to convert: more than run at once on 2 cores
+    mixed = budget[0] == "--target-bits"
+    plan = plan_conversion(source, Recipe.preset("W4A16" if mixed else budget[1]), shard_size=shard)
+    units = sum(1 for u in plan.units if not mixed or any(j.scheme is not None for j in u.jobs))
+    dest = tmp_path / "out"
+    with FaultProxy(s3.host, s3.port) as proxy:
+        # Planning reads each file's header (from byte 0) and succeeds; every tensor read is refused.
+        proxy.add("expired", method="GET", path=r"\.safetensors", range=r"bytes=[1-9]", times=10_000)
+        env = {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": "",
+               "QUANTFLEET_S3_ENDPOINT_URL": proxy.endpoint_url, "RAY_ADDRESS": ""}
+        result = run_cli("convert", source, str(dest), *budget, "--shard-size", str(shard), env=env)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("  - ")]
+    failed = [line for line in lines if line.endswith("ExpiredToken: The provided token has expired.")]
+    assert 1 <= len(failed) < units and len(lines) == len(failed) + 1, result.stderr  # the run stopped
+    assert lines[-1] == (f"  - {units - len(failed)} more unit(s) not started: the storage refuses the "
+                         f"credentials. {kept}"), result.stderr
+    assert not (dest / "_QUANTFLEET_PUBLISHED.json").exists()

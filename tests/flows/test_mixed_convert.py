@@ -162,3 +162,31 @@ def test_a_size_budget_below_what_the_kept_tensors_take_is_refused(tiny_llama, t
     assert err[-1].startswith("quantfleet: error: budget of 1 MB in all (1000000 bytes) is below "
                               "the smallest the candidates can store: "), err
     assert re.search(r"store: [0-9.]+ MB in all \([0-9]+ bytes, every tensor", err[-1]), err
+
+
+def test_a_session_token_that_expires_while_measuring_fails_the_unit_in_a_way_that_stops_the_pass(
+    tiny_llama, s3, monkeypatch  # noqa: ANN001
+) -> None:
+    # The measure pass reads every quantized tensor of a checkpoint on object storage, for an hour
+    # on a 1T model: a session token can run out during it. Its unit says so in a way that stops the
+    # pass (a FailsEveryUnit), as a converting unit does, not as one more unit that failed.
+    from tests.flows.conftest import upload_dir
+    from tests.infra.fault_proxy import FaultProxy
+    from workers.errors import CredentialsRefused
+    from workers.measure_unit import MeasureContext, measure_unit
+
+    source = f"s3://{s3.create_bucket()}/llama"
+    upload_dir(tiny_llama, open_storage(source))
+    plan = plan_conversion(source, Recipe.preset("W4A16"), shard_size=SHARD)
+    choices = Recipe.preset("W4A16", target_bits=5.0).candidate_choices()
+    context = MeasureContext(source_uri=source, candidates=tuple(c.resolve() for c in choices),
+                             methods=tuple(c.method for c in choices), device="cpu")
+    unit = next(u for u in plan.units if any(j.scheme is not None for j in u.jobs))
+    with FaultProxy(s3.host, s3.port) as proxy:
+        monkeypatch.setenv("QUANTFLEET_S3_ENDPOINT_URL", proxy.endpoint_url)
+        proxy.add("expired", method="GET", times=1000)
+        with pytest.raises(CredentialsRefused) as failed:
+            measure_unit(unit, context)
+    assert str(failed.value).startswith(f"unit {unit.index} ({unit.file_name}): {source}/"), failed.value
+    assert str(failed.value).endswith("ExpiredToken: The provided token has expired.")
+

@@ -1,6 +1,7 @@
 """A small loopback HTTP proxy in front of moto that injects S3 faults on request.
 
-Rules fire a bounded number of times on requests matching (method, path/query regex):
+Rules fire a bounded number of times on requests matching (method, path/query regex, and
+optionally a Range header regex: a header read starts at byte 0, a tensor read further on):
   "503"       -> 503 ServiceUnavailable (transient)
   "slowdown"  -> 503 SlowDown (throttling, transient)
   "403"       -> 403 AccessDenied (permanent)
@@ -38,13 +39,15 @@ class Rule:
     method: str = ".*"
     path: str = ".*"  # regex searched in "path?query"
     times: int = 1  # how many matching requests it hits
+    range: str | None = None  # regex searched in the Range header (None: any request, ranged or not)
     hits: int = 0
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, range_header: str | None = None) -> bool:
         return (
             self.hits < self.times
             and re.fullmatch(self.method, method) is not None
             and re.search(self.path, path) is not None
+            and (self.range is None or re.search(self.range, range_header or "") is not None)
         )
 
 
@@ -86,8 +89,9 @@ class FaultProxy:
         host, port = self.server.server_address[:2]
         return f"http://{host!s}:{port}"
 
-    def add(self, action: Action, *, method: str = ".*", path: str = ".*", times: int = 1) -> Rule:
-        rule = Rule(action=action, method=method, path=path, times=times)
+    def add(self, action: Action, *, method: str = ".*", path: str = ".*", times: int = 1,
+            range: str | None = None) -> Rule:
+        rule = Rule(action=action, method=method, path=path, times=times, range=range)
         with self.lock:
             self.rules.append(rule)
         return rule
@@ -105,7 +109,7 @@ class FaultProxy:
         with self.lock:
             self.seen.append(seen)
             for rule in self.rules:
-                if rule.matches(method, path):
+                if rule.matches(method, path, seen.headers.get("range")):
                     rule.hits += 1
                     seen.fault = rule.action
                     return rule
