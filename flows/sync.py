@@ -9,8 +9,11 @@ beside the report, and LATEST is moved once the version is committed (flows/vers
 
 Pairs run one after another, or up to `max_parallel` at once; one failing pair never stops the
 others, and the summary (returned, and a Prefect artifact) lists what was converted, skipped and
-failed, and why. Two overlapping runs that convert the same version publish it once: the second
-commit finds the marker (conditional write) and reports the pair as skipped.
+failed, and why. A checkpoint whose shards are not all there yet (an upload in progress: the
+index names a missing file, or `-00003-of-00005` has no sibling 5) is incomplete, not failed: the
+run succeeds and a later one converts it. Two overlapping runs that convert the same version
+publish it once: the second commit finds the marker (conditional write) and reports the pair as
+skipped.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from flows.pipeline import (
 from flows.plan import Plan
 from flows.recipe import Recipe
 from flows.versions import Checkpoint, find_checkpoints, move_latest, utc_now, version_prefix
+from infra.errors import MissingShardError
 from infra.publish import Expected, is_published
 from infra.storage import open_storage
 from workers.evaluation import Evaluation
@@ -80,7 +84,7 @@ class SyncOutcome(BaseModel):
     model: str
     recipe: str
     source_uri: str
-    status: Literal["converted", "skipped", "failed"]
+    status: Literal["converted", "skipped", "incomplete", "failed"]
     reason: str
     version: str | None = None
     dest_uri: str | None = None
@@ -110,9 +114,14 @@ class SyncSummary(BaseModel):
     def failed(self) -> list[SyncOutcome]:
         return self.of("failed")
 
+    @property
+    def incomplete(self) -> list[SyncOutcome]:
+        return self.of("incomplete")
+
     def headline(self) -> str:
+        waiting = f", {len(self.incomplete)} incomplete" if self.incomplete else ""
         return (f"sync {self.source_uri} -> {self.dest_uri}: {len(self.converted)} converted, "
-                f"{len(self.skipped)} skipped, {len(self.failed)} failed")
+                f"{len(self.skipped)} skipped, {len(self.failed)} failed{waiting}")
 
     def markdown(self) -> str:
         lines = [f"# {self.headline()}", "", "| model | recipe | status | version | why |",
@@ -233,6 +242,8 @@ def _start_ray_if_work(
             plan = plan_conversion(checkpoint.uri, recipe, shard_size=shard_size)
             if is_published(dest, version_prefix(checkpoint.name, recipe.label, plan.plan_id)):
                 continue
+        except MissingShardError:
+            continue  # still uploading: nothing to convert this time
         except Exception:  # noqa: BLE001 - sync_one plans again and reports the failure
             pass
         _cluster(ray_address)
@@ -251,11 +262,18 @@ def sync_one(
     """Convert and publish one checkpoint with one recipe unless that version is published.
 
     Raises on failure (the caller records it); a version another run published meanwhile is
-    reported as skipped.
+    reported as skipped, a checkpoint with shards missing (still uploading) as incomplete.
     """
     started = time.perf_counter()
     observed_at = utc_now()
-    plan = plan_conversion(checkpoint.uri, recipe, shard_size=shard_size)
+    try:
+        plan = plan_conversion(checkpoint.uri, recipe, shard_size=shard_size)
+    except MissingShardError as error:
+        # Shards still to come (an upload in progress): not a failure of the run, and nothing to
+        # convert yet; a later run converts the checkpoint once they are all there.
+        return SyncOutcome(model=checkpoint.name, recipe=recipe.label, source_uri=checkpoint.uri,
+                           status="incomplete", seconds=time.perf_counter() - started,
+                           reason=f"{_reason(error)}; a later run converts it once every shard is there")
     dest = open_storage(dest_uri)
     prefix = version_prefix(checkpoint.name, recipe.label, plan.plan_id)
     version_uri = dest.uri(prefix)

@@ -86,7 +86,8 @@ class CatalogError(CheckpointError):
 
 
 class MissingShardError(CatalogError):
-    """The index names a shard file that is not there."""
+    """A shard file the checkpoint needs is not there: the index names it, or its numbered
+    siblings (`-00003-of-00005`) say it exists. A checkpoint still uploading looks like this."""
 
 
 class PickleWeightsError(CatalogError):

@@ -2,13 +2,15 @@
 
 With `model.safetensors.index.json` the index decides which files belong to the checkpoint (other
 *.safetensors files, e.g. Mistral's `consolidated.safetensors`, are ignored) and is cross-checked
-against the headers; without it every top-level *.safetensors file is read. Headers are read
-concurrently. Pickle weights are never loaded.
+against the headers; without it every top-level *.safetensors file is read, and files named as
+transformers numbers shards (`model-00001-of-00004.safetensors`) must all be there. Headers are
+read concurrently. Pickle weights are never loaded.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import reprlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,6 +42,8 @@ _CONFIG_TYPES: dict[str, tuple[type, str]] = {
     "dtype": (str, "a string"),
 }
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# transformers' (and most tools') names for the shards of one checkpoint: part and count.
+_NUMBERED_SHARD = re.compile(r"(?P<stem>.+)-(?P<part>\d+)-of-(?P<count>\d+)\.safetensors")
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +199,8 @@ def build_catalog(storage: Storage, prefix: str = "", *, max_workers: int = 8) -
         weights = _index_files(storage, prefix, index_key, weight_map)
     if not weights:
         _raise_no_weights(storage, prefix, top)
+    if weight_map is None:
+        _check_numbered_shards(storage, prefix, weights)
     headers = _read_headers(storage, weights, max_workers)
     tensors = _collect_tensors(headers)
     unlisted: tuple[str, ...] = ()
@@ -219,6 +225,27 @@ def build_catalog(storage: Storage, prefix: str = "", *, max_workers: int = 8) -
         index_metadata=index_meta,
         unlisted_files=unlisted,
     )
+
+
+def _check_numbered_shards(storage: Storage, prefix: str, weights: list[ObjectInfo]) -> None:
+    """Refuse a checkpoint without an index whose numbered shards are not all there: a checkpoint
+    still uploading (the index often comes last) or copied in part would otherwise convert as a
+    smaller model, without the layers of its missing files."""
+    present: dict[tuple[str, str], set[int]] = {}
+    for o in weights:
+        match = _NUMBERED_SHARD.fullmatch(_name(o.key))
+        if match is not None:
+            present.setdefault((match["stem"], match["count"]), set()).add(int(match["part"]))
+    for (stem, count), parts in sorted(present.items()):
+        width = len(count)
+        missing = [f"{stem}-{part:0{width}d}-of-{count}.safetensors"
+                   for part in range(1, int(count) + 1) if part not in parts]
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise MissingShardError(
+                f"{storage.uri(prefix)}: {len(missing)} of {int(count)} shards are missing ({shown}), and "
+                f"there is no {INDEX_NAME}: the checkpoint is incomplete (still uploading, or copied in part)"
+            )
 
 
 def _raise_no_weights(storage: Storage, prefix: str, top: list[ObjectInfo]) -> None:

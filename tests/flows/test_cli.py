@@ -115,6 +115,25 @@ def test_a_safetensors_file_the_index_does_not_name_is_left_out_with_a_warning(t
     assert any(line in r.getMessage() for r in caplog.records), caplog.text
 
 
+@pytest.mark.parametrize("mode", [[], ["--no-prefect"]], ids=["prefect", "no-prefect"])
+def test_a_checkpoint_whose_numbered_shards_are_not_all_there_is_refused_as_incomplete(
+    tiny_llama, tmp_path, capsys, mode  # noqa: ANN001
+) -> None:
+    # A copy cut short, or an upload still going (the index often lands last): shards 1 and 2 of
+    # 3 were converted and published as the whole model, without the layers of shard 3.
+    source = tmp_path / "partial"
+    shutil.copytree(tiny_llama, source)
+    (source / "model.safetensors.index.json").unlink()
+    (source / "model-00003-of-00003.safetensors").unlink()
+    dest = tmp_path / "out"
+    assert main(["convert", str(source), str(dest), "--scheme", "W8A16", *mode]) == 2
+    assert capsys.readouterr().err == (
+        f"quantfleet: error: file://{source}: 1 of 3 shards are missing (model-00003-of-00003.safetensors), "
+        "and there is no model.safetensors.index.json: the checkpoint is incomplete (still uploading, or "
+        "copied in part)\n")
+    assert not dest.exists()
+
+
 def test_missing_credentials_is_one_clear_line(s3) -> None:
     bucket = s3.create_bucket()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}

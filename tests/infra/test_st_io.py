@@ -188,6 +188,29 @@ def test_catalog_cross_checks(storage: Storage) -> None:
         build_catalog(storage, "c")
 
 
+def test_catalog_without_an_index_wants_every_numbered_shard(storage: Storage) -> None:
+    # transformers numbers the shards it writes (-00001-of-00004): with no index (it often lands
+    # last in an upload), a missing number is a checkpoint that is not all there yet.
+    for part in (1, 2, 4):
+        storage.put_bytes(f"m/model-{part:05d}-of-00004.safetensors",
+                          save({f"layer.{part}.weight": torch.zeros(2, 2)}))
+    with pytest.raises(MissingShardError) as missing:
+        build_catalog(storage, "m")
+    assert str(missing.value) == (
+        f"{storage.uri('m')}: 1 of 4 shards are missing (model-00003-of-00004.safetensors), and there is "
+        "no model.safetensors.index.json: the checkpoint is incomplete (still uploading, or copied in part)")
+    storage.put_bytes("m/model-00003-of-00004.safetensors", save({"layer.3.weight": torch.zeros(2, 2)}))
+    assert len(build_catalog(storage, "m").tensors) == 4
+    # Names that number nothing (or another count, written by hand) are read as they are.
+    storage.put_bytes("n/weights-1-of-9.safetensors", save({"a": torch.zeros(2)}))
+    storage.put_bytes("n/extra.safetensors", save({"b": torch.zeros(2)}))
+    shown = "weights-2-of-9.safetensors, weights-3-of-9.safetensors, weights-4-of-9.safetensors and 5 more"
+    with pytest.raises(MissingShardError, match=rf": 8 of 9 shards are missing \({shown}\)"):
+        build_catalog(storage, "n")
+    storage.delete("n/weights-1-of-9.safetensors")
+    assert set(build_catalog(storage, "n").tensors) == {"b"}
+
+
 def test_catalog_refuses_pickle_only(storage: Storage) -> None:
     storage.put_bytes("p/pytorch_model.bin", b"\x80\x04 pickle bytes never loaded")
     storage.put_bytes("p/config.json", b"{}")

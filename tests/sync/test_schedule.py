@@ -10,6 +10,7 @@ deployment on a process work pool (its pickup by a worker is not run here).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -110,11 +111,16 @@ def _client(api: str) -> Any:
 
 
 def _sync_headlines(api: str, deployment_name: str) -> list[tuple[str, str]]:
-    """(flow run state, summary headline) of each finished run of the deployment, oldest first."""
+    """(flow run state, summary headline) of each finished run of the deployment, oldest first
+    (none while `quantfleet schedule` has not registered it yet)."""
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.exceptions import ObjectNotFound
 
     with _client(api) as client:
-        deployment = client.read_deployment_by_name(f"sync/{deployment_name}")
+        try:
+            deployment = client.read_deployment_by_name(f"sync/{deployment_name}")
+        except ObjectNotFound:
+            return []
         runs = client.read_flow_runs(limit=200)
         runs = [r for r in runs if r.deployment_id == deployment.id]
         only_sync = ArtifactFilter(key=ArtifactFilterKey(any_=["sync-summary"]))
@@ -152,7 +158,19 @@ def test_interval_schedule_syncs_new_and_changed_checkpoints(
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
-        # A checkpoint dropped while the schedule is being served.
+        # A checkpoint dropped while the schedule is being served, landing as an upload does: two
+        # of its three shards first, without the index. A run meanwhile finds it incomplete (and
+        # succeeds), publishing nothing; the rest lands, and a later run converts the whole.
+        landing = tmp_path / "landing"
+        shutil.copytree(tiny_llama, landing, ignore=shutil.ignore_patterns("*00003-of-*", "*.index.json"))
+        upload_dir(landing, open_storage(f"{source}llama"))
+
+        def incomplete_run() -> bool:
+            return any(state == "Completed" and "0 converted, 0 skipped, 0 failed, 1 incomplete" in headline
+                       for state, headline in _sync_headlines(prefect_api, name))
+
+        _wait_for("a run that finds the checkpoint incomplete", incomplete_run, timeout=150, every=1)
+        assert read_latest(store, "llama", "W4A16") is None and not list(store.list(""))
         upload_dir(tiny_llama, open_storage(f"{source}llama"))
 
         def latest_complete() -> str | None:

@@ -96,6 +96,28 @@ def test_one_failing_model_does_not_stop_the_others(tiny_llama: Path, tmp_path: 
     assert "broken" in summary.markdown() and "failed" in summary.markdown()
 
 
+def test_a_checkpoint_still_uploading_is_incomplete_not_failed_and_converted_once_complete(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    # Two of three shards landed, the index not yet: converting it would publish a model without
+    # the layers of shard 3 as a version (and move LATEST to it).
+    source, dest = tmp_path / "incoming", tmp_path / "bucket"
+    landing = source / "llama"
+    shutil.copytree(tiny_llama, landing, ignore=shutil.ignore_patterns("*00003-of-*", "*.index.json"))
+    summary = run_sync(str(source), str(dest), ["W8A16"])
+    _only(summary, "incomplete")
+    assert summary.outcomes[0].reason == (
+        f"file://{landing}: 1 of 3 shards are missing (model-00003-of-00003.safetensors), and there is no "
+        "model.safetensors.index.json: the checkpoint is incomplete (still uploading, or copied in part); a "
+        "later run converts it once every shard is there"), summary.text()
+    assert summary.headline().endswith("0 converted, 0 skipped, 0 failed, 1 incomplete")
+    assert not dest.exists() or not any(dest.iterdir())  # nothing written
+    for rest in ("model-00003-of-00003.safetensors", "model.safetensors.index.json"):
+        shutil.copy(tiny_llama / rest, landing / rest)
+    _only(run_sync(str(source), str(dest), ["W8A16"]), "converted")
+    assert read_latest(open_storage(str(dest)), "llama", "W8A16") is not None
+
+
 def test_overlapping_runs_publish_a_version_once(
     s3: MotoS3, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
