@@ -22,7 +22,7 @@ from flows.execute import ClusterInfo, run_evaluation, run_units, start_ray, war
 from flows.finalize import REPORT_NAME, stage_model_files, stage_report_files, worst_tensors
 from flows.gates import GateResult, QualityGateFailed, describe_failures, failed_gates, gate_results
 from flows.gguf_output.companion import gguf_half_context, gguf_staging_uri, with_gguf_plan
-from flows.plan import Plan, build_plan
+from flows.plan import Plan, build_plan, loads_with_model
 from flows.published import already_holds
 from flows.recipe import Recipe
 from flows.source_check import check_source_unchanged, file_tags, with_source_files
@@ -113,7 +113,9 @@ def plan_conversion(
     if recipe.evaluates:
         why = "--evaluate" if recipe.evaluate.enabled else "the recipe's model-level gates"
         check_evaluation_inputs(source, catalog.side_files, recipe.evaluate.text, why=why)
-    tags = file_tags(source, catalog.files)
+    shard_tags = file_tags(source, catalog.files)
+    # The plan id covers the side files the output carries that load with the model, too.
+    tags = {**shard_tags, **file_tags(source, [k for k in catalog.side_files if loads_with_model(k)])}
     plan = build_plan(catalog, recipe, shard_size=shard_size, file_tags=tags, config=config)
     unmatched = recipe.unmatched(job.name for job in plan.jobs() if len(job.shape) == 2)
     if unmatched:
@@ -122,7 +124,7 @@ def plan_conversion(
     # The GGUF half of a both-formats recipe is planned first: a refusal comes before any measuring.
     plan = with_gguf_plan(plan, catalog, shard_size=shard_size, file_tags=tags, config=config)
     if not recipe.mixed:
-        return with_source_files(plan, tags)
+        return with_source_files(plan, shard_tags)
     from flows.mixed.planner import plan_mixed
 
     mixed = plan_mixed(
@@ -130,7 +132,7 @@ def plan_conversion(
         rebuild=lambda assign, key: build_plan(catalog, recipe, shard_size=shard_size, file_tags=tags,
                                                config=config, assign=assign, assign_key=key),
     )
-    return with_source_files(mixed.model_copy(update={"gguf": plan.gguf}), tags)
+    return with_source_files(mixed.model_copy(update={"gguf": plan.gguf}), shard_tags)
 
 
 def unit_context(plan: Plan, dest: Storage, device: str) -> UnitContext:

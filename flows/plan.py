@@ -28,7 +28,10 @@ from quantizers.errors import QuantizationError
 from quantizers.kernels import compile_floor_for
 from workers.units import SAFETENSORS_TO_TORCH, TensorJob, WorkUnit, output_specs
 
-__all__ = ["Plan", "build_plan", "job_bytes_in", "shard_file_name", "source_identity", "TOOL_VERSION"]
+__all__ = [
+    "Plan", "build_plan", "job_bytes_in", "loads_with_model", "shard_file_name", "source_identity",
+    "TOOL_VERSION",
+]
 
 TOOL_VERSION = "0.1.0"
 
@@ -114,6 +117,19 @@ def _output_bytes(job: TensorJob, schemes: tuple[QuantScheme, ...]) -> int:
     return total
 
 
+# Side files that change nothing a model loads: documentation and pictures (a model card edited
+# on the hub is not a new version to convert).
+_DOCUMENTS = (".md", ".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp", ".pdf")
+_DOCUMENT_STEMS = ("license", "notice", "use_policy", "readme")
+
+
+def loads_with_model(key: str) -> bool:
+    """Whether the side file `key` is read when the model is loaded or served (config, generation
+    config, tokenizer files, chat template), as opposed to documentation."""
+    name = key.rsplit("/", 1)[-1].lower()
+    return not name.endswith(_DOCUMENTS) and not name.startswith(_DOCUMENT_STEMS)
+
+
 def source_identity(catalog: Catalog, sizes: dict[str, tuple[int, str | None]]) -> str:
     """A hash of what the source is: each shard file's key, size, ETag or SHA-256, tensor count.
 
@@ -170,12 +186,19 @@ def identify_plan(
     output's bytes, the source, the recipe, the tool version, the shard size and a budget's
     assignment if any; the staging id (where units are staged, so where a re-run resumes from)
     the same without the recipe's per-tensor gates, which only decide whether a unit passes: a run
-    stopped by a gate resumes from its staged units once the gate is relaxed."""
+    stopped by a gate resumes from its staged units once the gate is relaxed.
+
+    `file_tags` may tag side files too (`loads_with_model`): the plan id then covers them, since
+    the output carries copies of them (a chat template fixed in tokenizer_config.json is a new
+    version to publish), but the staging id does not (the shards made from the weights stay)."""
     identity = source_identity(catalog, file_tags or {})
     keyed: dict[str, object] = {"source": identity, "recipe": recipe.plan_key(), "tool": TOOL_VERSION,
                                 "shard_size": shard_size}
     if assign_key is not None:
         keyed["assignment"] = assign_key
+    side = sorted([key, *tag] for key, tag in (file_tags or {}).items() if key not in catalog.files)
+    if side:
+        keyed["side_files"] = side
 
     def digest(key: dict[str, object]) -> str:
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

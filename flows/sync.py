@@ -2,7 +2,8 @@
 
 For each checkpoint found under the source (a folder with config.json and safetensors) and each
 recipe, the plan (headers only) gives the version: its plan id, which hashes the source identity
-(ETags on S3, size/inode/mtime locally), the recipe, the tool version and the shard size. If
+(ETags on S3, size/inode/mtime locally) and those of the side files the model loads with (config,
+tokenizer, chat template; not a model card), the recipe, the tool version and the shard size. If
 `<dest>/<model>/<recipe>/<version>/` is published the pair is skipped; otherwise it is converted
 there with the same steps as `convert` (flows/pipeline.py), with a model card README.md staged
 beside the report, and LATEST is moved once the version is committed (flows/versions.py).
@@ -290,7 +291,7 @@ def sync_one(
                            latest_moved=moved, seconds=time.perf_counter() - started)
 
     if is_published(dest, prefix):
-        return outcome("skipped", "already published (same source identity, recipe and tool version)",
+        return outcome("skipped", "already published (same source files, recipe and tool version)",
                        latest())
     try:
         cluster = _cluster(ray_address)

@@ -118,6 +118,32 @@ def test_a_checkpoint_still_uploading_is_incomplete_not_failed_and_converted_onc
     assert read_latest(open_storage(str(dest)), "llama", "W8A16") is not None
 
 
+def test_a_fixed_generation_config_is_a_new_version_and_an_edited_model_card_is_not(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    # Fixes to the files a model loads with land days after a release (an end-of-turn token in
+    # generation_config.json, a chat template in tokenizer_config.json): the published copy kept
+    # the old one, as the version hashed the weights alone. A model card edit changes nothing.
+    source, dest = tmp_path / "incoming", tmp_path / "bucket"
+    shutil.copytree(tiny_llama, source / "llama")
+    (source / "llama" / "README.md").write_text("# llama\n")
+    first = run_sync(str(source), str(dest), ["W8A16"])
+    _only(first, "converted")
+    (source / "llama" / "README.md").write_text("# llama, with a longer card\n")
+    _only(run_sync(str(source), str(dest), ["W8A16"]), "skipped")
+
+    generation = json.loads((source / "llama" / "generation_config.json").read_text())
+    generation["eos_token_id"] = [2, 7]
+    (source / "llama" / "generation_config.json").write_text(json.dumps(generation))
+    fixed = run_sync(str(source), str(dest), ["W8A16"])
+    _only(fixed, "converted")
+    assert fixed.outcomes[0].version != first.outcomes[0].version
+    published = dest / "llama" / "W8A16" / str(fixed.outcomes[0].version) / "generation_config.json"
+    assert json.loads(published.read_text())["eos_token_id"] == [2, 7]
+    latest = read_latest(open_storage(str(dest)), "llama", "W8A16")
+    assert latest is not None and latest.version == fixed.outcomes[0].version
+
+
 def test_overlapping_runs_publish_a_version_once(
     s3: MotoS3, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
