@@ -260,14 +260,6 @@ def foreign_files(storage: Storage) -> list[str]:
     return sorted(key for key in objects if not ours(key))
 
 
-def open_without_creating(uri: str | StorageURI) -> Storage:
-    """The storage `uri` names; a local folder is not made until something is written to it."""
-    parsed = uri if isinstance(uri, StorageURI) else parse_uri(uri)
-    if parsed.scheme == "file":
-        return LocalStorage(parsed.path, create=False)
-    return open_storage(str(parsed))
-
-
 def _unwritable(path: str) -> str | None:
     """Why this user cannot create files at the local `path` (or, before it exists, in its nearest
     existing folder), or None: found now, not by every unit's first write after start-up."""
@@ -310,7 +302,7 @@ def check_destination(
     unwritable = _unwritable(dest.path) if dest.scheme == "file" else None
     if unwritable is not None:
         raise DestinationRefused(f"{dest}: cannot publish there: {unwritable}; choose another destination")
-    foreign = foreign_files(open_without_creating(dest))
+    foreign = foreign_files(open_storage(str(dest)))
     if foreign:
         shown = ", ".join(foreign[:_SHOWN]) + (f" and {len(foreign) - _SHOWN} more" if len(foreign) > _SHOWN
                                                else "")

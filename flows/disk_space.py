@@ -26,7 +26,7 @@ turns read-only or stops accepting the credentials does the same, `DestinationUn
 
 from __future__ import annotations
 
-from flows.destination import DestinationRefused, open_without_creating
+from flows.destination import DestinationRefused
 from flows.gguf_output.companion import GGUF_FOLDER
 from flows.plan import Plan
 from infra.errors import ObjectNotFound
@@ -96,7 +96,7 @@ def bytes_to_write(plan: Plan, dest: Storage) -> int:
 def check_free_space(plan: Plan, dest_uri: str) -> None:
     """Raise InsufficientSpace (one line) when `dest_uri` is on a filesystem without room for
     what `plan` still writes there (see the module docstring); creates nothing."""
-    dest = open_without_creating(dest_uri)
+    dest = open_storage(dest_uri)
     free = dest.free_bytes()
     if free is None:
         return

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from flows.charts import preload_pyplot
-from flows.destination import check_destination, open_without_creating
+from flows.destination import check_destination
 from flows.disk_space import check_free_space
 from flows.eval_inputs import check_evaluation_inputs
 from flows.execute import ClusterInfo, run_evaluation, run_units, start_ray, warm_workers
@@ -178,7 +178,7 @@ def warm_workers_for(
 
 def check_not_published(dest_uri: str) -> Storage:
     # Not made here: a run refused before it writes anything leaves no empty folder behind.
-    dest = open_without_creating(dest_uri)
+    dest = open_storage(dest_uri)
     if is_published(dest, ""):
         raise already_holds(dest_uri)
     return dest

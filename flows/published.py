@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 from typing import NamedTuple
 
-from flows.destination import open_without_creating
 from flows.plan import TOOL_VERSION, Plan, source_identity
 from flows.recipe import Recipe
 from flows.source_check import file_tags
@@ -59,7 +58,7 @@ class PublishedConversion(NamedTuple):
 def published_conversion(dest_uri: str) -> PublishedConversion | None:
     """What is published at `dest_uri` (None: nothing). A manifest that cannot be read gives a
     record that matches no request."""
-    dest = open_without_creating(dest_uri)
+    dest = open_storage(dest_uri)
     if not is_published(dest, ""):
         return None
     try:

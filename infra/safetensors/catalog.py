@@ -258,4 +258,6 @@ def _raise_no_weights(storage: Storage, prefix: str, top: list[ObjectInfo]) -> N
             "trusted environment: safetensors.torch.save_file(torch.load(path, weights_only=True), "
             "'model.safetensors')"
         )
+    if not top:
+        raise CatalogError(f"{uri}: nothing there (no such folder, or an empty one)")
     raise CatalogError(f"{uri}: no *.safetensors files and no {INDEX_NAME}")

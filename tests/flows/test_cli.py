@@ -60,7 +60,7 @@ def test_version_is_the_one_plans_and_manifests_record(capsys) -> None:
     ("args", "message"),
     [
         (["plan", "/no/such/checkpoint"],
-         "quantfleet: error: file:///no/such/checkpoint: no *.safetensors files"),
+         "quantfleet: error: file:///no/such/checkpoint: nothing there (no such folder, or an empty one)"),
         (["plan", "{minilm}", "--scheme", "W3A16"],
          "quantfleet: error: unknown scheme 'W3A16'; valid schemes:"),
         (["plan", "ftp://host/x"], "quantfleet: error: "),
@@ -132,6 +132,40 @@ def test_a_checkpoint_whose_numbered_shards_are_not_all_there_is_refused_as_inco
         "and there is no model.safetensors.index.json: the checkpoint is incomplete (still uploading, or "
         "copied in part)\n")
     assert not dest.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["plan", "{source}"],
+    ["convert", "{source}", "{dest}"],
+    ["convert", "{source}", "{dest}", "--no-prefect"],
+    ["sync", "{source}", "{dest}", "--recipe", "W4A16", "--no-prefect"],
+    ["verify", "{source}"],
+], ids=["plan", "convert", "convert-no-prefect", "sync", "verify"])
+def test_a_mistyped_source_path_is_one_line_and_creates_nothing(tmp_path, capsys, argv) -> None:
+    # Opening a local folder made it: every command that read a mistyped path left an empty
+    # folder there (and said "no *.safetensors files" of a folder that never existed).
+    source, dest = tmp_path / "typo" / "model", tmp_path / "out"
+    code = main([a.format(source=source, dest=dest) for a in argv])
+    err = capsys.readouterr().err
+    if argv[0] == "sync":  # finds no checkpoint under it: nothing to do
+        assert code == 0, err
+    else:
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    if argv[0] in ("plan", "convert"):
+        assert err == f"quantfleet: error: file://{source}: nothing there (no such folder, or an empty one)\n"
+    assert not (tmp_path / "typo").exists() and not dest.exists()
+
+
+@pytest.mark.parametrize("command", [["plan"], ["convert", "--no-prefect"], ["convert"], ["verify"]])
+def test_a_file_given_for_a_folder_is_one_line(tiny_llama, tmp_path, capsys, command) -> None:
+    # `quantfleet convert model.safetensors out` was a FileExistsError traceback.
+    shard = tiny_llama / "model-00001-of-00003.safetensors"
+    dest = [str(tmp_path / "out")] if command[0] == "convert" else []
+    argv = [command[0], str(shard), *dest, *command[1:]]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"quantfleet: error: file://{shard}: a file, not a folder; name the "
+                                       f"folder that holds it ({tiny_llama})\n")
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_credentials_is_one_clear_line(s3) -> None:

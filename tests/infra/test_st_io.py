@@ -219,5 +219,8 @@ def test_catalog_refuses_pickle_only(storage: Storage) -> None:
         match=r"only pickle weights found \(pytorch_model.bin\).*Convert them to safetensors first",
     ):
         build_catalog(storage, "p")
-    with pytest.raises(CatalogError, match="no \\*.safetensors files"):
+    with pytest.raises(CatalogError, match=r"nothing-here: nothing there \(no such folder, or an empty one"):
         build_catalog(storage, "nothing-here")
+    storage.put_bytes("config-only/config.json", b"{}")
+    with pytest.raises(CatalogError, match=r"config-only: no \*.safetensors files and no model.safetensors"):
+        build_catalog(storage, "config-only")
