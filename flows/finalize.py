@@ -115,6 +115,7 @@ def manifest(
         "tool": "quantfleet",
         "tool_version": plan.tool_version,
         "plan_id": plan.plan_id,
+        "staging_id": plan.staging_id,  # what the shards are made of (flows.reuse)
         "source": {"uri": plan.source_uri, "identity": plan.source_identity, **source_fields(plan)},
         "recipe": plan.recipe.model_dump(mode="json"),
         "schemes": [s.model_dump(mode="json") for s in plan.schemes],

@@ -197,13 +197,12 @@ def identify_plan(
     if assign_key is not None:
         keyed["assignment"] = assign_key
     side = sorted([key, *tag] for key, tag in (file_tags or {}).items() if key not in catalog.files)
-    if side:
-        keyed["side_files"] = side
 
     def digest(key: dict[str, object]) -> str:
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
-    return identity, digest(keyed), digest({**keyed, "recipe": recipe.plan_key(tensor_gates=False)})
+    plan_id = digest({**keyed, "side_files": side} if side else keyed)
+    return identity, plan_id, digest({**keyed, "recipe": recipe.plan_key(tensor_gates=False)})
 
 
 def cut_into_units(

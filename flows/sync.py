@@ -6,7 +6,9 @@ recipe, the plan (headers only) gives the version: its plan id, which hashes the
 tokenizer, chat template; not a model card), the recipe, the tool version and the shard size. If
 `<dest>/<model>/<recipe>/<version>/` is published the pair is skipped; otherwise it is converted
 there with the same steps as `convert` (flows/pipeline.py), with a model card README.md staged
-beside the report, and LATEST is moved once the version is committed (flows/versions.py).
+beside the report, and LATEST is moved once the version is committed (flows/versions.py). A new
+version whose weights did not change (only such a side file did) takes its shards from LATEST's
+version instead of converting them (flows/reuse.py).
 
 Pairs run one after another, or up to `max_parallel` at once; one failing pair never stops the
 others, and the summary (returned, and a Prefect artifact) lists what was converted, skipped and
@@ -49,7 +51,15 @@ from flows.pipeline import (
 )
 from flows.plan import Plan
 from flows.recipe import Recipe
-from flows.versions import Checkpoint, find_checkpoints, move_latest, utc_now, version_prefix
+from flows.reuse import stage_published_shards
+from flows.versions import (
+    Checkpoint,
+    find_checkpoints,
+    move_latest,
+    read_latest,
+    utc_now,
+    version_prefix,
+)
 from infra.errors import MissingShardError
 from infra.publish import Expected, is_published
 from infra.storage import open_storage
@@ -293,6 +303,13 @@ def sync_one(
     if is_published(dest, prefix):
         return outcome("skipped", "already published (same source files, recipe and tool version)",
                        latest())
+    # When only files the model loads with changed since LATEST's version (a fixed chat template),
+    # its shards are this version's: staged from there, nothing is converted.
+    previous = read_latest(dest, checkpoint.name, recipe.label)
+    reused_from = None
+    if previous is not None and stage_published_shards(
+            plan, dest, version_prefix(checkpoint.name, recipe.label, previous.version), prefix):
+        reused_from = previous.version
     try:
         cluster = _cluster(ray_address)
         results = convert_units(plan, version_uri, cluster=cluster, device=device)
@@ -311,7 +328,9 @@ def sync_one(
             return outcome("skipped", "published by an overlapping run while this one converted",
                            latest())
         raise
-    return outcome("converted", f"{len(results)} shard(s) published", latest())
+    copied = (f" (the weights' shards copied from version {reused_from}: only files the model loads with "
+              "changed)") if reused_from else ""
+    return outcome("converted", f"{len(results)} shard(s) published{copied}", latest())
 
 
 def _failed(checkpoint: Checkpoint, recipe: Recipe, error: BaseException) -> SyncOutcome:

@@ -20,6 +20,7 @@ from tests.flows.conftest import save_tiny_model, upload_dir
 from tests.s3_server import MotoS3
 
 pytestmark = pytest.mark.usefixtures("local_ray")
+SHARDS = 1_000_000  # three shards and an index for tiny Llama's W8A16
 
 
 def _versions(dest_uri: str, model: str, recipe: str) -> list[str]:
@@ -71,6 +72,7 @@ def test_sync_publishes_versions_and_moves_latest(s3: MotoS3, tiny_llama: Path, 
     third = run_sync(source, dest, ["W4A16"])
     _only(third, "converted")
     assert third.outcomes[0].version != version
+    assert "copied" not in third.outcomes[0].reason  # new weights: converted, not staged from LATEST
     assert _versions(dest, "llama", "W4A16") == sorted([version, third.outcomes[0].version or ""])
     latest = read_latest(store, "llama", "W4A16")
     assert latest is not None and latest.version == third.outcomes[0].version
@@ -127,21 +129,30 @@ def test_a_fixed_generation_config_is_a_new_version_and_an_edited_model_card_is_
     source, dest = tmp_path / "incoming", tmp_path / "bucket"
     shutil.copytree(tiny_llama, source / "llama")
     (source / "llama" / "README.md").write_text("# llama\n")
-    first = run_sync(str(source), str(dest), ["W8A16"])
+    first = run_sync(str(source), str(dest), ["W8A16"], shard_size=SHARDS)
     _only(first, "converted")
     (source / "llama" / "README.md").write_text("# llama, with a longer card\n")
-    _only(run_sync(str(source), str(dest), ["W8A16"]), "skipped")
+    _only(run_sync(str(source), str(dest), ["W8A16"], shard_size=SHARDS), "skipped")
 
     generation = json.loads((source / "llama" / "generation_config.json").read_text())
     generation["eos_token_id"] = [2, 7]
     (source / "llama" / "generation_config.json").write_text(json.dumps(generation))
-    fixed = run_sync(str(source), str(dest), ["W8A16"])
+    fixed = run_sync(str(source), str(dest), ["W8A16"], shard_size=SHARDS)
     _only(fixed, "converted")
-    assert fixed.outcomes[0].version != first.outcomes[0].version
-    published = dest / "llama" / "W8A16" / str(fixed.outcomes[0].version) / "generation_config.json"
-    assert json.loads(published.read_text())["eos_token_id"] == [2, 7]
+    old, new = (dest / "llama" / "W8A16" / str(run.outcomes[0].version) for run in (first, fixed))
+    assert new != old
+    assert json.loads((new / "generation_config.json").read_text())["eos_token_id"] == [2, 7]
     latest = read_latest(open_storage(str(dest)), "llama", "W8A16")
     assert latest is not None and latest.version == fixed.outcomes[0].version
+    # The weights did not change: their shards were staged from the first version, not converted.
+    assert fixed.outcomes[0].reason.startswith(
+        f"3 shard(s) published (the weights' shards copied from version {old.name}: "), fixed.text()
+    same = sorted(p.name for p in old.glob("*.safetensors")) + ["model.safetensors.index.json", "config.json"]
+    assert len(same) > 3 and all((old / name).read_bytes() == (new / name).read_bytes() for name in same)
+    manifests = [json.loads((v / "quantfleet.json").read_text()) for v in (old, new)]
+    for key in ("tensors", "shards", "units", "totals"):
+        assert manifests[1][key] == manifests[0][key], key
+    assert all(r.ok for r in verify_uri(str(new)))
 
 
 def test_overlapping_runs_publish_a_version_once(

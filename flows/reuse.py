@@ -1,0 +1,64 @@
+"""A new version whose shards a published version already holds: stage those, convert nothing.
+
+`sync` publishes a new version when a side file the model loads with changes (a chat template
+or an end-of-turn token fixed days after a release) even though the weights did not. The plan's
+staging id covers everything that decides the shards' bytes (the weight files, the recipe less
+its gates, the tool version, the shard size, a budget's assignment); when the published version
+records the same one, its shards are those bytes. They are copied into the new version's
+staging with their unit records, as an interrupted run would have left them, so every unit
+counts as done (and is checked against its record as any resumed unit is) and the version is
+finished as usual: side files, config, report, evaluation and gates made anew. Copies are
+server-side on S3 and hard links on a local disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flows.plan import Plan
+from flows.versions import MANIFEST_NAME
+from infra.errors import StorageError
+from infra.publish import staging_prefix
+from infra.safetensors import read_header
+from infra.storage import Storage, join_key
+from workers.convert_unit import unit_record_key
+from workers.records import TensorRecord, UnitResult
+
+__all__ = ["stage_published_shards"]
+
+_log = logging.getLogger(__name__)
+
+
+def stage_published_shards(plan: Plan, storage: Storage, published: str, version: str) -> int:
+    """Stage in `version` (a key prefix of `storage`) the shards of the version published at
+    `published` when that one was made with `plan`'s staging id; returns the units staged (0:
+    other shards, or a manifest that cannot say, and nothing was staged)."""
+    try:
+        manifest = json.loads(storage.read_bytes(join_key(published, MANIFEST_NAME)))
+    except (StorageError, ValueError):
+        return 0
+    if not isinstance(manifest, dict) or manifest.get("staging_id") != plan.staging_id:
+        return 0
+    shards = {s["file"]: s for s in manifest.get("shards", ())}
+    runs = {u["file"]: u for u in manifest.get("units", ())}
+    tensors = {t["name"]: t for t in manifest.get("tensors", ())}
+    wanted = [u for u in plan.units if u.file_name in shards and u.file_name in runs]
+    if len(wanted) != len(plan.units) or any(j.name not in tensors for u in wanted for j in u.jobs):
+        return 0
+    staging = staging_prefix(version, plan.staging_id)
+    for unit in wanted:
+        shard, run = shards[unit.file_name], runs[unit.file_name]
+        source_key = join_key(published, unit.file_name)
+        header = read_header(storage, source_key)
+        record = UnitResult(
+            index=unit.index, file_name=unit.file_name, size=shard["size"], sha256=shard["sha256"],
+            tensors=tuple(TensorRecord.model_validate(tensors[j.name]) for j in unit.jobs),
+            weight_map={t.name: unit.file_name for t in header.tensors},
+            seconds=run["seconds"], device=run["device"], node=run["node"],
+        )
+        storage.copy(source_key, join_key(staging, unit.file_name))
+        storage.put_bytes(join_key(staging, unit_record_key(unit)), record.model_dump_json().encode())
+    _log.info("%s: %d shard(s) staged from %s (same weights, recipe and tool version)",
+              storage.uri(version), len(wanted), storage.uri(published))
+    return len(wanted)
