@@ -120,39 +120,47 @@ def test_a_checkpoint_still_uploading_is_incomplete_not_failed_and_converted_onc
     assert read_latest(open_storage(str(dest)), "llama", "W8A16") is not None
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_fixed_generation_config_is_a_new_version_and_an_edited_model_card_is_not(
-    tiny_llama: Path, tmp_path: Path
+    tiny_llama: Path, tmp_path: Path, request: pytest.FixtureRequest, where: str
 ) -> None:
     # Fixes to the files a model loads with land days after a release (an end-of-turn token in
     # generation_config.json, a chat template in tokenizer_config.json): the published copy kept
     # the old one, as the version hashed the weights alone. A model card edit changes nothing.
-    source, dest = tmp_path / "incoming", tmp_path / "bucket"
-    shutil.copytree(tiny_llama, source / "llama")
-    (source / "llama" / "README.md").write_text("# llama\n")
-    first = run_sync(str(source), str(dest), ["W8A16"], shard_size=SHARDS)
+    if where == "s3":
+        s3: MotoS3 = request.getfixturevalue("s3")
+        source, dest = f"s3://{s3.create_bucket()}/", f"s3://{s3.create_bucket()}/"
+    else:
+        source, dest = str(tmp_path / "incoming"), str(tmp_path / "bucket")
+    model, out = open_storage(f"{source.rstrip('/')}/llama"), open_storage(dest)
+    upload_dir(tiny_llama, model)
+    model.put_bytes("README.md", b"# llama\n")
+    first = run_sync(source, dest, ["W8A16"], shard_size=SHARDS)
     _only(first, "converted")
-    (source / "llama" / "README.md").write_text("# llama, with a longer card\n")
-    _only(run_sync(str(source), str(dest), ["W8A16"], shard_size=SHARDS), "skipped")
+    model.put_bytes("README.md", b"# llama, with a longer card\n")
+    _only(run_sync(source, dest, ["W8A16"], shard_size=SHARDS), "skipped")
 
-    generation = json.loads((source / "llama" / "generation_config.json").read_text())
+    generation = json.loads(model.read_bytes("generation_config.json"))
     generation["eos_token_id"] = [2, 7]
-    (source / "llama" / "generation_config.json").write_text(json.dumps(generation))
-    fixed = run_sync(str(source), str(dest), ["W8A16"], shard_size=SHARDS)
+    model.put_bytes("generation_config.json", json.dumps(generation).encode())
+    fixed = run_sync(source, dest, ["W8A16"], shard_size=SHARDS)
     _only(fixed, "converted")
-    old, new = (dest / "llama" / "W8A16" / str(run.outcomes[0].version) for run in (first, fixed))
+    old, new = (f"llama/W8A16/{run.outcomes[0].version}" for run in (first, fixed))
     assert new != old
-    assert json.loads((new / "generation_config.json").read_text())["eos_token_id"] == [2, 7]
-    latest = read_latest(open_storage(str(dest)), "llama", "W8A16")
+    assert json.loads(out.read_bytes(f"{new}/generation_config.json"))["eos_token_id"] == [2, 7]
+    latest = read_latest(out, "llama", "W8A16")
     assert latest is not None and latest.version == fixed.outcomes[0].version
     # The weights did not change: their shards were staged from the first version, not converted.
     assert fixed.outcomes[0].reason.startswith(
-        f"3 shard(s) published (the weights' shards copied from version {old.name}: "), fixed.text()
-    same = sorted(p.name for p in old.glob("*.safetensors")) + ["model.safetensors.index.json", "config.json"]
-    assert len(same) > 3 and all((old / name).read_bytes() == (new / name).read_bytes() for name in same)
-    manifests = [json.loads((v / "quantfleet.json").read_text()) for v in (old, new)]
+        f"3 shard(s) published (the weights' shards copied from version {first.outcomes[0].version}: "
+    ), fixed.text()
+    shards = sorted(i.key.rsplit("/", 1)[1] for i in out.list(f"{old}/") if i.key.endswith(".safetensors"))
+    same = [*shards, "model.safetensors.index.json", "config.json"]
+    assert len(same) > 3 and all(out.read_bytes(f"{old}/{n}") == out.read_bytes(f"{new}/{n}") for n in same)
+    manifests = [json.loads(out.read_bytes(f"{v}/quantfleet.json")) for v in (old, new)]
     for key in ("tensors", "shards", "units", "totals"):
         assert manifests[1][key] == manifests[0][key], key
-    assert all(r.ok for r in verify_uri(str(new)))
+    assert all(r.ok for r in verify_uri(out.uri(new)))
 
 
 def test_overlapping_runs_publish_a_version_once(
