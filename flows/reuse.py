@@ -18,7 +18,7 @@ import logging
 
 from flows.plan import Plan
 from flows.versions import MANIFEST_NAME
-from infra.errors import StorageError
+from infra.errors import InfraError, StorageError
 from infra.publish import staging_prefix
 from infra.safetensors import read_header
 from infra.storage import Storage, join_key
@@ -33,7 +33,8 @@ _log = logging.getLogger(__name__)
 def stage_published_shards(plan: Plan, storage: Storage, published: str, version: str) -> int:
     """Stage in `version` (a key prefix of `storage`) the shards of the version published at
     `published` when that one was made with `plan`'s staging id; returns the units staged (0:
-    other shards, or a manifest that cannot say, and nothing was staged)."""
+    other shards, or a manifest that cannot say, and nothing was staged). A shard that cannot be
+    read there (deleted, damaged) is left to convert."""
     try:
         manifest = json.loads(storage.read_bytes(join_key(published, MANIFEST_NAME)))
     except (StorageError, ValueError):
@@ -47,18 +48,25 @@ def stage_published_shards(plan: Plan, storage: Storage, published: str, version
     if len(wanted) != len(plan.units) or any(j.name not in tensors for u in wanted for j in u.jobs):
         return 0
     staging = staging_prefix(version, plan.staging_id)
+    staged = 0
     for unit in wanted:
         shard, run = shards[unit.file_name], runs[unit.file_name]
         source_key = join_key(published, unit.file_name)
-        header = read_header(storage, source_key)
-        record = UnitResult(
-            index=unit.index, file_name=unit.file_name, size=shard["size"], sha256=shard["sha256"],
-            tensors=tuple(TensorRecord.model_validate(tensors[j.name]) for j in unit.jobs),
-            weight_map={t.name: unit.file_name for t in header.tensors},
-            seconds=run["seconds"], device=run["device"], node=run["node"],
-        )
-        storage.copy(source_key, join_key(staging, unit.file_name))
+        try:
+            header = read_header(storage, source_key)
+            record = UnitResult(
+                index=unit.index, file_name=unit.file_name, size=shard["size"], sha256=shard["sha256"],
+                tensors=tuple(TensorRecord.model_validate(tensors[j.name]) for j in unit.jobs),
+                weight_map={t.name: unit.file_name for t in header.tensors},
+                seconds=run["seconds"], device=run["device"], node=run["node"],
+            )
+            storage.copy(source_key, join_key(staging, unit.file_name))
+        except (InfraError, ValueError) as error:  # a shard gone or damaged there: this unit converts
+            _log.warning("%s: not staged from %s (%s); it is converted", unit.file_name,
+                         storage.uri(published), error)
+            continue
         storage.put_bytes(join_key(staging, unit_record_key(unit)), record.model_dump_json().encode())
-    _log.info("%s: %d shard(s) staged from %s (same weights, recipe and tool version)",
-              storage.uri(version), len(wanted), storage.uri(published))
-    return len(wanted)
+        staged += 1
+    _log.info("%s: %d of %d shard(s) staged from %s (same weights, recipe and tool version)",
+              storage.uri(version), staged, len(wanted), storage.uri(published))
+    return staged

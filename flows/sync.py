@@ -306,10 +306,8 @@ def sync_one(
     # When only files the model loads with changed since LATEST's version (a fixed chat template),
     # its shards are this version's: staged from there, nothing is converted.
     previous = read_latest(dest, checkpoint.name, recipe.label)
-    reused_from = None
-    if previous is not None and stage_published_shards(
-            plan, dest, version_prefix(checkpoint.name, recipe.label, previous.version), prefix):
-        reused_from = previous.version
+    copied = 0 if previous is None else stage_published_shards(
+        plan, dest, version_prefix(checkpoint.name, recipe.label, previous.version), prefix)
     try:
         cluster = _cluster(ray_address)
         results = convert_units(plan, version_uri, cluster=cluster, device=device)
@@ -328,9 +326,11 @@ def sync_one(
             return outcome("skipped", "published by an overlapping run while this one converted",
                            latest())
         raise
-    copied = (f" (the weights' shards copied from version {reused_from}: only files the model loads with "
-              "changed)") if reused_from else ""
-    return outcome("converted", f"{len(results)} shard(s) published{copied}", latest())
+    how = ""
+    if copied and previous is not None:
+        how = (f" ({copied} of them copied from version {previous.version}: only files the model loads with "
+               "changed)")
+    return outcome("converted", f"{len(results)} shard(s) published{how}", latest())
 
 
 def _failed(checkpoint: Checkpoint, recipe: Recipe, error: BaseException) -> SyncOutcome:

@@ -232,12 +232,14 @@ def _check_numbered_shards(storage: Storage, prefix: str, weights: list[ObjectIn
     still uploading (the index often comes last) or copied in part would otherwise convert as a
     smaller model, without the layers of its missing files."""
     present: dict[tuple[str, str], set[int]] = {}
+    widths: dict[tuple[str, str], int] = {}  # DeepSeek-V3 numbers 00001-of-000163: the part's own
     for o in weights:
         match = _NUMBERED_SHARD.fullmatch(_name(o.key))
         if match is not None:
             present.setdefault((match["stem"], match["count"]), set()).add(int(match["part"]))
+            widths[match["stem"], match["count"]] = len(match["part"])
     for (stem, count), parts in sorted(present.items()):
-        width = len(count)
+        width = widths[stem, count]
         missing = [f"{stem}-{part:0{width}d}-of-{count}.safetensors"
                    for part in range(1, int(count) + 1) if part not in parts]
         if missing:

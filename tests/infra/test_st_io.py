@@ -209,6 +209,10 @@ def test_catalog_without_an_index_wants_every_numbered_shard(storage: Storage) -
         build_catalog(storage, "n")
     storage.delete("n/weights-1-of-9.safetensors")
     assert set(build_catalog(storage, "n").tensors) == {"b"}
+    # DeepSeek-V3's parts are five digits of a six-digit count.
+    storage.put_bytes("d/model-00002-of-000002.safetensors", save({"c": torch.zeros(2)}))
+    with pytest.raises(MissingShardError, match=r": 1 of 2 shards are missing \(model-00001-of-000002\."):
+        build_catalog(storage, "d")
 
 
 def test_catalog_refuses_pickle_only(storage: Storage) -> None:

@@ -152,7 +152,7 @@ def test_a_fixed_generation_config_is_a_new_version_and_an_edited_model_card_is_
     assert latest is not None and latest.version == fixed.outcomes[0].version
     # The weights did not change: their shards were staged from the first version, not converted.
     assert fixed.outcomes[0].reason.startswith(
-        f"3 shard(s) published (the weights' shards copied from version {first.outcomes[0].version}: "
+        f"3 shard(s) published (3 of them copied from version {first.outcomes[0].version}: "
     ), fixed.text()
     shards = sorted(i.key.rsplit("/", 1)[1] for i in out.list(f"{old}/") if i.key.endswith(".safetensors"))
     same = [*shards, "model.safetensors.index.json", "config.json"]
@@ -161,6 +161,26 @@ def test_a_fixed_generation_config_is_a_new_version_and_an_edited_model_card_is_
     for key in ("tensors", "shards", "units", "totals"):
         assert manifests[1][key] == manifests[0][key], key
     assert all(r.ok for r in verify_uri(out.uri(new)))
+
+
+def test_a_shard_gone_from_the_version_to_copy_from_is_converted(tiny_llama: Path, tmp_path: Path) -> None:
+    # Someone deleted a shard of the published version: the new version copies the others and
+    # converts that one (to the same bytes), rather than failing.
+    source, dest = tmp_path / "incoming", tmp_path / "bucket"
+    shutil.copytree(tiny_llama, source / "llama")
+    first = run_sync(str(source), str(dest), ["W8A16"], shard_size=SHARDS)
+    old = dest / "llama" / "W8A16" / str(first.outcomes[0].version)
+    gone = sorted(old.glob("*.safetensors"))[1]
+    kept = gone.read_bytes()
+    gone.unlink()
+    (source / "llama" / "generation_config.json").write_text('{"eos_token_id": [2, 7]}')
+    fixed = run_sync(str(source), str(dest), ["W8A16"], shard_size=SHARDS)
+    _only(fixed, "converted")
+    reason = fixed.outcomes[0].reason
+    assert reason.startswith("3 shard(s) published (2 of them copied from version "), reason
+    new = dest / "llama" / "W8A16" / str(fixed.outcomes[0].version)
+    assert (new / gone.name).read_bytes() == kept
+    assert all(r.ok for r in verify_uri(str(new)))
 
 
 def test_overlapping_runs_publish_a_version_once(
