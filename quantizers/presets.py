@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from quantizers.errors import UnknownSchemeError, UnsupportedSchemeError
 from quantizers.scheme import QuantScheme
+from quantizers.shapes import INT_GROUP_SIZES
 
 __all__ = ["PRESETS", "scheme_names", "get_scheme"]
 
@@ -80,6 +81,16 @@ def get_scheme(
         if scheme.format != "pack-quantized" and group_size != scheme.group_size:
             raise UnsupportedSchemeError(
                 f"scheme {key}: the format fixes the group size at {scheme.group_size}"
+            )
+        if group_size not in INT_GROUP_SIZES:
+            # Any other size was taken, then undone weight by weight by the awkward-shape rule
+            # (quantizers.shapes), which only steps down through these: group 7 became one scale
+            # per output channel everywhere, group 256 a checkpoint vLLM's kernels cannot load.
+            sizes = ", ".join(str(size) for size in INT_GROUP_SIZES)
+            raise UnsupportedSchemeError(
+                f"scheme {key}: group size {group_size}: int weights are stored in groups of {sizes} "
+                "(what vLLM's int kernels load), or per output channel (--per-channel; per_channel: "
+                "true in a recipe)"
             )
         changes["group_size"] = group_size
     if not changes:

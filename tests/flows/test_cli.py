@@ -64,6 +64,12 @@ def test_version_is_the_one_plans_and_manifests_record(capsys) -> None:
         (["plan", "{minilm}", "--scheme", "W3A16"],
          "quantfleet: error: unknown scheme 'W3A16'; valid schemes:"),
         (["plan", "ftp://host/x"], "quantfleet: error: "),
+        # Taken, then undone weight by weight: every tensor stored per channel.
+        (["plan", "{minilm}", "--group-size", "7"],
+         "quantfleet: error: scheme W4A16: group size 7: int weights are stored in groups of 128, 64, 32 "
+         "(what vLLM's int kernels load), or per output channel"),
+        (["convert", "{minilm}", "/tmp/qf-test-never-written", "--group-size", "48"],  # default Prefect mode
+         "quantfleet: error: scheme W4A16: group size 48: int weights are stored in groups of 128, 64, 32"),
         (["plan", "{minilm}", "--scheme", "NVFP4A16", "--group-size", "32"],
          "quantfleet: error: scheme NVFP4A16: the format fixes the group size at 16"),
         (["compile-kernels", "--schemes", "FP8,W3A16"], "quantfleet: error: unknown scheme 'W3A16'"),
@@ -337,6 +343,9 @@ def test_a_bad_recipe_names_the_file_and_field(minilm, tmp_path, capsys):
          "gates.min_sqnr_db: Input should be a finite number"),
         (b"scheme: W4A16\ngates:\n  min_cosine: 2\n",
          "gates.min_cosine: Input should be less than or equal to 1"),
+        # A checkpoint vLLM's int kernels cannot load (they take groups of 32, 64 and 128).
+        (b"scheme: W4A16\ngroup_size: 256\n", "scheme W4A16: group size 256: int weights are stored in "
+                                             "groups of 128, 64, 32"),
     ],
 )
 def test_a_recipe_file_that_cannot_be_used_is_one_line(minilm, tmp_path, capsys, text, message):
