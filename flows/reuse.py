@@ -15,19 +15,22 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 from flows.plan import Plan
 from flows.versions import MANIFEST_NAME
 from infra.errors import InfraError, StorageError
 from infra.publish import staging_prefix
-from infra.safetensors import read_header
+from infra.safetensors import INDEX_NAME, read_header
 from infra.storage import Storage, join_key
 from workers.convert_unit import unit_record_key
 from workers.records import TensorRecord, UnitResult
+from workers.units import WorkUnit
 
 __all__ = ["stage_published_shards"]
 
 _log = logging.getLogger(__name__)
+_COPIES_IN_FLIGHT = 16
 
 
 def stage_published_shards(plan: Plan, storage: Storage, published: str, version: str) -> int:
@@ -48,25 +51,45 @@ def stage_published_shards(plan: Plan, storage: Storage, published: str, version
     if len(wanted) != len(plan.units) or any(j.name not in tensors for u in wanted for j in u.jobs):
         return 0
     staging = staging_prefix(version, plan.staging_id)
-    staged = 0
-    for unit in wanted:
+    weight_maps = _weight_maps(storage, published)
+
+    def stage(unit: WorkUnit) -> bool:
         shard, run = shards[unit.file_name], runs[unit.file_name]
         source_key = join_key(published, unit.file_name)
         try:
-            header = read_header(storage, source_key)
+            weight_map = weight_maps.get(unit.file_name) or {
+                t.name: unit.file_name for t in read_header(storage, source_key).tensors}
             record = UnitResult(
                 index=unit.index, file_name=unit.file_name, size=shard["size"], sha256=shard["sha256"],
                 tensors=tuple(TensorRecord.model_validate(tensors[j.name]) for j in unit.jobs),
-                weight_map={t.name: unit.file_name for t in header.tensors},
-                seconds=run["seconds"], device=run["device"], node=run["node"],
+                weight_map=weight_map, seconds=run["seconds"], device=run["device"], node=run["node"],
             )
             storage.copy(source_key, join_key(staging, unit.file_name))
         except (InfraError, ValueError) as error:  # a shard gone or damaged there: this unit converts
             _log.warning("%s: not staged from %s (%s); it is converted", unit.file_name,
                          storage.uri(published), error)
-            continue
+            return False
         storage.put_bytes(join_key(staging, unit_record_key(unit)), record.model_dump_json().encode())
-        staged += 1
+        return True
+
+    # One copy per shard, several in flight: a 1T model has thousands of shards, and each copy
+    # (server-side on S3) waits on the store, not on this machine.
+    with ThreadPoolExecutor(max(1, min(_COPIES_IN_FLIGHT, len(wanted)))) as pool:
+        staged = sum(pool.map(stage, wanted))
     _log.info("%s: %d of %d shard(s) staged from %s (same weights, recipe and tool version)",
               storage.uri(version), staged, len(wanted), storage.uri(published))
     return staged
+
+
+def _weight_maps(storage: Storage, published: str) -> dict[str, dict[str, str]]:
+    """{shard file: its part of the published index's weight map}, read once for every shard;
+    empty when there is no index (a one-shard checkpoint: its header says)."""
+    try:
+        index = json.loads(storage.read_bytes(join_key(published, INDEX_NAME)))
+        weight_map = index["weight_map"]
+    except (StorageError, ValueError, KeyError, TypeError):
+        return {}
+    by_file: dict[str, dict[str, str]] = {}
+    for name, file_name in weight_map.items():
+        by_file.setdefault(file_name, {})[name] = file_name
+    return by_file

@@ -305,9 +305,13 @@ def sync_one(
                        latest())
     # When only files the model loads with changed since LATEST's version (a fixed chat template),
     # its shards are this version's: staged from there, nothing is converted.
+    # LATEST records its weights' identity: a version made from other weights (the usual new
+    # version) is not read further (a 1T model's manifest is tens of MB).
     previous = read_latest(dest, checkpoint.name, recipe.label)
-    copied = 0 if previous is None else stage_published_shards(
-        plan, dest, version_prefix(checkpoint.name, recipe.label, previous.version), prefix)
+    copied = 0
+    if previous is not None and previous.source_identity == plan.source_identity:
+        copied = stage_published_shards(plan, dest, version_prefix(checkpoint.name, recipe.label,
+                                                                   previous.version), prefix)
     try:
         cluster = _cluster(ray_address)
         results = convert_units(plan, version_uri, cluster=cluster, device=device)

@@ -45,7 +45,7 @@ def __getattr__(name: str) -> Any:
 def open_storage(uri: str | Path, **opts: Any) -> Storage:
     """Open the storage a URI names.
 
-    Plain paths and file:// URIs give a `LocalStorage` (options: fsync, create); s3://bucket/prefix
+    Plain paths and file:// URIs give a `LocalStorage` (option: fsync); s3://bucket/prefix
     gives an `S3Storage` (options: the fields of `S3Options`, e.g. endpoint_url, region, retry,
     min_part_size, or `client=` a ready boto3 client). Unknown options raise a pydantic
     ValidationError rather than being silently dropped. `synthetic://PRESET?...` gives a read-only

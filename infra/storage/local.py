@@ -84,16 +84,14 @@ def _etag(st: os.stat_result) -> str:
 class LocalStorage(Storage):
     """Objects are files under `root`; keys are their '/'-separated relative paths."""
 
-    def __init__(self, root: str | Path, *, fsync: bool = True, create: bool = False) -> None:
-        """Opening creates nothing: the folder is made by the first write under it (`create`:
-        now). A mistyped source path left an empty folder behind every command that read it."""
+    def __init__(self, root: str | Path, *, fsync: bool = True) -> None:
+        """Opening creates nothing: the folder is made by the first write under it. (A mistyped
+        source path left an empty folder behind every command that read it.)"""
         self.root = Path(root).resolve()
         self.fsync = fsync
         if self.root.exists() and not self.root.is_dir():
             raise InvalidURI(f"{self.uri()}: a file, not a folder; name the folder that holds it "
                              f"({self.root.parent})")
-        if create:
-            self.root.mkdir(parents=True, exist_ok=True)
 
     def __repr__(self) -> str:
         return f"LocalStorage({str(self.root)!r})"
