@@ -73,9 +73,10 @@ class Catalog(BaseModel):
         return sum(e.info.nbytes for e in self.tensors.values())
 
 
-def _top_level(storage: Storage, prefix: str) -> list[ObjectInfo]:
+def _below(prefix: str, objects: list[ObjectInfo]) -> list[str]:
+    """Each object's key relative to the folder `prefix`."""
     base = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
-    return [o for o in storage.list(base) if "/" not in o.key[len(base) :]]
+    return [o.key[len(base) :] for o in objects]
 
 
 def _name(key: str) -> str:
@@ -189,7 +190,8 @@ def _index_files(
 def build_catalog(storage: Storage, prefix: str = "", *, max_workers: int = 8) -> Catalog:
     """Catalog the checkpoint under `prefix` of `storage` (headers only, no tensor data)."""
     prefix = prefix.strip("/")
-    top = _top_level(storage, prefix)
+    everything = list(storage.list(f"{prefix}/" if prefix else ""))
+    top = [o for o, key in zip(everything, _below(prefix, everything), strict=True) if "/" not in key]
     by_name = {_name(o.key): o for o in top}
     weights = [o for o in top if o.key.endswith(".safetensors")]
     index_key = join_key(prefix, INDEX_NAME)
@@ -198,7 +200,7 @@ def build_catalog(storage: Storage, prefix: str = "", *, max_workers: int = 8) -
         weight_map, index_meta = _read_index(storage, index_key)
         weights = _index_files(storage, prefix, index_key, weight_map)
     if not weights:
-        _raise_no_weights(storage, prefix, top)
+        _raise_no_weights(storage, prefix, top, _below(prefix, everything))
     if weight_map is None:
         _check_numbered_shards(storage, prefix, weights)
     headers = _read_headers(storage, weights, max_workers)
@@ -250,7 +252,10 @@ def _check_numbered_shards(storage: Storage, prefix: str, weights: list[ObjectIn
             )
 
 
-def _raise_no_weights(storage: Storage, prefix: str, top: list[ObjectInfo]) -> None:
+def _raise_no_weights(storage: Storage, prefix: str, top: list[ObjectInfo], below: list[str]) -> None:
+    """One line saying why there is no checkpoint here, and where one is when it is in a folder
+    below (the folder of a Hugging Face cache's repository, a repository keeping its weights in a
+    subfolder)."""
     uri = storage.uri(prefix)
     pickles = sorted(_name(o.key) for o in top if o.key.endswith(PICKLE_SUFFIXES))
     if pickles:
@@ -260,6 +265,38 @@ def _raise_no_weights(storage: Storage, prefix: str, top: list[ObjectInfo]) -> N
             "trusted environment: safetensors.torch.save_file(torch.load(path, weights_only=True), "
             "'model.safetensors')"
         )
-    if not top:
+    # Hidden folders (a staging area, a destination kept inside the source) are never read.
+    below = [key for key in below if not any(part.startswith(".") for part in key.split("/")[:-1])]
+    folders = sorted({key.split("/", 1)[0] for key in below if "/" in key})
+    if not top and {"blobs", "snapshots"} <= set(folders):
+        raise CatalogError(_hugging_face_cache_message(storage, prefix, below))
+    if not below:
         raise CatalogError(f"{uri}: nothing there (no such folder, or an empty one)")
-    raise CatalogError(f"{uri}: no *.safetensors files and no {INDEX_NAME}")
+    holders = sorted({key.rsplit("/", 1)[0] for key in below if "/" in key and key.endswith(".safetensors")})
+    shown = ", ".join(f"{uri}/{holder}" for holder in holders[:3]) + (
+        f" and {len(holders) - 3} more" if len(holders) > 3 else "")
+    what = f"no *.safetensors files and no {INDEX_NAME}" if top else "no files at its top level, only folders"
+    if holders:
+        raise CatalogError(f"{uri}: {what}; *.safetensors files are in {shown}: name the folder that holds "
+                           "the checkpoint")
+    if not top:
+        raise CatalogError(f"{uri}: {what} ({', '.join(folders[:5])}), and no *.safetensors files in them")
+    raise CatalogError(f"{uri}: {what}")
+
+
+def _hugging_face_cache_message(storage: Storage, prefix: str, below: list[str]) -> str:
+    uri = storage.uri(prefix)
+    revisions = sorted({key.split("/")[1] for key in below
+                        if key.startswith("snapshots/") and key.count("/") >= 2})
+    main = None
+    if "refs/main" in below:
+        main = storage.read_bytes(join_key(prefix, "refs/main")).decode(errors="replace").strip()
+    chosen = main if main in revisions else (revisions[0] if len(revisions) == 1 else None)
+    if chosen is not None:
+        where = f"{uri}/snapshots/{chosen}" + (" (the revision refs/main names)" if chosen == main else "")
+    elif revisions:
+        where = "one of its snapshots: " + ", ".join(f"{uri}/snapshots/{rev}" for rev in revisions[:3]) + (
+            f" and {len(revisions) - 3} more" if len(revisions) > 3 else "")
+    else:
+        where = "a snapshot, once one is downloaded (it has none)"
+    return f"{uri}: a Hugging Face cache folder (blobs, refs, snapshots), not a checkpoint: name {where}"
