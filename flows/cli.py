@@ -546,8 +546,9 @@ def _convert_with(server, source: str, dest: str, recipe, args: argparse.Namespa
     if summary.gguf_bytes_out:
         print(f"GGUF: {summary.dest_uri}/gguf/ ({format_size(summary.gguf_bytes_out)}), in the same version")
     wall = time.perf_counter() - started
+    started_what = "Prefect's server, Ray, planning" if use_prefect else "Ray, planning"
     print(f"Time: {wall:.1f} s in all: {summary.seconds:.1f} s converting and publishing, "
-          f"{wall - summary.seconds:.1f} s of fixed start-up (Prefect, Ray, planning)")
+          f"{wall - summary.seconds:.1f} s of fixed start-up ({started_what})")
     return 0
 
 

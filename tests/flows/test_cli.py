@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -218,6 +219,7 @@ def test_demo_converts_the_bundled_model_with_prefect_local_mode(tmp_path) -> No
     # nothing it started outlives it.
     assert processes_started_with(marker) == []
     assert "Published: file://" in first.stdout and "compression ratio" in first.stdout
+    assert "s of fixed start-up (Prefect's server, Ray, planning)" in first.stdout, first.stdout
     # An empty PREFECT_API_URL means a temporary server; Prefect's events worker would take it
     # for a server's address and print a traceback for every event.
     assert "Traceback" not in first.stderr and "Error emitting event" not in first.stderr, first.stderr
@@ -256,6 +258,8 @@ def test_a_published_destination_takes_only_the_command_that_published_it(minilm
     dest = tmp_path / "out"
     argv = ["convert", str(source), str(dest), "--scheme", "FP8", "--no-prefect"]
     assert main(argv) == 0
+    # Without Prefect no server was started: the time line does not say one was.
+    assert re.search(r"Time: .* s of fixed start-up \(Ray, planning\)\n", capsys.readouterr().out)
     plan_id = json.loads((dest / "quantfleet.json").read_text())["plan_id"]
     published = {p: p.stat().st_mtime_ns for p in dest.rglob("*")}
     capsys.readouterr()
