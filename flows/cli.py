@@ -49,8 +49,9 @@ def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
         help="preset scheme: W8A16, W4A16, W4A16_ASYM, FP8, FP8_BLOCK, NVFP4A16, MXFP4A16 "
         f"(default: {_DEFAULT_SCHEME}, or {_DEFAULT_GGUF_TYPE} with --format gguf; see `quantfleet schemes`)",
     )
-    group.add_argument("--recipe", type=Path, help="a YAML recipe (targets, ignore, overrides, gates); "
-                       "overrides --scheme and its options")
+    group.add_argument("--recipe", type=Path, help="a YAML recipe (targets, ignore, overrides, gates), or "
+                       "an llm-compressor recipe with a QuantizationModifier; overrides --scheme and its "
+                       "options")
     group.add_argument("--format", choices=("compressed-tensors", "gguf"), dest="output_format",
                        help="output format: compressed-tensors (default; vLLM, transformers) or gguf "
                        "(llama.cpp, Ollama; --scheme is then a GGUF type or mix: F16, BF16, Q8_0, Q6_K, "

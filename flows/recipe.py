@@ -42,7 +42,9 @@ from typing import ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flows.llm_compressor_recipe import is_llm_compressor_recipe, recipe_data
 from quantizers import QuantScheme, check_method, get_scheme
+from quantizers.errors import UnknownSchemeError
 
 __all__ = ["Recipe", "SchemeChoice", "Override", "Gates", "Evaluate", "DEFAULT_IGNORE", "RecipeError"]
 
@@ -91,6 +93,9 @@ class SchemeChoice(BaseModel):
 
 class Override(SchemeChoice):
     targets: tuple[str, ...] = Field(min_length=1)
+    # Modules among the targets this override leaves to the rest of the recipe (an llm-compressor
+    # recipe's ignore list applies to every scheme in it). Left out when empty: plan ids stay.
+    ignore: tuple[str, ...] = Field(default=(), exclude_if=lambda v: not v)
 
 
 class Gates(BaseModel):
@@ -276,9 +281,9 @@ class Recipe(SchemeChoice):
         return self.resolve()
 
     @cached_property
-    def _matchers(self) -> tuple[_Matcher, _Matcher, list[tuple[_Matcher, QuantScheme, str]]]:
+    def _matchers(self) -> tuple[_Matcher, _Matcher, list[tuple[_Matcher, _Matcher, QuantScheme, str]]]:
         ignore = self.ignore + (DEFAULT_IGNORE if self.use_default_ignore else ())
-        overrides = [(_Matcher(o.targets), o.resolve(), o.method) for o in self.overrides]
+        overrides = [(_Matcher(o.targets), _Matcher(o.ignore), o.resolve(), o.method) for o in self.overrides]
         return _Matcher(self.targets), _Matcher(ignore), overrides
 
     def scheme_for(self, tensor_name: str, shape: tuple[int, ...]) -> QuantScheme | None:
@@ -292,8 +297,8 @@ class Recipe(SchemeChoice):
             return None
         module = tensor_name.removesuffix(".weight")
         targets, ignore, overrides = self._matchers
-        for matcher, scheme, method in overrides:
-            if matcher.matches(module):
+        for matcher, left, scheme, method in overrides:
+            if matcher.matches(module) and not left.matches(module):
                 return scheme, method
         if ignore.matches(module) or not targets.matches(module):
             return None
@@ -307,7 +312,7 @@ class Recipe(SchemeChoice):
         modules = [w.removesuffix(".weight") for w in weights if w.endswith(".weight")]
         targets, _, overrides = self._matchers
         found = [] if any(targets.matches(m) for m in modules) else [f"targets {list(self.targets)}"]
-        for number, (matcher, _, _) in enumerate(overrides):
+        for number, (matcher, _, _, _) in enumerate(overrides):
             if not any(matcher.matches(m) for m in modules):
                 found.append(f"overrides[{number}] targets {list(self.overrides[number].targets)}")
         return found
@@ -335,13 +340,15 @@ class Recipe(SchemeChoice):
         except yaml.YAMLError as error:
             raise RecipeError(f"{location}: not valid YAML: {_yaml_problem(error)}") from error
         try:
+            if is_llm_compressor_recipe(data):
+                data = recipe_data(data, DEFAULT_IGNORE)
             recipe = cls.model_validate(data)
             recipe.check_schemes()
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "recipe"
             raise RecipeError(f"{location}: {where}: {first['msg']}") from error
-        except ValueError as error:
+        except (ValueError, UnknownSchemeError) as error:
             raise RecipeError(f"{location}: {error}") from error
         return recipe
 

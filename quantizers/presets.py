@@ -5,6 +5,8 @@ A registry keyed by normalised name; an unknown name's error lists every valid o
 
 from __future__ import annotations
 
+import re
+
 from pydantic import ValidationError
 
 from quantizers.errors import UnknownSchemeError, UnsupportedSchemeError
@@ -66,7 +68,12 @@ def get_scheme(
     key = _normalise(name)
     if key not in PRESETS:
         valid = ", ".join(scheme_names())
-        raise UnknownSchemeError(f"unknown scheme {name!r}; valid schemes: {valid}")
+        # llm-compressor's W8A8, W4A8, FP8 with static activations: the activations are quantized
+        # by the serving engine at run time, from calibration this tool does not do.
+        activations = re.fullmatch(r"W\d+A(\d+)", key)
+        why = (" (it quantizes activations too; quantfleet quantizes weights only, activations stay "
+               "16-bit)" if activations and activations[1] != "16" else "")
+        raise UnknownSchemeError(f"unknown scheme {name!r}{why}; valid schemes: {valid}")
     scheme = PRESETS[key]
     changes: dict[str, object] = {}
     if symmetric is not None and symmetric != scheme.symmetric:

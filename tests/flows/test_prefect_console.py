@@ -204,14 +204,24 @@ def test_a_config_json_planning_cannot_use_is_one_line_before_converting(cli_env
         assert not dest.exists(), case
 
 
-def test_a_recipe_that_is_not_yaml_is_one_line_in_the_default_mode(cli_env, minilm, tmp_path) -> None:
-    recipe = tmp_path / "broken.yaml"
-    recipe.write_text("scheme: W4A16\n  gates: : :\n")  # PyYAML's own message spans four lines
+@pytest.mark.parametrize(("text", "message"), [
+    # PyYAML's own message spans four lines.
+    ("scheme: W4A16\n  gates: : :\n",
+     "not valid YAML: mapping values are not allowed here (line 2, column 8)"),
+    # An llm-compressor recipe whose method needs calibration data.
+    ("quant_stage:\n  quant_modifiers:\n    GPTQModifier:\n      scheme: W4A16\n",
+     "GPTQModifier: needs calibration data, which quantfleet does not take (it converts without running "
+     "the model); use a QuantizationModifier (round to nearest), or quantfleet's own recipe with method: "
+     "search or hqq (data-free, better than round to nearest)"),
+], ids=["not-yaml", "gptq"])
+def test_a_recipe_that_cannot_be_used_is_one_line_in_the_default_mode(cli_env, minilm, tmp_path, text,
+                                                                       message) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
     result = run_cli("convert", minilm, str(tmp_path / "out"), "--recipe", str(recipe), env=cli_env)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr
-    assert lines == [f"quantfleet: error: {recipe}: not valid YAML: mapping values are not allowed here "
-                     "(line 2, column 8)"], result.stderr
+    assert lines == [f"quantfleet: error: {recipe}: {message}"], result.stderr
     assert not (tmp_path / "out").exists()
 
 
