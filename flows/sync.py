@@ -13,10 +13,10 @@ version instead of converting them (flows/reuse.py).
 Pairs run one after another, or up to `max_parallel` at once; one failing pair never stops the
 others, and the summary (returned, and a Prefect artifact) lists what was converted, skipped and
 failed, and why. A checkpoint whose shards are not all there yet (an upload in progress: the
-index names a missing file, or `-00003-of-00005` has no sibling 5) is incomplete, not failed: the
-run succeeds and a later one converts it. Two overlapping runs that convert the same version
-publish it once: the second commit finds the marker (conditional write) and reports the pair as
-skipped.
+index names a missing file, or `-00003-of-00005` has no sibling 5; a shard shorter than its header
+says, still being copied in) is incomplete, not failed: the run succeeds and a later one converts it.
+Two overlapping runs that convert the same version publish it once: the second commit finds the
+marker (conditional write) and reports the pair as skipped.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from flows.versions import (
     utc_now,
     version_prefix,
 )
-from infra.errors import MissingShardError
+from infra.errors import MissingShardError, TruncatedFileError
 from infra.publish import Expected, is_published
 from infra.storage import open_storage
 from workers.evaluation import Evaluation
@@ -253,7 +253,7 @@ def _start_ray_if_work(
             plan = plan_conversion(checkpoint.uri, recipe, shard_size=shard_size)
             if is_published(dest, version_prefix(checkpoint.name, recipe.label, plan.plan_id)):
                 continue
-        except MissingShardError:
+        except (MissingShardError, TruncatedFileError):
             continue  # still uploading: nothing to convert this time
         except Exception:  # noqa: BLE001 - sync_one plans again and reports the failure
             pass
@@ -279,12 +279,14 @@ def sync_one(
     observed_at = utc_now()
     try:
         plan = plan_conversion(checkpoint.uri, recipe, shard_size=shard_size)
-    except MissingShardError as error:
-        # Shards still to come (an upload in progress): not a failure of the run, and nothing to
-        # convert yet; a later run converts the checkpoint once they are all there.
+    except (MissingShardError, TruncatedFileError) as error:
+        # Shards still to come or still being copied in (an upload in progress): not a failure of
+        # the run, and nothing to convert yet; a later run converts the checkpoint once they are all
+        # there in full.
+        once = "every shard is there" if isinstance(error, MissingShardError) else "the file is whole"
         return SyncOutcome(model=checkpoint.name, recipe=recipe.label, source_uri=checkpoint.uri,
                            status="incomplete", seconds=time.perf_counter() - started,
-                           reason=f"{_reason(error)}; a later run converts it once every shard is there")
+                           reason=f"{_reason(error)}; a later run converts it once {once}")
     dest = open_storage(dest_uri)
     prefix = version_prefix(checkpoint.name, recipe.label, plan.plan_id)
     version_uri = dest.uri(prefix)

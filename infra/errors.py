@@ -18,6 +18,7 @@ __all__ = [
     "IntegrityError",
     "InvalidURI",
     "MissingShardError",
+    "TruncatedFileError",
     "ObjectNotFound",
     "PickleWeightsError",
     "StorageError",
@@ -79,6 +80,11 @@ class CheckpointError(InfraError):
 
 class HeaderError(CheckpointError):
     """A safetensors header violates the format; the message names the file and the tensor."""
+
+
+class TruncatedFileError(HeaderError):
+    """A safetensors file shorter than its own header says (or than any header): a file still
+    being written by a copy in progress looks like this, and so does one whose copy was cut short."""
 
 
 class CatalogError(CheckpointError):

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from infra.errors import HeaderError
+from infra.errors import HeaderError, TruncatedFileError
 from infra.safetensors.dtypes import DTYPE_SIZE
 from infra.storage.base import Storage
 
@@ -85,15 +85,21 @@ def _no_duplicates(uri: str) -> Any:
     return hook
 
 
+# What a file shorter than its header says is, most often: one still being copied into place.
+CUT_SHORT = "the file is incomplete (still being copied, or cut short)"
+
+
 def header_length(prefix: bytes, file_size: int, uri: str) -> int:
     """Validate the 8-byte length prefix against the file size and the 100 MB limit."""
     if file_size < 8 or len(prefix) < 8:
-        raise HeaderError(f"{uri}: file is {file_size} bytes, too short for a safetensors header")
+        raise TruncatedFileError(f"{uri}: file is {file_size} bytes, too short for a safetensors header; "
+                                 f"{CUT_SHORT}")
     (n,) = struct.unpack("<Q", prefix[:8])
     if n > MAX_HEADER_BYTES:
         raise HeaderError(f"{uri}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
     if 8 + n > file_size:
-        raise HeaderError(f"{uri}: header length {n} runs past the end of the file ({file_size} bytes)")
+        raise TruncatedFileError(f"{uri}: header length {n} runs past the end of the file ({file_size} "
+                                 f"bytes); {CUT_SHORT}")
     if n < 2:
         raise HeaderError(f"{uri}: header length {n} is too small for a JSON object")
     return int(n)
@@ -177,9 +183,9 @@ def _check_layout(tensors: list[TensorInfo], data_start: int, file_size: int, ur
             raise HeaderError(f"{uri}: tensor {info.name!r}: gap of {info.begin - position} bytes {after}")
         position, previous = info.end, info.name
     if position > file_size:
-        raise HeaderError(
+        raise TruncatedFileError(
             f"{uri}: tensor {previous!r} ends at byte {position}, past the end of the file "
-            f"({file_size} bytes)"
+            f"({file_size} bytes); {CUT_SHORT}"
         )
     if position < file_size:
         raise HeaderError(

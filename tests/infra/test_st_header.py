@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
-from infra.errors import CheckpointError, HeaderError
+from infra.errors import CheckpointError, HeaderError, TruncatedFileError
 from infra.safetensors import parse_header, read_header
 from infra.storage import LocalStorage
 
@@ -39,18 +39,19 @@ def _dup_names() -> bytes:
     return raw_file(text, b"\0\0")
 
 
+CUT = "the file is incomplete (still being copied, or cut short)"
 CORPUS: list[tuple[str, bytes, str]] = [
-    ("empty", b"", f"{U}: file is 0 bytes, too short for a safetensors header"),
-    ("truncated length", b"\x10\x00\x00", f"{U}: file is 3 bytes, too short for a safetensors header"),
+    ("empty", b"", f"{U}: file is 0 bytes, too short for a safetensors header; {CUT}"),
+    ("truncated length", b"\x10\x00\x00", f"{U}: file is 3 bytes, too short for a safetensors header; {CUT}"),
     (
         "truncated data",
         raw_file(valid_header(), b"\0" * 19),
-        f"{U}: tensor 'b' ends at byte 191, past the end of the file (190 bytes)",
+        f"{U}: tensor 'b' ends at byte 191, past the end of the file (190 bytes); {CUT}",
     ),
     (
         "header length beyond file",
         raw_file(valid_header(), b"\0" * 20, length=10_000),
-        f"{U}: header length 10000 runs past the end of the file (191 bytes)",
+        f"{U}: header length 10000 runs past the end of the file (191 bytes); {CUT}",
     ),
     (
         "lying header length (too short)",
@@ -134,6 +135,8 @@ def test_bad_file_gets_exact_message(tmp_path, case: str, blob: bytes, message: 
     with pytest.raises(HeaderError) as err:
         parse_header(blob, len(blob), U)
     assert str(err.value) == message
+    # A file shorter than its header says is one a copy has not finished: sync waits for it.
+    assert isinstance(err.value, TruncatedFileError) == (CUT in message)
     # The same file read through storage gives the same verdict, naming the real URI.
     store = LocalStorage(tmp_path)
     store.put_bytes("model.safetensors", blob)

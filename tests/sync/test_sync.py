@@ -114,8 +114,19 @@ def test_a_checkpoint_still_uploading_is_incomplete_not_failed_and_converted_onc
         "later run converts it once every shard is there"), summary.text()
     assert summary.headline().endswith("0 converted, 0 skipped, 0 failed, 1 incomplete")
     assert not dest.exists() or not any(dest.iterdir())  # nothing written
-    for rest in ("model-00003-of-00003.safetensors", "model.safetensors.index.json"):
-        shutil.copy(tiny_llama / rest, landing / rest)
+    # The last shard being copied in (cp writes in place): its header says more than is there.
+    shutil.copy(tiny_llama / "model.safetensors.index.json", landing)
+    last = "model-00003-of-00003.safetensors"
+    whole = (tiny_llama / last).read_bytes()
+    (landing / last).write_bytes(whole[: len(whole) // 2])
+    summary = run_sync(str(source), str(dest), ["W8A16"])
+    _only(summary, "incomplete")
+    assert summary.outcomes[0].reason.startswith(f"file://{landing}/{last}: tensor "), summary.text()
+    assert summary.outcomes[0].reason.endswith(
+        f"past the end of the file ({len(whole) // 2} bytes); the file is incomplete (still being copied, "
+        "or cut short); a later run converts it once the file is whole"), summary.text()
+    assert not dest.exists() or not any(dest.iterdir())
+    (landing / last).write_bytes(whole)
     _only(run_sync(str(source), str(dest), ["W8A16"]), "converted")
     assert read_latest(open_storage(str(dest)), "llama", "W8A16") is not None
 
