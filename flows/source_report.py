@@ -29,6 +29,8 @@ def source_fields(plan: Plan) -> dict[str, object]:
         fields["dense_dtype"] = plan.source.dense_dtype
     if plan.source.fused_experts_split:
         fields["fused_experts_split"] = plan.source.fused_experts_split
+    if plan.source.activation_scales_dropped:
+        fields["activation_scales_dropped"] = plan.source.activation_scales_dropped
     return fields
 
 
@@ -48,6 +50,9 @@ def plan_source_lines(plan: Plan) -> list[str]:
             f"{requantized} dequantized and re-quantized, {kept} dequantized to {plan.source.dense_dtype}, "
             f"{carried} {CARRIED_OVER}; their scales are not copied"
         )
+    if plan.source.activation_scales_dropped:
+        lines.append(f"source activation and KV-cache scales: {plan.source.activation_scales_dropped} not "
+                     "copied (the result quantizes weights only; activations stay 16-bit)")
     if plan.source.fused_experts_split:
         split = plan.source.fused_experts_split
         lines.append(f"fused experts: {split} 3-D tensors split into per-expert weights")

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from infra.safetensors import DTYPE_SIZE, Catalog, CatalogEntry
 from quantizers import QuantizationError, QuantScheme
@@ -50,6 +50,13 @@ __all__ = ["SourceError", "SourceTensor", "SourceSummary", "read_source", "dense
 DENSE_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _FLOAT_SCALES = ("F32", "BF16", "F16")
 _CT_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_global_scale")
+# Parameters of the source scheme's activation and KV-cache quantization (static FP8 or int8
+# activations, NVFP4's activation global scale, KV-cache scales). The result quantizes weights
+# only, so they describe nothing in it: copied, they are parameters vLLM's weight-only layers
+# do not have.
+_CT_ACTIVATION_SUFFIXES = frozenset({"input_scale", "input_zero_point", "input_global_scale", "output_scale",
+                                     "output_zero_point"})
+_KV_CACHE_SUFFIXES = frozenset({"k_scale", "v_scale", "q_scale", "k_zero_point", "v_zero_point"})
 _FUSED = re.compile(r"(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
 # Architectures whose fused experts transformers loads only fused (no per-expert checkpoint names).
 KEEP_FUSED = frozenset({"gpt_oss"})
@@ -82,6 +89,9 @@ class SourceSummary(BaseModel):
     quantized: bool
     dense_dtype: str
     fused_experts_split: int = 0  # 3-D expert tensors split into per-expert weights
+    # Activation and KV-cache scales of the source's own scheme, not copied (left out when none,
+    # so manifests of other sources keep their bytes).
+    activation_scales_dropped: int = Field(default=0, exclude_if=lambda v: v == 0)
 
 
 def _part(role: str, entry: CatalogEntry) -> SourcePart:
@@ -223,6 +233,8 @@ def _compressed(catalog: Catalog, qconfig: dict[str, Any], dense: str) -> Found:
             modules.setdefault(module, {})[suffix] = entry
     found: dict[str, SourceTensor] = {}
     used: set[str] = set()
+    if qconfig.get("kv_cache_scheme"):
+        used.update(name for name in catalog.tensors if name.rpartition(".")[2] in _KV_CACHE_SUFFIXES)
     resolved: dict[str, QuantScheme] = {}
     for module, stored in sorted(modules.items()):
         if set(stored) <= {"weight_scale"} and f"{module}.weight" in catalog.tensors:
@@ -249,6 +261,8 @@ def _compressed(catalog: Catalog, qconfig: dict[str, Any], dense: str) -> Found:
                     f"{catalog.uri}: {module}.{spec.suffix} is {what}, expected shape {list(spec.shape)} "
                     f"for {scheme.describe()} ({scheme.format}) of a {shape[0]}x{shape[1]} weight"
                 )
+        used.update(name for suffix in _CT_ACTIVATION_SUFFIXES
+                    if (name := f"{module}.{suffix}") in catalog.tensors)
         entry = stored[main]
         parts = tuple(_part(suffix, e) for suffix, e in sorted(stored.items()))
         found[entry.info.name] = SourceTensor(
@@ -329,8 +343,10 @@ def read_source(config: dict[str, Any] | None, catalog: Catalog) -> tuple[Source
     if qconfig is not None:
         # Parts of a weight may sit in other files: keep the plan's file-then-offset reading order.
         tensors.sort(key=lambda t: (t.file, t.begin))
+    dropped = sum(1 for name in used
+                  if name.rpartition(".")[2] in _CT_ACTIVATION_SUFFIXES | _KV_CACHE_SUFFIXES)
     summary = SourceSummary(format=label, quantized=qconfig is not None, dense_dtype=dense,
-                            fused_experts_split=split)
+                            fused_experts_split=split, activation_scales_dropped=dropped)
     return summary, tensors
 
 
