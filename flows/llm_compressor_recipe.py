@@ -18,7 +18,10 @@ MoE routers) still apply: llm-compressor's "Linear" never matches an embedding o
 loads MoE routers unquantized.
 
 Where several schemes or config groups match one module, the later one wins, as when
-compressed-tensors applies groups in order.
+compressed-tensors applies groups in order. Scheme names are quantfleet's (`quantfleet schemes`),
+all weight-only: activations stay 16-bit even where llm-compressor's preset of the same name (FP8,
+FP8_DYNAMIC, FP8_BLOCK, NVFP4) would quantize them too, and names that mean nothing without
+quantized activations (W8A8, W4A8) are refused.
 """
 
 from __future__ import annotations
@@ -32,10 +35,8 @@ _MODIFIER_SETTINGS = frozenset({"targets", "ignore", "scheme", "config_groups", 
 _GROUP_SETTINGS = frozenset({"targets", "weights", "input_activations", "output_activations", "format"})
 _WEIGHT_SETTINGS = frozenset({"num_bits", "type", "symmetric", "strategy", "group_size", "block_structure",
                               "dynamic", "actorder", "observer", "observer_kwargs"})
-# Observers that take each group's min and max (round to nearest), and the one that searches the
-# clipping range for the least squared error, which is what method `search` does.
-_OBSERVER_METHODS = {"minmax": "rtn", "memoryless_minmax": "rtn", "static_minmax": "rtn",
-                     "mse": "search", "memoryless_mse": "search"}
+# Observers that take each group's min and max: round to nearest, compressed-tensors' own bytes.
+_MINMAX_OBSERVERS = frozenset({"minmax", "memoryless_minmax", "static_minmax"})
 
 
 class _Refused(ValueError):
@@ -130,7 +131,8 @@ def _config_group(name: str, group: object) -> dict[str, Any]:
                            "leave the activations to the serving engine")
     if "targets" not in group or not isinstance(group.get("weights"), dict):
         raise _Refused(f"{where}: needs targets and weights")
-    return {**_weights(group["weights"], f"{where}.weights"), "targets": _names(group["targets"], f"{where}")}
+    return {**_weights(group["weights"], f"{where}.weights"),
+            "targets": _names(group["targets"], f"config_groups.{name}.targets")}
 
 
 def _weights(weights: dict[str, Any], where: str) -> dict[str, Any]:
@@ -143,12 +145,14 @@ def _weights(weights: dict[str, Any], where: str) -> dict[str, Any]:
     if weights.get("actorder") is not None:
         raise _Refused(f"{where}.actorder: a GPTQ setting, which needs calibration data")
     observer = weights.get("observer") or "minmax"
-    if observer not in _OBSERVER_METHODS:
-        raise _Refused(f"{where}.observer: {observer!r} is not offered; quantfleet's methods match "
-                       f"{', '.join(sorted(_OBSERVER_METHODS))}")
+    if observer not in _MINMAX_OBSERVERS:
+        # The MSE observer's grid of clipping ranges gives other bytes than any method here.
+        raise _Refused(f"{where}.observer: {observer!r} is not reproduced (quantfleet reads min-max "
+                       "observers); quantfleet's own data-free searches are method: search or hqq, in a "
+                       "quantfleet recipe")
     kind, bits = weights.get("type", "int"), weights.get("num_bits")
     strategy, group_size = weights.get("strategy"), weights.get("group_size")
-    choice: dict[str, Any] = {"method": _OBSERVER_METHODS[observer]}
+    choice: dict[str, Any] = {}
     if kind == "int" and bits in (4, 8):
         choice["scheme"] = f"W{bits}A16"
         if strategy == "channel":

@@ -68,8 +68,8 @@ def get_scheme(
     key = _normalise(name)
     if key not in PRESETS:
         valid = ", ".join(scheme_names())
-        # llm-compressor's W8A8, W4A8, FP8 with static activations: the activations are quantized
-        # by the serving engine at run time, from calibration this tool does not do.
+        # llm-compressor's W8A8 and W4A8 quantize activations as well; every scheme here is
+        # weight-only, so say that rather than only list the names.
         activations = re.fullmatch(r"W\d+A(\d+)", key)
         why = (" (it quantizes activations too; quantfleet quantizes weights only, activations stay "
                "16-bit)" if activations and activations[1] != "16" else "")

@@ -191,7 +191,8 @@ def build_catalog(storage: Storage, prefix: str = "", *, max_workers: int = 8) -
     """Catalog the checkpoint under `prefix` of `storage` (headers only, no tensor data)."""
     prefix = prefix.strip("/")
     everything = list(storage.list(f"{prefix}/" if prefix else ""))
-    top = [o for o, key in zip(everything, _below(prefix, everything), strict=True) if "/" not in key]
+    below = _below(prefix, everything)
+    top = [o for o, key in zip(everything, below, strict=True) if "/" not in key]
     by_name = {_name(o.key): o for o in top}
     weights = [o for o in top if o.key.endswith(".safetensors")]
     index_key = join_key(prefix, INDEX_NAME)
@@ -200,7 +201,7 @@ def build_catalog(storage: Storage, prefix: str = "", *, max_workers: int = 8) -
         weight_map, index_meta = _read_index(storage, index_key)
         weights = _index_files(storage, prefix, index_key, weight_map)
     if not weights:
-        _raise_no_weights(storage, prefix, top, _below(prefix, everything))
+        _raise_no_weights(storage, prefix, top, below)
     if weight_map is None:
         _check_numbered_shards(storage, prefix, weights)
     headers = _read_headers(storage, weights, max_workers)

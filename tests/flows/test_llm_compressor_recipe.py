@@ -59,13 +59,13 @@ def test_schemes_by_target_and_config_groups_where_the_later_group_wins(tmp_path
 
     int8_channel = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
     int4_asym_64 = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 64,
-                    "observer": "mse"}
+                    "observer": "memoryless_minmax"}
     groups = read(tmp_path, stage({"ignore": ["lm_head"], "config_groups": {
         "group_0": {"targets": ["re:.*down_proj$"], "weights": int8_channel},
         "group_1": {"targets": ["Linear"], "weights": int4_asym_64, "input_activations": None},
     }}))
     # group_1 comes later and matches every Linear: it wins over group_0 for down_proj too.
-    assert chosen(groups, DOWN) == chosen(groups, MLP) == "W4A16 group 64 sym=False search"
+    assert chosen(groups, DOWN) == chosen(groups, MLP) == "W4A16 group 64 sym=False rtn"
     assert chosen(groups, "lm_head.weight") is None
     assert chosen(groups, "model.embed_tokens.weight") is None
     swapped = read(tmp_path, stage({"config_groups": {
@@ -73,7 +73,7 @@ def test_schemes_by_target_and_config_groups_where_the_later_group_wins(tmp_path
         "group_1": {"targets": ["re:.*down_proj$"], "weights": int8_channel},
     }}))
     assert chosen(swapped, DOWN) == "W8A16 channel None sym=True rtn"
-    assert chosen(swapped, MLP) == "W4A16 group 64 sym=False search"
+    assert chosen(swapped, MLP) == "W4A16 group 64 sym=False rtn"
 
     floats = {
         "FP8 channel None sym=True rtn": {"num_bits": 8, "type": "float", "strategy": "channel"},
@@ -111,6 +111,11 @@ def test_schemes_by_target_and_config_groups_where_the_later_group_wins(tmp_path
     (stage({"config_groups": {"g": {"targets": ["Linear"], "weights": {
         "num_bits": 4, "type": "int", "strategy": "group", "group_size": 128, "actorder": "group"}}}}),
      "QuantizationModifier.config_groups.g.weights.actorder: a GPTQ setting, which needs calibration data"),
+    (stage({"config_groups": {"g": {"targets": ["Linear"], "weights": {
+        "num_bits": 4, "type": "int", "strategy": "group", "group_size": 128, "observer": "mse"}}}}),
+     "QuantizationModifier.config_groups.g.weights.observer: 'mse' is not reproduced"),
+    (stage({"config_groups": {"g": {"targets": 7, "weights": {"num_bits": 8, "strategy": "channel"}}}}),
+     "QuantizationModifier.config_groups.g.targets: expected a module name or a list of them"),
     (stage({"config_groups": {"g": {"targets": ["Linear"], "weights": {
         "num_bits": 8, "type": "int", "strategy": "channel", "dynamic": True}}}}),
      "QuantizationModifier.config_groups.g.weights.dynamic: weights are quantized once"),

@@ -230,6 +230,12 @@ def test_catalog_refuses_pickle_only(storage: Storage) -> None:
         build_catalog(storage, "config-only")
 
 
+def refusal(storage: Storage, prefix: str) -> str:
+    with pytest.raises(CatalogError) as refused:
+        build_catalog(storage, prefix)
+    return str(refused.value)
+
+
 def test_catalog_of_a_folder_above_the_checkpoint_names_where_it_is(storage: Storage) -> None:
     """A folder holding the checkpoint in a folder below it was reported as 'nothing there'."""
     weights = save({"w": torch.zeros(2, 2)})
@@ -239,33 +245,24 @@ def test_catalog_of_a_folder_above_the_checkpoint_names_where_it_is(storage: Sto
         storage.put_bytes(f"hub/models--org--m/snapshots/{revision}/model.safetensors", weights)
     cache = storage.uri("hub/models--org--m")
     snapshots = f"{cache}/snapshots"
-    with pytest.raises(CatalogError) as refused:
-        build_catalog(storage, "hub/models--org--m")
-    assert str(refused.value) == (
+    assert refusal(storage, "hub/models--org--m") == (
         f"{cache}: a Hugging Face cache folder (blobs, refs, snapshots), not a checkpoint: name one of "
         f"its snapshots: {snapshots}/aaa111, {snapshots}/bbb222")
     storage.put_bytes("hub/models--org--m/refs/main", b"bbb222")
-    with pytest.raises(CatalogError) as refused:
-        build_catalog(storage, "hub/models--org--m")
-    assert str(refused.value).endswith(f"name {snapshots}/bbb222 (the revision refs/main names)")
+    chosen = refusal(storage, "hub/models--org--m")
+    assert chosen.endswith(f"name {snapshots}/bbb222 (the revision refs/main names)")
     # Any other folder of folders: the folders holding weights are named, hidden ones never.
     storage.put_bytes("repo/.staging/model.safetensors", weights)
     storage.put_bytes("repo/transformer/model.safetensors", weights)
     storage.put_bytes("repo/notes/readme.txt", b"hi")
     repo = storage.uri("repo")
-    with pytest.raises(CatalogError) as refused:
-        build_catalog(storage, "repo")
-    assert str(refused.value) == (
+    assert refusal(storage, "repo") == (
         f"{repo}: no files at its top level, only folders; *.safetensors files are in "
         f"{repo}/transformer: name the folder that holds the checkpoint")
     storage.put_bytes("repo/model_index.json", b"{}")
-    with pytest.raises(CatalogError) as refused:
-        build_catalog(storage, "repo")
-    assert str(refused.value) == (
+    assert refusal(storage, "repo") == (
         f"{repo}: no *.safetensors files and no model.safetensors.index.json; *.safetensors files are "
         f"in {repo}/transformer: name the folder that holds the checkpoint")
     storage.put_bytes("docs/a/readme.txt", b"hi")
-    with pytest.raises(CatalogError) as refused:
-        build_catalog(storage, "docs")
-    assert str(refused.value).endswith("docs: no files at its top level, only folders (a), and no "
-                                       "*.safetensors files in them")
+    assert refusal(storage, "docs").endswith(
+        "docs: no files at its top level, only folders (a), and no *.safetensors files in them")
