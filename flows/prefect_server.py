@@ -51,6 +51,7 @@ class TemporaryServer:
         self._stderr: IO[bytes] = tempfile.TemporaryFile()  # never a pipe: nobody drains it
         self._settings = contextlib.ExitStack()
         self._environment: str | None = None
+        self._ui_environment: str | None = None
         self.process: subprocess.Popen[bytes] | None = self._spawn(early)
         atexit.register(self.stop)
 
@@ -132,13 +133,18 @@ class TemporaryServer:
         made later, in Prefect's own threads, read) both name it, so no part of Prefect starts a
         server of its own.
         """
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
         url = self.wait()
         if self._environment is None:
             self._environment = os.environ.get("PREFECT_API_URL", "")
+            self._ui_environment = os.environ.get("PREFECT_UI_URL")
             os.environ["PREFECT_API_URL"] = url
-            self._settings.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))
+            # This server serves no UI and is gone when the command ends: without a UI address,
+            # Prefect logs no "View at http://127.0.0.1:<port>/runs/..." link that leads nowhere.
+            os.environ["PREFECT_UI_URL"] = ""
+            self._settings.enter_context(
+                temporary_settings(updates={PREFECT_API_URL: url, PREFECT_UI_URL: ""}))
         return url
 
     def stop(self) -> None:
@@ -151,6 +157,10 @@ class TemporaryServer:
                 os.environ["PREFECT_API_URL"] = self._environment
             else:
                 os.environ.pop("PREFECT_API_URL", None)
+            if self._ui_environment is not None:
+                os.environ["PREFECT_UI_URL"] = self._ui_environment
+            else:
+                os.environ.pop("PREFECT_UI_URL", None)
             self._environment = None
             with contextlib.suppress(Exception):  # at exit, from another context than entered
                 self._settings.close()
