@@ -21,7 +21,7 @@ from flows.plan import Plan
 from flows.versions import MANIFEST_NAME
 from infra.errors import InfraError, StorageError
 from infra.publish import staging_prefix
-from infra.safetensors import INDEX_NAME, read_header
+from infra.safetensors import INDEX_NAME, read_header, read_index
 from infra.storage import Storage, join_key
 from workers.convert_unit import unit_record_key
 from workers.records import TensorRecord, UnitResult
@@ -85,9 +85,8 @@ def _weight_maps(storage: Storage, published: str) -> dict[str, dict[str, str]]:
     """{shard file: its part of the published index's weight map}, read once for every shard;
     empty when there is no index (a one-shard checkpoint: its header says)."""
     try:
-        index = json.loads(storage.read_bytes(join_key(published, INDEX_NAME)))
-        weight_map = index["weight_map"]
-    except (StorageError, ValueError, KeyError, TypeError):
+        weight_map, _ = read_index(storage, join_key(published, INDEX_NAME))
+    except InfraError:
         return {}
     by_file: dict[str, dict[str, str]] = {}
     for name, file_name in weight_map.items():

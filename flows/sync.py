@@ -80,6 +80,9 @@ __all__ = [
 
 CARD_NAME = "README.md"
 _log = logging.getLogger(__name__)
+# What a checkpoint still landing raises when planned: a shard not there yet, or one still being
+# copied in. The pair is incomplete, not failed.
+STILL_LANDING = (MissingShardError, TruncatedFileError)
 _ray_lock = threading.Lock()
 # matplotlib is not thread-safe (concurrent renders fail inside its text layout), and the report
 # step renders the per-layer chart: pairs running in threads stage reports and commit one at a
@@ -253,7 +256,7 @@ def _start_ray_if_work(
             plan = plan_conversion(checkpoint.uri, recipe, shard_size=shard_size)
             if is_published(dest, version_prefix(checkpoint.name, recipe.label, plan.plan_id)):
                 continue
-        except (MissingShardError, TruncatedFileError):
+        except STILL_LANDING:
             continue  # still uploading: nothing to convert this time
         except Exception:  # noqa: BLE001 - sync_one plans again and reports the failure
             pass
@@ -279,7 +282,7 @@ def sync_one(
     observed_at = utc_now()
     try:
         plan = plan_conversion(checkpoint.uri, recipe, shard_size=shard_size)
-    except (MissingShardError, TruncatedFileError) as error:
+    except STILL_LANDING as error:
         # Shards still to come or still being copied in (an upload in progress): not a failure of
         # the run, and nothing to convert yet; a later run converts the checkpoint once they are all
         # there in full.

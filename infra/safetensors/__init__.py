@@ -3,7 +3,14 @@ writes. Nothing here loads a whole file; nothing here unpickles."""
 
 from __future__ import annotations
 
-from infra.safetensors.catalog import INDEX_NAME, Catalog, CatalogEntry, build_catalog, read_model_config
+from infra.safetensors.catalog import (
+    INDEX_NAME,
+    Catalog,
+    CatalogEntry,
+    build_catalog,
+    read_index,
+    read_model_config,
+)
 from infra.safetensors.dtypes import DTYPE_SIZE, TORCH_DTYPE, dtype_name_of
 from infra.safetensors.header import (
     MAX_HEADER_BYTES,
@@ -33,6 +40,7 @@ __all__ = [
     "TensorReader",
     "TensorSpec",
     "build_catalog",
+    "read_index",
     "read_model_config",
     "dtype_name_of",
     "layout",

@@ -24,6 +24,7 @@ from infra.storage.base import ObjectInfo, Storage, check_key, join_key
 
 __all__ = [
     "INDEX_NAME",
+    "read_index",
     "PICKLE_SUFFIXES",
     "Catalog",
     "CatalogEntry",
@@ -109,7 +110,9 @@ def read_model_config(storage: Storage) -> dict[str, Any] | None:
     return config
 
 
-def _read_index(storage: Storage, key: str) -> tuple[dict[str, str], dict[str, Any] | None]:
+def read_index(storage: Storage, key: str) -> tuple[dict[str, str], dict[str, Any] | None]:
+    """The weight map ({tensor: file name}) and metadata of the index at `key`; CatalogError when
+    it is not JSON or its weight map is not names to names (ObjectNotFound when it is missing)."""
     uri = storage.uri(key)
     obj = _read_json(storage, key)
     weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
@@ -198,7 +201,7 @@ def build_catalog(storage: Storage, prefix: str = "", *, max_workers: int = 8) -
     index_key = join_key(prefix, INDEX_NAME)
     weight_map, index_meta = None, None
     if INDEX_NAME in by_name:
-        weight_map, index_meta = _read_index(storage, index_key)
+        weight_map, index_meta = read_index(storage, index_key)
         weights = _index_files(storage, prefix, index_key, weight_map)
     if not weights:
         _raise_no_weights(storage, prefix, top, below)
